@@ -1,0 +1,3 @@
+from distil.cli import main
+
+raise SystemExit(main())
