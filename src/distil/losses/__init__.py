@@ -1,1 +1,27 @@
 """Pure loss functions in the style of torch.nn.functional: arguments are (student, teacher, ...)."""
+
+from distil.losses.logits import (
+    DIVERGENCES,
+    LOG_PROB_FLOOR,
+    distillation_loss,
+    dkd,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    tvd,
+)
+
+__all__ = [
+    "DIVERGENCES",
+    "LOG_PROB_FLOOR",
+    "distillation_loss",
+    "dkd",
+    "forward_kl",
+    "generalized_jsd",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "tvd",
+]
