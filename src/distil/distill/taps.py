@@ -4,7 +4,9 @@
         model(x)
     h = taps["model.layers.0.mlp"]
 
-Names are exact `named_modules()` names or glob patterns (fnmatch; `*` also crosses dots). Hooks are removed when the
+Names are exact `named_modules()` names or glob patterns: `*` matches within one dotted component
+(`model.layers.*` is the layers themselves, not their submodules), `**` matches across components (`**.mlp` finds every
+`mlp`), `?` one character, `[...]` a character class. Hooks are removed when the
 block exits, also on an exception. Captured tensors keep their autograd graph (the student's features need it); under
 `torch.no_grad()` there is no graph to keep, so the teacher's taps cost only the tensors themselves.
 """
@@ -12,7 +14,7 @@ block exits, also on an exception. Captured tensors keep their autograd graph (t
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,6 +24,34 @@ from torch import nn
 from distil.errors import DistilError
 
 _GLOB_CHARS = set("*?[")
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """fnmatch-style glob over dotted names, where a single `*` does not cross a dot and `**` does."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1:end]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
 def _module_names(model: nn.Module) -> list[str]:
@@ -54,7 +84,8 @@ def resolve_module_names(model: nn.Module, names: str | Sequence[str]) -> list[s
         if not isinstance(name, str) or not name:
             raise DistilError(f"module name {name!r} is not a non-empty string; use names from model.named_modules()")
         if _GLOB_CHARS & set(name):
-            hits = [n for n in all_names if fnmatch.fnmatchcase(n, name)]
+            regex = _glob_regex(name)
+            hits = [n for n in all_names if regex.match(n)]
             if not hits:
                 raise DistilError(f"pattern {name!r} matches no module of {type(model).__name__}; "
                                   f"{_suggest(name, all_names)}")
