@@ -141,7 +141,7 @@ class AttentionRecorder:
                 q, k, v = _LAYOUTS[rec.layout]
                 for key, child in (("q", q), ("k", k), ("v", v), ("q_norm", "q_norm"), ("k_norm", "k_norm")):
                     sub = getattr(rec.module, child, None)
-                    if isinstance(sub, nn.Module) and (rec.layout == "llama" or key in "qkv"):
+                    if isinstance(sub, nn.Module):
                         self._handles.append(sub.register_forward_hook(self._store(rec, key)))
                 self._handles.append(rec.module.register_forward_pre_hook(self._call_hook(rec), with_kwargs=True))
         except BaseException:
