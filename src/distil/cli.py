@@ -1,0 +1,132 @@
+"""The `distil` command line: parse, validate, call. Bad input exits with code 2 and one line per problem."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from distil.errors import ConfigError, DistilError
+
+EXIT_USAGE = 2
+
+
+def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """`distil run [RECIPE] [key=value ...]`: the first item is the recipe unless it is an override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from distil.config.load import load_recipe
+    from distil.pipelines import run_recipe
+
+    recipe_name, overrides = _split_recipe_and_overrides(args.items)
+    recipe = load_recipe(recipe_name, overrides)
+    run_recipe(recipe, show_progress=not args.quiet)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from distil.pipelines import resume_run
+
+    resume_run(Path(args.run_dir), show_progress=not args.quiet)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from distil.config.load import load_recipe, recipe_to_yaml
+    from distil.pipelines import check
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    found = check(recipe)
+    if found:
+        raise ConfigError(found)
+    Console().print(recipe_to_yaml(recipe), markup=False, highlight=False)
+    Console(stderr=True).print("[green]recipe is valid[/green]")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+    from rich.table import Table
+
+    from distil.config.load import DEFAULT_RECIPE, builtin_recipes
+
+    table = Table(title="built-in recipes (distil run NAME)")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for name, path in sorted(builtin_recipes().items()):
+        description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        table.add_row(name + (" (default)" if name == DEFAULT_RECIPE else ""), description)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distil", description="Knowledge distillation: teacher -> student.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe (a YAML path or a built-in name; none = the default recipe)")
+    p.add_argument("items", nargs="*", metavar="[RECIPE] [key=value ...]")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a recipe and its files without training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("resume", help="continue an interrupted run")
+    p.add_argument("run_dir")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_resume)
+    return parser
+
+
+def _error(console: Console, message: str) -> None:
+    # markup=False: messages quote user values such as [0, 2], which rich would read as markup.
+    console.print("[red]error:[/red] ", end="")
+    console.print(message, markup=False, soft_wrap=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distil.train.signals import StopRequested
+
+    parser = build_parser()
+    # Overrides may come after options (`distil run -q recipe a=1`): collect them from the leftovers.
+    args, extra = parser.parse_known_args(argv)
+    flags = [e for e in extra if e.startswith("-")]
+    if flags or (extra and args.command not in ("run", "validate")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if extra:
+        target = "items" if args.command == "run" else "overrides"
+        setattr(args, target, getattr(args, target) + extra)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _error(err, problem)
+        return EXIT_USAGE
+    except DistilError as exc:
+        _error(err, str(exc))
+        return EXIT_USAGE
+    except StopRequested as exc:
+        run_dir = exc.checkpoint.parents[2] if exc.checkpoint else "RUN_DIR"
+        err.print(f"stopped at step {exc.step} of '{exc.stage}'; checkpoint saved. Continue with: "
+                  f"distil resume {run_dir}", soft_wrap=True)
+        return 0
+    except KeyboardInterrupt:
+        err.print("interrupted; the last saved checkpoint is intact (distil resume RUN_DIR continues from it)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

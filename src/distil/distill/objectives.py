@@ -1,0 +1,58 @@
+"""Objectives: turn a batch into named loss terms, for the training loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distil.config.schema import LossSpec
+from distil.distill.pair import Teacher
+from distil.losses import DIVERGENCES, dkd
+
+
+def soft_term(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    spec: LossSpec,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The teacher's soft term of a recipe: divergence at temperature T, times T^2 when `scale_by_t2` (DKD: its own)."""
+    T = spec.temperature
+    if spec.divergence == "dkd":
+        if labels is None:
+            raise ValueError("dkd needs labels")
+        return dkd(student_logits, teacher_logits, labels, alpha=spec.dkd_alpha, beta=spec.dkd_beta, temperature=T)
+    params: dict[str, float] = {}
+    if spec.divergence in ("generalized_jsd", "jsd"):
+        params["beta"] = spec.beta
+    elif spec.divergence in ("skew_kl", "skew_reverse_kl"):
+        params["alpha"] = spec.skew
+    value = DIVERGENCES[spec.divergence](student_logits, teacher_logits, temperature=T, mask=mask, **params)
+    return value * (T * T) if spec.scale_by_t2 else value
+
+
+class ClassifierObjective:
+    """alpha * soft term + (1 - alpha) * cross-entropy on a classifier; without a teacher, cross-entropy alone."""
+
+    unit = "samples"
+
+    def __init__(self, student: nn.Module, teacher: Teacher | None, spec: LossSpec, device: torch.device):
+        self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
+        self.modules = {"student": student}
+
+    def weight(self, batch: Any) -> int:
+        return int(batch[1].shape[0])
+
+    def loss(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        logits = self.student(x)
+        ce = F.cross_entropy(logits.float(), y)
+        if self.teacher is None:
+            return {"loss": ce, "ce": ce}
+        soft = soft_term(logits, self.teacher(x), y, self.spec)
+        alpha = self.spec.alpha
+        return {"loss": alpha * soft + (1 - alpha) * ce, "ce": ce, "kd": soft}

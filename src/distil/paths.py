@@ -1,0 +1,39 @@
+"""Where distil keeps files it reuses across runs, and how it writes model folders safely."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """`$DISTIL_CACHE`, else `~/.cache/distil` (or `$XDG_CACHE_HOME/distil`)."""
+    if os.environ.get("DISTIL_CACHE"):
+        return Path(os.environ["DISTIL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "distil"
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move a fully written temporary folder into place (the old one, if any, is removed first)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("distil", "torch", "transformers", "safetensors", "pydantic", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -1,0 +1,57 @@
+"""Running recipes: a fresh run, a resumed run, and the pre-flight checks behind `distil validate`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from distil.config.load import recipe_to_yaml, validate_recipe
+from distil.config.schema import Recipe
+from distil.errors import ConfigError, DistilError
+from distil.pipelines import classification
+
+PIPELINES = {"classification": classification}
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Everything that can be checked before loading data or models, one line per problem."""
+    return PIPELINES[recipe.task].problems(recipe)
+
+
+def check(recipe: Recipe) -> list[str]:
+    """All pre-flight checks `distil validate` runs: the cheap ones, then loading data and building the models."""
+    return problems(recipe) or PIPELINES[recipe.task].deep_problems(recipe)
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_recipe(recipe: Recipe, *, show_progress: bool = True, console: Console | None = None) -> dict:
+    """Start a new run in `recipe.output_dir` (refusing to overwrite another run's directory)."""
+    found = problems(recipe)
+    if found:
+        raise ConfigError(found)
+    run_dir = Path(recipe.output_dir) if recipe.output_dir else default_run_dir(recipe)
+    if (run_dir / RECIPE_FILE).exists():
+        raise DistilError(f"{run_dir} already holds a run; continue it with `distil resume {run_dir}` "
+                          "or choose another output_dir=PATH")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
+    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    (console or Console()).print(f"run directory: {run_dir}")
+    return PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
+
+
+def resume_run(run_dir: Path, *, show_progress: bool = True, console: Console | None = None) -> dict:
+    """Continue an interrupted run from its newest intact checkpoints (finished stages are not redone)."""
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.is_file():
+        raise DistilError(f"{run_dir} is not a run directory (no {RECIPE_FILE}); start one with `distil run`")
+    recipe = validate_recipe(yaml.safe_load(path.read_text()))
+    return PIPELINES[recipe.task].run(recipe, Path(run_dir), show_progress=show_progress, console=console)

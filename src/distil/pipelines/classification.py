@@ -1,0 +1,207 @@
+"""The classic recipe: train (or reuse) a teacher, then train the same student alone and distilled, and compare."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from distil.config.schema import LossSpec, Recipe, TrainSpec
+from distil.data.stream import BatchStream
+from distil.data.vision import ClassificationData, load_vision, vision_problems
+from distil.distill.objectives import ClassifierObjective
+from distil.distill.pair import Teacher, check_pair
+from distil.errors import DistilError
+from distil.models.vision import build_classifier, classifier_config, load_classifier
+from distil.paths import cache_dir, replace_folder
+from distil.report import folder_size, measure_latency, parameter_count, print_summary, write_summary
+from distil.train.checkpoint import save_tensors, write_json
+from distil.train.loop import Stage, train
+from distil.train.metrics import MetricsLog
+from distil.train.seed import seed_everything
+
+ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone"}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DistilError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    return torch.device("cuda" if name in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Pre-flight checks that need no data loaded and no model built."""
+    found = vision_problems(recipe.data.name, recipe.data.path)
+    folder = teacher_folder(recipe)
+    if not _is_model_folder(folder) and recipe.teacher.train is None:
+        where = "teacher.checkpoint" if recipe.teacher.checkpoint else "the teacher cache"
+        found.append(f"teacher: no weights in {where} ({folder}) and no teacher.train budget to train them; "
+                     "set teacher.checkpoint=DIR or add teacher.train")
+    return found
+
+
+def deep_problems(recipe: Recipe) -> list[str]:
+    try:
+        preflight(recipe, load_vision(recipe.data.name, recipe.data.path, recipe.seed))
+    except DistilError as exc:
+        return [str(exc)]
+    return []
+
+
+def preflight(recipe: Recipe, data: ClassificationData) -> None:
+    """Build the pair untrained and check it on one example, before any training."""
+    for spec, name in ((recipe.train, "train"), (recipe.teacher.train, "teacher.train")):
+        if spec is None:
+            continue
+        available = min(spec.subset or len(data.train_y), len(data.train_y))
+        if available < spec.batch_size:
+            raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {available} training examples; "
+                              f"lower {name}.batch_size or raise {name}.subset")
+    student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
+    teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
+    check_pair(student, Teacher(teacher), (data.train_x[:2],))
+
+
+def teacher_folder(recipe: Recipe) -> Path:
+    """Where the teacher's weights live: `teacher.checkpoint`, or a cache folder keyed by everything that shapes them."""
+    if recipe.teacher.checkpoint:
+        return Path(recipe.teacher.checkpoint).expanduser()
+    key = json.dumps(
+        [recipe.data.model_dump(mode="json"), recipe.teacher.model_dump(mode="json"), recipe.seed], sort_keys=True
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "teachers" / f"{recipe.data.name}-{recipe.teacher.model.arch}-{digest}"
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+
+
+def save_model_folder(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
+    """Write weights + config (+ training info) to a temporary folder, then move it into place."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "model.safetensors", model.state_dict())
+    write_json(tmp / "config.json", config)
+    write_json(tmp / "train.json", info)
+    replace_folder(tmp, folder)
+
+
+def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return order[: subset or total]
+
+
+def _train_classifier(
+    name: str, model: nn.Module, teacher: Teacher | None, loss: LossSpec, spec: TrainSpec, data: ClassificationData,
+    recipe: Recipe, run_dir: Path, metrics: MetricsLog, device: torch.device, show_progress: bool,
+) -> float:
+    """Train one arm (or the teacher) and return the seconds spent, including any earlier interrupted part."""
+    indices = subset_indices(len(data.train_y), spec.subset, recipe.seed)
+    x, y = data.train_x[indices], data.train_y[indices]
+    stream = BatchStream(len(y), spec.batch_size, lambda i: (x[i], y[i]), seed=recipe.seed)
+    test_x, test_y = _eval_split(recipe, data)
+    objective = ClassifierObjective(model, teacher, loss, device)
+    stage = Stage(name, objective, stream, spec, run_dir / "checkpoints" / name, metrics, device,
+                  evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, device)})
+    timer_file = run_dir / "checkpoints" / name / "elapsed.json"
+    before = json.loads(timer_file.read_text())["seconds"] if timer_file.exists() else 0.0
+    start = time.perf_counter()
+    try:
+        train(stage, show_progress=show_progress)
+    finally:
+        timer_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(timer_file, {"seconds": before + time.perf_counter() - start})
+    return before + time.perf_counter() - start
+
+
+def _eval_split(recipe: Recipe, data: ClassificationData) -> tuple[torch.Tensor, torch.Tensor]:
+    n = recipe.data.eval_size or len(data.test_y)
+    return data.test_x[:n], data.test_y[:n]
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 1000) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(y), batch):
+        correct += int((model(x[i : i + batch].to(device)).argmax(-1).cpu() == y[i : i + batch]).sum())
+    model.train(was_training)
+    return correct / len(y)
+
+
+def _measure(model: nn.Module, folder: Path, recipe: Recipe, data: ClassificationData, device: torch.device) -> dict:
+    model.eval()
+    test_x, test_y = _eval_split(recipe, data)
+    example = test_x[:1].to(device)
+    info_file = folder / "train.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    return {
+        "accuracy": accuracy(model, test_x, test_y, device),
+        "params": parameter_count(model),
+        "size_bytes": folder_size(folder / "model.safetensors"),
+        "latency_ms": measure_latency(lambda: model(example), runs=recipe.latency_runs),
+        "train_time_s": info.get("train_time_s"),
+        "path": str(folder),
+    }
+
+
+def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: Console | None = None) -> dict:
+    console = console or Console()
+    device = pick_device(recipe.train.device)
+    found = problems(recipe)
+    if found:
+        raise DistilError(found[0])
+    data = load_vision(recipe.data.name, recipe.data.path, recipe.seed)
+    preflight(recipe, data)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    config = lambda spec: classifier_config(spec, data.input_shape, data.num_classes)  # noqa: E731
+
+    # Stage 1: the teacher, reused when an earlier run (of any recipe with the same teacher and data) trained it.
+    t_folder = teacher_folder(recipe)
+    if not _is_model_folder(t_folder):
+        console.print(f"[bold]teacher[/bold]: training {recipe.teacher.model.arch} (weights go to {t_folder})")
+        seed_everything(recipe.seed)
+        model = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes).to(device)
+        assert recipe.teacher.train is not None  # guaranteed by problems()
+        seconds = _train_classifier("teacher", model, None, recipe.loss, recipe.teacher.train, data, recipe, run_dir,
+                                    metrics, device, show_progress)
+        save_model_folder(t_folder, model, config(recipe.teacher.model), {"train_time_s": seconds})
+    else:
+        console.print(f"[bold]teacher[/bold]: reusing {t_folder}")
+    teacher_model = load_classifier(t_folder).to(device)
+    teacher = Teacher(teacher_model)
+
+    # Stage 2: each arm trains the same student (same seed, same data order, same budget).
+    for arm in recipe.arms:
+        folder = run_dir / ARM_FOLDERS[arm]
+        if _is_model_folder(folder):
+            console.print(f"[bold]{arm}[/bold]: already trained ({folder})")
+            continue
+        seed_everything(recipe.seed)
+        model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
+        seconds = _train_classifier(arm, model, teacher if arm == "distilled" else None, recipe.loss, recipe.train,
+                                    data, recipe, run_dir, metrics, device, show_progress)
+        save_model_folder(folder, model, config(recipe.student.model), {"train_time_s": seconds})
+
+    arms = {"teacher": _measure(teacher_model, t_folder, recipe, data, device)}
+    for arm in recipe.arms:
+        folder = run_dir / ARM_FOLDERS[arm]
+        arms[arm] = _measure(load_classifier(folder).to(device), folder, recipe, data, device)
+    metrics.close()
+    summary = write_summary(run_dir, {
+        "recipe": recipe.name, "task": recipe.task, "metrics": ["accuracy"], "arms": arms,
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    })
+    print_summary(summary, console)
+    return summary

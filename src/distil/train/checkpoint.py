@@ -1,0 +1,214 @@
+"""Atomic, pickle-free checkpoints.
+
+A checkpoint is a folder `step-00000100/` holding safetensors (weights, optimizer tensors, RNG state) and JSON
+(everything else), written under a temporary name, fsynced, renamed into place, and sealed by a `COMPLETE` file
+written last with the sha256 of every file. A folder without a valid seal is never loaded: the loader warns, naming
+the damaged file, and falls back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+SEAL = "COMPLETE"
+PREFIX = "step-"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # safetensors refuses shared or non-contiguous storage; clone to plain contiguous CPU tensors.
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(plain, str(path), metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------- state flattening
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and the JSON-able rest."""
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, entries in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    rest = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, rest
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    py = rest["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = rest["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ------------------------------------------------------------------------------------------------- save and load
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    modules: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    rng_tensors: dict[str, torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def module_state(self, name: str) -> dict[str, torch.Tensor]:
+        prefix = name + "."
+        return {k[len(prefix) :]: v for k, v in self.modules.items() if k.startswith(prefix)}
+
+
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    *,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write `folder/step-<step>/` atomically and keep only the newest `keep` checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:08d}"
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
+    save_tensors(tmp / "modules.safetensors", weights)
+    state = dict(state, step=step)
+    if optimizer is not None:
+        opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
+        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        state["optimizer"] = opt_rest
+    rng_tensors, rng_rest = rng_state()
+    save_tensors(tmp / "rng.safetensors", rng_tensors)
+    state["rng"] = rng_rest
+    write_json(tmp / "state.json", state)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    write_json(tmp / SEAL, {"files": {name: _sha256(tmp / name) for name in files}})
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (e.g. after resuming at a checkpoint boundary)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders (sealed or not), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else a description of the first problem found."""
+    seal = path / SEAL
+    if not seal.is_file():
+        return f"{seal} is missing (the checkpoint was not finished)"
+    try:
+        expected = json.loads(seal.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"{seal} is damaged"
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if _sha256(file) != digest:
+            return f"{file} is damaged (checksum mismatch)"
+    return None
+
+
+def load_latest(folder: Path) -> Checkpoint | None:
+    """The newest intact checkpoint in `folder`, warning about (and skipping) damaged newer ones."""
+    for path in reversed(list_checkpoints(folder)):
+        problem = verify(path)
+        if problem:
+            warnings.warn(f"skipping checkpoint {path.name}: {problem}; using the previous one", stacklevel=2)
+            continue
+        return load_checkpoint(path)
+    return None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    state = json.loads((path / "state.json").read_text())
+    optimizer = None
+    if (path / "optimizer.safetensors").exists() and "optimizer" in state:
+        optimizer = unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
+    return Checkpoint(
+        path=path,
+        step=int(state["step"]),
+        modules=load_file(path / "modules.safetensors"),
+        optimizer=optimizer,
+        rng_tensors=load_file(path / "rng.safetensors"),
+        state=state,
+    )

@@ -1,0 +1,192 @@
+"""The training loop: one function, read top to bottom.
+
+It knows nothing about teachers or losses: an `Objective` turns a batch into named loss terms. The loop does
+accumulation, clipping, the optimizer and schedule, mixed precision, logging, evaluation, checkpoints, exact resume,
+graceful stop and the non-finite guard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from distil.config.schema import TrainSpec
+from distil.data.stream import BatchStream
+from distil.errors import DistilError
+from distil.train import checkpoint as ckpt
+from distil.train.metrics import MetricsLog
+from distil.train.optim import build_optimizer, build_scheduler
+from distil.train.signals import StopRequested, stop_signals
+
+
+class Objective(Protocol):
+    """What the loop trains. `modules` are trained and checkpointed (the student, projectors...)."""
+
+    modules: dict[str, nn.Module]
+    unit: str  # what `weight` counts: "samples" or "tokens"
+
+    def loss(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Named terms of one micro-batch; 'loss' is the total to minimise (a mean over the batch's units)."""
+        ...
+
+    def weight(self, batch: Any) -> int:
+        """How many units (examples, tokens) the batch's mean runs over: micro-batches are weighted by it."""
+        ...
+
+
+@dataclass
+class Stage:
+    """One training run of one model (an arm of a recipe, or the teacher stage)."""
+
+    name: str
+    objective: Objective
+    stream: BatchStream
+    spec: TrainSpec
+    checkpoint_dir: Path
+    metrics: MetricsLog
+    device: torch.device
+    evaluate: Callable[[], dict[str, float]] | None = None
+    extra_state: Callable[[], dict[str, Any]] | None = None  # JSON-able state saved with each checkpoint
+
+
+def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
+    """Train `stage` to `spec.steps`, resuming from its newest intact checkpoint if one exists."""
+    spec, objective, stream = stage.spec, stage.objective, stage.stream
+    params = [p for m in objective.modules.values() for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise DistilError(f"stage '{stage.name}': nothing to train (no parameter requires grad)")
+    optimizer = build_optimizer(spec, params)
+    scheduler = build_scheduler(spec, optimizer)
+    step, last_saved = 0, None
+
+    resumed = ckpt.load_latest(stage.checkpoint_dir)
+    if resumed is not None:
+        for name, module in objective.modules.items():
+            module.load_state_dict(resumed.module_state(name))
+        if resumed.optimizer is not None:
+            optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.state["scheduler"])
+        stream.load_state_dict(resumed.state["stream"])
+        ckpt.set_rng_state(resumed.rng_tensors, resumed.state["rng"])
+        step, last_saved = resumed.step, resumed.path
+        stage.metrics.truncate(stage.name, step)
+
+    def save() -> Path:
+        state = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "stage": stage.name}
+        if stage.extra_state is not None:
+            state["extra"] = stage.extra_state()
+        return ckpt.save_checkpoint(
+            stage.checkpoint_dir, step, modules=objective.modules, optimizer=optimizer, state=state,
+            keep=spec.keep_checkpoints,
+        )
+
+    autocast = torch.autocast(stage.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+    for module in objective.modules.values():
+        module.train()
+    window_units, window_start, skipped_in_a_row = 0, time.perf_counter(), 0
+    evaluation: dict[str, float] = {}
+    with stop_signals() as stop, _progress(stage.name, spec.steps, step, show_progress) as advance:
+        while step < spec.steps:
+            # Fetch all micro-batches first so each can be weighted by its share of the step's units (tokens or
+            # examples): 4 x 2 accumulation then equals one batch of 8 exactly, whatever the padding.
+            micro_batches = [stream.next() for _ in range(spec.grad_accum)]
+            weights = [objective.weight(b) for b in micro_batches]
+            total_units = sum(weights)
+            optimizer.zero_grad(set_to_none=True)
+            logged: dict[str, float] = {}
+            for batch, units in zip(micro_batches, weights):
+                share = units / total_units if total_units else 0.0
+                with autocast:
+                    terms = objective.loss(batch)
+                (terms["loss"] * share).backward()
+                for key, value in terms.items():
+                    logged[key] = logged.get(key, 0.0) + float(value.detach()) * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip_grad_norm or float("inf"))
+            bad = [k for k, v in logged.items() if not _finite(v)] or ([] if _finite(float(grad_norm)) else ["grad_norm"])
+            if bad:
+                skipped_in_a_row += 1
+                if skipped_in_a_row > spec.max_nonfinite_skips:
+                    where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was written yet"
+                    raise DistilError(
+                        f"stage '{stage.name}': non-finite {bad[0]} ({logged.get(bad[0], float(grad_norm))}) at step "
+                        f"{step + 1}; {where}. Lower train.lr, enable train.clip_grad_norm, or set "
+                        "train.max_nonfinite_skips=N to skip such steps"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                stage.metrics.write({"arm": stage.name, "step": step + 1, "skipped_nonfinite": bad[0]})
+                continue
+            skipped_in_a_row = 0
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window_units += total_units
+            advance(logged["loss"])
+
+            if step % spec.log_every == 0 or step == spec.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"arm": stage.name, "step": step, **{_term_key(k): v for k, v in logged.items()}}
+                record.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+                record[f"{objective.unit}_per_s"] = window_units / elapsed if elapsed > 0 else 0.0
+                stage.metrics.write(record)
+                window_units, window_start = 0, time.perf_counter()
+            if stage.evaluate is not None and spec.eval_every and (step % spec.eval_every == 0 or step == spec.steps):
+                evaluation = _evaluate(stage, step)
+            if (spec.save_every and step % spec.save_every == 0) or step == spec.steps:
+                last_saved = save()
+            elif stop.requested:
+                last_saved = save()
+            if stop.requested and step < spec.steps:
+                raise StopRequested(stage.name, step, last_saved)
+    if stage.evaluate is not None and not evaluation:
+        evaluation = _evaluate(stage, step)
+    return evaluation
+
+
+def _evaluate(stage: Stage, step: int) -> dict[str, float]:
+    modes = {name: m.training for name, m in stage.objective.modules.items()}
+    for m in stage.objective.modules.values():
+        m.eval()
+    # Evaluation must not shift the training RNG stream: a run with evaluations resumes like one without.
+    rng = torch.get_rng_state()
+    try:
+        result = stage.evaluate()  # type: ignore[misc]
+    finally:
+        torch.set_rng_state(rng)
+        for name, m in stage.objective.modules.items():
+            m.train(modes[name])
+    stage.metrics.write({"arm": stage.name, "step": step, **{f"eval/{k}": v for k, v in result.items()}})
+    return result
+
+
+def _term_key(name: str) -> str:
+    return "loss" if name == "loss" else f"loss/{name}"
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+class _progress:
+    """A rich progress bar with ETA and the running loss; silent when disabled."""
+
+    def __init__(self, name: str, total: int, done: int, enabled: bool):
+        self.enabled = enabled
+        self.bar = Progress(
+            TextColumn(f"[bold]{name}[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), transient=False, disable=not enabled,
+        )
+        self.task = self.bar.add_task(name, total=total, completed=done, loss="-")
+
+    def __enter__(self) -> Callable[[float], None]:
+        self.bar.__enter__()
+        return lambda loss: self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)

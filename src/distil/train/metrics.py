@@ -1,0 +1,53 @@
+"""Metrics: one JSON object per line in `metrics.jsonl` (every loss term, lr, throughput, evaluations), mirrored to
+TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# Fields that depend on wall-clock time: they differ between otherwise identical runs.
+TIMING_KEYS = ("time_s", "samples_per_s", "tokens_per_s")
+
+
+class MetricsLog:
+    def __init__(self, path: Path, *, tensorboard: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self._tb is not None and "step" in record:
+            arm = record.get("arm", "run")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{arm}/{key}", value, record["step"])
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, arm: str, after_step: int) -> None:
+        """Drop an arm's records past `after_step`: a resumed run rewrites them exactly as they were."""
+        kept = [r for r in self.read() if not (r.get("arm") == arm and r.get("step", 0) > after_step)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard_writer(folder: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
