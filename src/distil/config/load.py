@@ -104,7 +104,8 @@ def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:
         return f"{where}: required key is missing"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx", {})
-        return f"{where}: unknown {ctx.get('discriminator', 'kind')} '{ctx.get('tag')}'; expected one of {ctx.get('expected_tags')}"
+        key = str(ctx.get("discriminator", "kind")).strip("'")
+        return f"{where}: unknown {key} '{ctx.get('tag')}'; expected one of {ctx.get('expected_tags')}"
     shown = err.get("input")
     got = f" (got {shown!r})" if shown is not None and not isinstance(shown, (dict, list)) else ""
     return f"{where}: {err['msg'].removeprefix('Value error, ')}{got}"
