@@ -476,7 +476,7 @@ def run_student_command(teacher: str, output: Path, **make_student_kwargs: Any) 
               "layers": choose_layers(model.config.num_hidden_layers, make_student_kwargs.get("layers"),
                                       make_student_kwargs.get("num_layers")),
               "output": str(output)}
-    table = Table(title=f"student of {teacher} -> {output}")
+    table = Table(title=f"student of {teacher}")
     table.add_column("")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")
@@ -493,6 +493,7 @@ def run_student_command(teacher: str, output: Path, **make_student_kwargs: Any) 
             cells = [fmt(result[side][key]) for side in ("teacher", "student")]
         table.add_row(label, *cells)
     ratio = result["student"]["parameters"] / result["teacher"]["parameters"]
-    table.caption = f"teacher layers kept: {result['layers']}; {ratio:.1%} of the teacher's parameters"
+    table.caption = (f"teacher layers kept: {result['layers']}; {ratio:.1%} of the teacher's parameters; "
+                     f"saved to {output}")
     Console().print(table)
     return result
