@@ -92,10 +92,10 @@ def _is_complete(folder: Path, expected: dict[str, Any]) -> bool:
     return all(recorded.get(k) == v for k, v in expected.items())
 
 
-def _convert_gguf(gguf: Path, dest: Path) -> torch.nn.Module:
+def _convert_gguf(gguf: Path, dest: Path) -> tuple[Any, Any]:
     """Load a GGUF checkpoint with transformers and save it as a plain safetensors folder at ``dest``, atomically.
 
-    Returns the model as loaded from the GGUF (the reference the converted folder must reproduce)."""
+    Returns ``(model, tokenizer)`` as loaded from the GGUF: the reference the converted folder must reproduce."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -122,7 +122,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> torch.nn.Module:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return model
+    return model, tokenizer
 
 
 def builtin_model_path(name: str) -> Path:
