@@ -276,38 +276,43 @@ LOAD_WITHOUT_DISTIL = """
 import sys
 sys.modules["distil"] = None  # any import of distil, direct or indirect, now fails
 import json, torch, transformers
-folder, cls = sys.argv[1], sys.argv[2]
-model = getattr(transformers, cls).from_pretrained(folder).eval()
-ids = torch.tensor(json.loads(sys.argv[3]))
-with torch.no_grad():
-    out = model(input_ids=ids)
-values = (out.logits if hasattr(out, "logits") else out.last_hidden_state)
+results = []
+for folder, cls in json.loads(sys.argv[2]):
+    model = getattr(transformers, cls).from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(json.loads(sys.argv[1])))
+    values = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    results.append({"class": type(model).__name__, "values": values.flatten().tolist()})
 assert sys.modules["distil"] is None
-print(json.dumps({"class": type(model).__name__, "values": values.flatten().tolist()}))
+print(json.dumps(results))
 """
 
 
-def load_in_clean_python(folder: Path, cls: str, ids: torch.Tensor) -> dict:
+def load_in_clean_python(ids: torch.Tensor, *folders_and_classes: tuple[Path, str]) -> list[dict]:
+    """Load saved models in a fresh Python that cannot import distil; their outputs on ``ids``."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DISTIL, str(folder), cls, json.dumps(ids.tolist())],
+    jobs = json.dumps([[str(folder), cls] for folder, cls in folders_and_classes])
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DISTIL, json.dumps(ids.tolist()), jobs],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("make,cls", [(lambda: tiny_llama(tie=True), "AutoModelForCausalLM"),
-                                      (lambda: tiny_bert(BertModel), "AutoModel")])
-def test_student_saves_and_loads_without_distil(tmp_path, make, cls):
-    student = make_student(make(), num_layers=2, hidden_size=16, intermediate_size=20, num_attention_heads=2)
-    student.save_pretrained(tmp_path)
+def test_students_save_and_load_without_distil(tmp_path):
+    students = {"AutoModelForCausalLM": tiny_llama(tie=True), "AutoModel": tiny_bert(BertModel)}
+    students = {cls: make_student(t, num_layers=2, hidden_size=16, intermediate_size=20, num_attention_heads=2)
+                for cls, t in students.items()}
+    for cls, student in students.items():
+        student.save_pretrained(tmp_path / cls)
     x = tokens()
-    got = load_in_clean_python(tmp_path, cls, x)
-    assert got["class"] == type(student).__name__
-    with torch.no_grad():
-        out = student(input_ids=x)
-    expected = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    torch.testing.assert_close(torch.tensor(got["values"]).view_as(expected), expected, rtol=1e-5, atol=1e-5)
+    loaded = load_in_clean_python(x, *[(tmp_path / cls, cls) for cls in students])
+    for got, student in zip(loaded, students.values()):
+        assert got["class"] == type(student).__name__
+        with torch.no_grad():
+            out = student(input_ids=x)
+        expected = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        torch.testing.assert_close(torch.tensor(got["values"]).view_as(expected), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_run_student_command_saves_student_with_tokenizer(tmp_path):
@@ -344,6 +349,6 @@ def test_smollm2_ten_layer_student(tmp_path):
     assert result["student"]["parameters"] == 49152 * h + 10 * per_layer + h  # tied LM head counted once
     assert result["teacher"]["parameters"] == 49152 * h + 30 * per_layer + h
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1345, 30]])
-    got = load_in_clean_python(out, "AutoModelForCausalLM", ids)
+    (got,) = load_in_clean_python(ids, (out, "AutoModelForCausalLM"))
     logits = torch.tensor(got["values"])
     assert got["class"] == "LlamaForCausalLM" and logits.numel() == 7 * 49152 and torch.isfinite(logits).all()

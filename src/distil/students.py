@@ -467,31 +467,19 @@ def run_student_command(teacher: str, output: Path, **make_student_kwargs: Any) 
         shutil.rmtree(tmp, ignore_errors=True)
 
     def describe(m: nn.Module, folder: Path) -> dict[str, Any]:
-        g = teacher_geometry(m)
-        return {**hf.model_size(m), "disk_bytes": hf.folder_size(folder), "num_layers": g.num_layers,
-                "hidden_size": g.hidden_size, "intermediate_size": g.intermediate_size,
-                "num_attention_heads": g.num_attention_heads, "num_key_value_heads": g.num_key_value_heads}
+        return {**hf.model_size(m), "disk_bytes": hf.folder_size(folder), **vars(teacher_geometry(m))}
 
     result = {"teacher": describe(model, teacher_path), "student": describe(student, output),
               "layers": choose_layers(model.config.num_hidden_layers, make_student_kwargs.get("layers"),
-                                      make_student_kwargs.get("num_layers")),
-              "output": str(output)}
-    table = Table(title=f"student of {teacher}")
-    table.add_column("")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
-    mb = 1024 * 1024
-    rows = [("layers", "num_layers", str), ("hidden size", "hidden_size", str),
-            ("MLP width", "intermediate_size", str), ("attention / KV heads", None, None),
-            ("parameters", "parameters", lambda v: f"{v:,}"), ("size in memory", "bytes", lambda v: f"{v / mb:.1f} MiB"),
-            ("size on disk", "disk_bytes", lambda v: f"{v / mb:.1f} MiB")]
-    for label, key, fmt in rows:
-        if key is None:
-            cells = [f"{r['num_attention_heads']} / {r['num_key_value_heads']}" for r in (result["teacher"],
-                                                                                        result["student"])]
-        else:
-            cells = [fmt(result[side][key]) for side in ("teacher", "student")]
-        table.add_row(label, *cells)
+                                      make_student_kwargs.get("num_layers")), "output": str(output)}
+    mib = lambda v: f"{v / 2**20:.1f} MiB"  # noqa: E731
+    table = Table("", "teacher", "student", title=f"student of {teacher}")
+    for label, cell in [("layers", lambda r: r["num_layers"]), ("hidden size", lambda r: r["hidden_size"]),
+                        ("MLP width", lambda r: r["intermediate_size"]),
+                        ("attention / KV heads", lambda r: f"{r['num_attention_heads']} / {r['num_key_value_heads']}"),
+                        ("parameters", lambda r: f"{r['parameters']:,}"), ("size in memory", lambda r: mib(r["bytes"])),
+                        ("size on disk", lambda r: mib(r["disk_bytes"]))]:
+        table.add_row(label, str(cell(result["teacher"])), str(cell(result["student"])))
     ratio = result["student"]["parameters"] / result["teacher"]["parameters"]
     table.caption = (f"teacher layers kept: {result['layers']}; {ratio:.1%} of the teacher's parameters; "
                      f"saved to {output}")
