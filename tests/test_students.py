@@ -15,7 +15,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassifica
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from distil.errors import DistilError
-from distil.students import choose_layers, make_student, plan_student, run_student_command
+from distil.students import choose_layers, make_student, parse_layers, plan_student, run_student_command
 
 VOCAB = 64
 
@@ -100,6 +100,8 @@ def test_full_size_student_equals_teacher(make):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=x).logits, teacher(input_ids=x).logits, rtol=0, atol=0)
+    teacher_memory = {p.data_ptr() for p in teacher.parameters()}
+    assert not any(p.data_ptr() in teacher_memory for p in student.parameters())  # training one leaves the other
 
 
 def test_num_layers_spreads_evenly_keeping_first_and_last():
@@ -267,6 +269,9 @@ def test_invalid_requests_raise_clear_errors():
         make_student(tiny_bert(), hidden_size=20)
     with pytest.raises(DistilError, match="one key/value head per attention head"):
         make_student(tiny_bert(), num_attention_heads=2, num_key_value_heads=1)
+    assert parse_layers("0, 2,4") == [0, 2, 4]
+    with pytest.raises(DistilError, match="comma-separated"):
+        parse_layers("0;2")
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
     with pytest.raises(DistilError, match="model_type 'gpt2'"):
         make_student(gpt2, num_layers=1)

@@ -238,6 +238,7 @@ def _magnitude_scores(teacher, layout, prefix, layers, t: Geometry) -> dict[str,
             if kind is None:
                 continue
             along = sq.sum(dim=[x for x in range(sq.dim()) if x != d]) if sq.dim() > 1 else sq
+            along = along.cpu()  # scores live on the CPU whatever the teacher's device
             if kind in ("heads", "kv"):
                 along = along.view(-1, t.head_dim).sum(-1)
             if kind == "hidden":
@@ -400,7 +401,7 @@ def build_student(teacher: nn.Module, plan: StudentPlan) -> nn.Module:
         if tensor.shape != target.shape:
             raise DistilError(f"internal error: {key} sliced to {tuple(tensor.shape)}, student expects "
                               f"{tuple(target.shape)}")
-        new_state[key] = tensor.clone()
+        new_state[key] = tensor  # load_state_dict copies: the student never shares memory with the teacher
     student.load_state_dict(new_state, strict=True)
     if getattr(teacher, "generation_config", None) is not None and getattr(student, "generation_config", None):
         student.generation_config = copy.deepcopy(teacher.generation_config)
