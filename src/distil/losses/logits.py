@@ -133,7 +133,10 @@ def _divergence(
     if reduction not in _REDUCTIONS:
         raise DistilError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
     s, t = _flatten_pair(student_logits, teacher_logits, mask)
-    values = rows(_log_probs(s, temperature), _log_probs(t, temperature))
+    lp_s = _log_probs(s, temperature)
+    values = rows(lp_s, _log_probs(t, temperature))
+    if lp_s.requires_grad and not values.requires_grad:  # a constant 0 (skew alpha = 1): keep the graph, zero grad
+        values = values + 0.0 * lp_s[:, 0]
     return _reduce(values, student_logits.shape[:-1], mask, reduction)
 
 

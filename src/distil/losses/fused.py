@@ -1,0 +1,395 @@
+"""Chunked LM-head losses: the loss of ``hidden @ weight.T`` without ever holding the ``[tokens, vocab]`` logits.
+
+For a 128k vocabulary and 4k tokens the fp32 logits of ONE model take 2 GiB, and the plain autograd path keeps several
+tensors of that size alive at once (logits, softened logits, log-probabilities, their gradients). Here positions are
+processed ``chunk_size`` tokens at a time: the student's logits for the chunk, the teacher's under no-grad, the
+chunk's summed loss and, in the same pass, the gradient with respect to the chunk's logits, which is folded straight
+into the gradients of the student's hidden states and LM-head weight. Only those (hidden-sized) gradients are kept
+for backward, which merely scales them by the incoming gradient. Peak memory is a few ``chunk_size x vocab`` tensors.
+
+The divergences are those of :mod:`distil.losses.logits` (same values, same conventions: no T**2 factor inside,
+mean over kept positions, teacher treated as a constant). ``torch.autograd.gradcheck`` passes; double backward is not
+supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from distil.errors import DistilError
+from distil.losses.logits import (
+    DIVERGENCES,
+    LOG_PROB_FLOOR,
+    _check_temperature,
+    _check_unit,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    tvd,
+)
+
+__all__ = ["DEFAULT_CHUNK_ELEMENTS", "fused_linear_cross_entropy", "fused_linear_divergence"]
+
+# Default chunk: about this many logits per chunk (64 MiB in fp32), e.g. 130 tokens at a 128k vocabulary. Measured on
+# CPU (benchmarks/fused_memory.md): smaller chunks cost memory nothing and time little; larger ones only add memory.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+# A chunk step: (student logits of the chunk, start, end, want gradient) -> (summed loss, d loss / d logits or None).
+_ChunkStep = Callable[[torch.Tensor, int, int, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def _chunk_tokens(chunk_size: int | None, vocab: int) -> int:
+    if chunk_size is None:
+        return max(1, DEFAULT_CHUNK_ELEMENTS // max(vocab, 1))
+    if chunk_size < 1:
+        raise DistilError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    return chunk_size
+
+
+def _run_chunks(
+    hidden: torch.Tensor, weight: torch.Tensor, chunk: int, step: _ChunkStep, grads: tuple[bool, bool]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sum the loss over chunks of rows of ``hidden``; accumulate d/d hidden and d/d weight when asked."""
+    need_h, need_w = grads
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    # The weight gradient sums over every token: accumulate it in fp32 even for bf16 weights.
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
+        h = hidden[start:end]
+        loss, g = step(F.linear(h, weight), start, end, need_h or need_w)
+        total += loss
+        if g is None:
+            continue
+        if grad_h is not None:
+            torch.mm(g.to(weight.dtype), weight, out=grad_h[start:end])
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h.to(acc))
+    return total, grad_h, grad_w
+
+
+class _Fused(torch.autograd.Function):
+    """Inputs: the kept student hidden rows ``[N, H]`` and the weight ``[V', H]``; the chunk loop does the rest."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, chunk, step, scale, need_h, need_w):  # type: ignore[override]
+        total, grad_h, grad_w = _run_chunks(hidden, weight, chunk, step, (need_h, need_w))
+        if grad_h is not None:
+            grad_h.mul_(scale)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(scale).to(weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        # A new tensor, not the saved one scaled in place: backward may run again (retain_graph, gradcheck).
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def _apply(hidden: torch.Tensor, weight: torch.Tensor, chunk: int, step: _ChunkStep, reduction: str) -> torch.Tensor:
+    if reduction not in ("mean", "sum"):
+        raise DistilError(
+            f"the fused loss supports reduction 'mean' or 'sum', got {reduction!r}; per-token values need the plain "
+            "path (materialised logits and a distil.losses divergence)"
+        )
+    scale = 1.0 / max(hidden.shape[0], 1) if reduction == "mean" else 1.0
+    need_h = torch.is_grad_enabled() and hidden.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    if not (need_h or need_w):  # evaluation: no gradient work at all
+        with torch.no_grad():
+            return _run_chunks(hidden, weight, chunk, step, (False, False))[0] * scale
+    return _Fused.apply(hidden, weight, chunk, step, scale, need_h, need_w)
+
+
+# ------------------------------------------------------------------------------- per-chunk values and gradients
+# Each kernel takes the floored log-probabilities lp_s, lp_t ([C, V], the compute dtype) and returns the per-row
+# divergence and g = d(divergence) / d(lp_s). The chain rule through log_softmax is applied once, in _divergence_step.
+# These are the analytic derivatives of the formulas in distil.losses.logits; the tests check them against autograd.
+def _kernel_forward_kl(lp_s, lp_t):
+    p_t = lp_t.exp()
+    values = (lp_t - lp_s).mul_(p_t).sum(-1)
+    return values, p_t.neg_()
+
+
+def _kernel_reverse_kl(lp_s, lp_t):
+    p_s = lp_s.exp()
+    r = lp_s - lp_t
+    values = (p_s * r).sum(-1)
+    return values, r.add_(1.0).mul_(p_s)
+
+
+def _mix(lp_a, lp_b, w):
+    return torch.logaddexp(lp_a + math.log(w), lp_b + math.log1p(-w))
+
+
+def _kernel_jsd(lp_s, lp_t, beta):
+    if beta == 0.0:
+        return _kernel_forward_kl(lp_s, lp_t)
+    if beta == 1.0:
+        return _kernel_reverse_kl(lp_s, lp_t)
+    lp_m = _mix(lp_t, lp_s, beta)
+    values = beta * (lp_t - lp_m).mul_(lp_t.exp()).sum(-1)
+    d_s = lp_s - lp_m
+    del lp_m
+    p_s = lp_s.exp()
+    values += (1.0 - beta) * (d_s * p_s).sum(-1)
+    # d/d lp_s of (1 - beta) KL(p_s || m) + beta KL(p_t || m): the terms through m cancel, leaving this.
+    return values, d_s.mul_(p_s).mul_(1.0 - beta)
+
+
+def _kernel_skew_kl(lp_s, lp_t, alpha):
+    if alpha == 0.0:
+        return _kernel_forward_kl(lp_s, lp_t)
+    if alpha == 1.0:
+        return lp_s.new_zeros(lp_s.shape[0]), torch.zeros_like(lp_s)
+    lp_m = _mix(lp_t, lp_s, alpha)
+    p_t = lp_t.exp()
+    values = (lp_t - lp_m).mul_(p_t).sum(-1)
+    # g = -(1 - alpha) p_t p_s / m
+    return values, (lp_s - lp_m).exp_().mul_(p_t).mul_(alpha - 1.0)
+
+
+def _kernel_skew_reverse_kl(lp_s, lp_t, alpha):
+    if alpha == 0.0:
+        return _kernel_reverse_kl(lp_s, lp_t)
+    if alpha == 1.0:
+        return lp_s.new_zeros(lp_s.shape[0]), torch.zeros_like(lp_s)
+    lp_m = _mix(lp_s, lp_t, alpha)
+    p_s = lp_s.exp()
+    d = lp_s - lp_m
+    values = (d * p_s).sum(-1)
+    # g = p_s * (log(p_s / m) + (1 - alpha) p_t / m)
+    g = (lp_t - lp_m).exp_().mul_(1.0 - alpha).add_(d)
+    return values, g.mul_(p_s)
+
+
+def _kernel_tvd(lp_s, lp_t):
+    p_s = lp_s.exp()
+    diff = lp_t.exp().sub_(p_s)
+    values = 0.5 * diff.abs().sum(-1)
+    return values, diff.sign_().mul_(p_s).mul_(-0.5)
+
+
+_KERNELS = {
+    forward_kl: _kernel_forward_kl,
+    reverse_kl: _kernel_reverse_kl,
+    generalized_jsd: _kernel_jsd,
+    skew_kl: _kernel_skew_kl,
+    skew_reverse_kl: _kernel_skew_reverse_kl,
+    tvd: _kernel_tvd,
+}
+
+
+def _log_probs(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """log_softmax(logits / T) in the compute dtype. Consumes ``logits`` (a chunk's fresh matmul)."""
+    z = logits.to(acc)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return torch.log_softmax(z, dim=-1)
+
+
+def _floor_(lp: torch.Tensor) -> torch.Tensor | None:
+    """Replace -inf log-probabilities by LOG_PROB_FLOOR in place; return where they were (None if nowhere).
+
+    Logits from a matmul are finite in practice, so a read-only check usually spares writing a mask."""
+    if lp.numel() == 0 or lp.min() > -math.inf:
+        return None
+    where = lp == -math.inf
+    lp.masked_fill_(where, LOG_PROB_FLOOR)
+    return where
+
+
+def _divergence_value_and_grad(kernel, params, s_logits, t_logits, temperature, want_grad):
+    """Summed divergence of a chunk and its gradient with respect to the student's logits (or None)."""
+    acc = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+    lp_s = _log_probs(s_logits, temperature, acc)
+    lp_t = _log_probs(t_logits, temperature, acc)
+    excluded = _floor_(lp_s)  # student -inf logits: floored, and they get no gradient (as in the plain path)
+    _floor_(lp_t)
+    values, g = kernel(lp_s, lp_t, **params)
+    if not want_grad:
+        return values.sum(), None
+    del lp_t
+    # Through lp_s = log_softmax(z / T): dz = (g - softmax(z / T) * sum(g)) / T.
+    p_s = lp_s.exp_()
+    if excluded is not None:
+        g.masked_fill_(excluded, 0.0)
+        p_s.masked_fill_(excluded, 0.0)
+    g.sub_(p_s.mul_(g.sum(-1, keepdim=True)))
+    if temperature != 1.0:
+        g.div_(temperature)
+    return values.sum(), g
+
+
+def _flat_rows(hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    return rows if keep is None else rows[keep]
+
+
+def _check_mask(mask: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.shape != lead:
+        raise DistilError(
+            f"mask must be a bool tensor of shape {tuple(lead)} (the hidden states without the last dimension), got "
+            f"{mask.dtype} {tuple(mask.shape)}; build it as labels != -100"
+        )
+    return mask.reshape(-1)
+
+
+def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    if hidden.dtype != weight.dtype:
+        raise DistilError(
+            f"{name} hidden states are {hidden.dtype} but its LM-head weight is {weight.dtype}; cast one to the other"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise DistilError(
+            f"{name} LM-head weight {tuple(weight.shape)} does not fit hidden states {tuple(hidden.shape)}; the weight "
+            "must be [vocab, hidden] (model.lm_head.weight) and the hidden states the final ones, after the last norm"
+        )
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+    **divergence_params: float,
+) -> torch.Tensor:
+    """A :data:`distil.losses.DIVERGENCES` divergence between ``softmax(student_hidden @ student_weight.T / T)`` and
+    the teacher's, computed chunk by chunk so that neither model's full logits ever exist.
+
+    Args:
+        student_hidden, teacher_hidden: final hidden states ``[..., H_s]`` and ``[..., H_t]`` with the same leading
+            dimensions (the caller aligns positions, e.g. drops the last one for next-token prediction).
+        student_weight, teacher_weight: LM-head weights ``[V, H_s]`` and ``[V, H_t]``. The teacher side gets no
+            gradient (it is a constant).
+        divergence: a name in ``DIVERGENCES`` (forward_kl, reverse_kl, generalized_jsd / jsd, skew_kl,
+            skew_reverse_kl, tvd); ``divergence_params`` its parameters (``beta``, ``alpha``).
+        mask: bool, the leading shape; only kept positions count (dropped before any matmul).
+        chunk_size: tokens per chunk; None picks ``DEFAULT_CHUNK_ELEMENTS // vocab`` (about 64 MiB of fp32 logits).
+        reduction: "mean" over kept positions (0 with a zero gradient when none is kept) or "sum".
+        vocab_size: compare over the first ``vocab_size`` rows of both heads only, for vocabularies that differ by
+            padding rows (e.g. 151,936 vs 152,064); required when the two heads differ in size.
+
+    Equal to the plain path ``DIVERGENCES[divergence](h_s @ W_s.T, h_t @ W_t.T, ...)`` up to float rounding; no T**2
+    factor. Gradients reach ``student_hidden`` and ``student_weight`` only.
+    """
+    fn = DIVERGENCES.get(divergence)
+    if fn is None:
+        raise DistilError(f"unknown divergence {divergence!r}; choose one of {', '.join(sorted(DIVERGENCES))}")
+    allowed = set(inspect.signature(fn).parameters) - {"student_logits", "teacher_logits", "mask", "reduction"}
+    unknown = set(divergence_params) - allowed
+    if unknown:
+        raise DistilError(
+            f"{divergence} takes no parameter {', '.join(sorted(unknown))}; it accepts "
+            f"{', '.join(sorted(allowed - {'temperature'})) or 'only temperature'}"
+        )
+    _check_temperature(temperature)
+    for name in ("alpha", "beta"):
+        if name in divergence_params:
+            _check_unit(name, divergence_params[name])
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise DistilError(
+            f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} cover different positions; they need the same leading dimensions"
+        )
+    _check_head("student", student_hidden, student_weight)
+    _check_head("teacher", teacher_hidden, teacher_weight)
+    if vocab_size is None:
+        if student_weight.shape[0] != teacher_weight.shape[0]:
+            raise DistilError(
+                f"student vocabulary {student_weight.shape[0]} differs from the teacher's {teacher_weight.shape[0]}; "
+                "pass vocab_size= the shared vocabulary when they differ only by padding rows"
+            )
+        vocab_size = student_weight.shape[0]
+    elif not 0 < vocab_size <= min(student_weight.shape[0], teacher_weight.shape[0]):
+        raise DistilError(
+            f"vocab_size={vocab_size} must be in 1..{min(student_weight.shape[0], teacher_weight.shape[0])} "
+            "(the smaller of the two vocabularies)"
+        )
+    keep = _check_mask(mask, lead)
+    hs = _flat_rows(student_hidden, keep)
+    ht = _flat_rows(teacher_hidden.detach(), keep)
+    wt = teacher_weight.detach()[:vocab_size]
+    # Slicing keeps the autograd link (padding rows beyond vocab_size get a zero gradient); no slice when not needed,
+    # since its backward would allocate another weight-sized tensor.
+    ws = student_weight if vocab_size == student_weight.shape[0] else student_weight[:vocab_size]
+
+    kernel = _KERNELS[fn]
+
+    def step(s_logits: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t_logits = F.linear(ht[start:end], wt)  # grad mode is off here (no_grad or inside _Fused.forward)
+        return _divergence_value_and_grad(kernel, divergence_params, s_logits, t_logits, temperature, want_grad)
+
+    return _apply(hs, ws, _chunk_tokens(chunk_size, vocab_size), step, reduction)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels``, chunked like :func:`fused_linear_divergence`.
+
+    ``labels`` has the leading shape of ``hidden`` and is already aligned with it (for next-token prediction the
+    caller shifts: hidden ``[:, :-1]`` with labels ``[:, 1:]``). Positions labelled ``ignore_index`` do not count;
+    "mean" is over the others (0 with a zero gradient when there are none), like ``F.cross_entropy``. Computed in
+    fp32 (fp64 stays fp64); the gradient ``softmax - onehot`` is formed per chunk.
+    """
+    _check_head("student", hidden, weight)
+    lead = hidden.shape[:-1]
+    if labels.shape != lead or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise DistilError(
+            f"labels must be integer class indices of shape {tuple(lead)} (the hidden states without the last "
+            f"dimension), got {labels.dtype} {tuple(labels.shape)}"
+        )
+    flat = labels.reshape(-1)
+    keep = flat != ignore_index
+    targets = flat[keep]
+    vocab = weight.shape[0]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise DistilError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found "
+            f"{int(targets.min())}..{int(targets.max())}"
+        )
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def step(logits: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = logits.to(acc)
+        y = targets[start:end].unsqueeze(-1)
+        lse = z.logsumexp(-1, keepdim=True)
+        loss = (lse - z.gather(-1, y)).sum()
+        if not want_grad:
+            return loss, None
+        grad = z.sub_(lse).exp_()  # softmax, in place: the chunk's logits are not needed any more
+        grad.scatter_add_(-1, y, torch.full_like(y, -1, dtype=acc))
+        return loss, grad
+
+    return _apply(_flat_rows(hidden, keep), weight, _chunk_tokens(chunk_size, vocab), step, reduction)
