@@ -66,20 +66,31 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+# Optional per-arm measurements shown when present: (key, column title).
+_SPEED_COLUMNS = (("tokens_per_s_b1", "tok/s b1"), ("tokens_per_s_b8", "tok/s b8"))
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
-    """One row per arm: its quality metrics, parameters, size on disk and latency."""
+    """One row per arm: its quality metrics, parameters, size on disk and speed."""
     arms: dict[str, dict[str, Any]] = summary["arms"]
     metrics = summary.get("metrics") or []
+    speeds = [(k, title) for k, title in _SPEED_COLUMNS if any(k in v for v in arms.values())]
     table = Table(title=f"{summary.get('recipe', 'run')}: teacher vs students")
-    table.add_column("arm", style="bold")
+    table.add_column("arm", style="bold", no_wrap=True)
     for name in metrics:
         table.add_column(name, justify="right")
-    for name in ("params", "size on disk", "latency (ms, batch 1)"):
-        table.add_column(name, justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("size", justify="right")
+    if speeds:
+        for _, title in speeds:
+            table.add_column(title, justify="right")
+    else:
+        table.add_column("latency ms (b=1)", justify="right")
     for arm, values in arms.items():
         row = [arm] + [_fmt(values.get(m)) for m in metrics]
         size = values.get("size_bytes")
-        row += [_fmt(values.get("params")), _fmt_bytes(size) if size else "-", _fmt(values.get("latency_ms"))]
+        row += [_fmt(values.get("params")), _fmt_bytes(size) if size else "-"]
+        row += [_fmt(values.get(k)) for k, _ in speeds] if speeds else [_fmt(values.get("latency_ms"))]
         table.add_row(*row)
     return table
 

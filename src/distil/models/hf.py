@@ -310,3 +310,11 @@ def model_size(model: torch.nn.Module) -> dict[str, int]:
 def folder_size(path: str | os.PathLike[str]) -> int:
     """Bytes on disk of the files in a saved model folder (recursively)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own per-load progress bars and advisory warnings: distil shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -40,6 +40,9 @@ class Objective(Protocol):
         """How many units (examples, tokens) the batch's mean runs over: micro-batches are weighted by it."""
         ...
 
+    # Optional: `prepare(batch) -> batch`, called on each fresh micro-batch before it is weighed (e.g. to replace it
+    # by on-policy samples). Any randomness it uses must come from torch's global RNG, which checkpoints restore.
+
 
 @dataclass
 class Stage:
@@ -96,7 +99,10 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
         while step < spec.steps:
             # Fetch all micro-batches first so each can be weighted by its share of the step's units (tokens or
             # examples): 4 x 2 accumulation then equals one batch of 8 exactly, whatever the padding.
+            prepare = getattr(objective, "prepare", None)  # e.g. on-policy sampling, before the batch is weighed
             micro_batches = [stream.next() for _ in range(spec.grad_accum)]
+            if prepare is not None:
+                micro_batches = [prepare(b) for b in micro_batches]
             weights = [objective.weight(b) for b in micro_batches]
             total_units = sum(weights)
             optimizer.zero_grad(set_to_none=True)

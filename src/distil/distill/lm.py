@@ -1,0 +1,137 @@
+"""Token-level distillation of causal LMs: next-token CE plus a divergence to the teacher, optionally on-policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distil.config.schema import LossSpec, OnPolicySpec
+from distil.distill.objectives import divergence_params, soft_term
+from distil.distill.pair import Teacher
+from distil.errors import DistilError
+from distil.losses import fused_linear_cross_entropy, fused_linear_divergence
+
+IGNORE = -100
+
+
+def check_fusable(model: nn.Module, who: str) -> None:
+    """The fused path computes logits as hidden @ lm_head.weight.T; refuse models that post-process their logits."""
+    config = getattr(model, "config", None)
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, key, None) not in (None, 1.0):
+            raise DistilError(f"the {who} rescales its logits ({key}={getattr(config, key)}); the fused LM-head path "
+                              "does not support that: set loss.fused=false")
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise DistilError(f"the {who} has no bias-free linear LM head; set loss.fused=false")
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states after the final norm, i.e. what the LM head multiplies (no logits are computed)."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t+1: (targets [B, L-1], mask of positions that count)."""
+    targets = labels[:, 1:]
+    return targets, targets != IGNORE
+
+
+class CausalLMObjective:
+    """alpha * [T^2] * divergence + (1 - alpha) * next-token CE over label positions; CE alone without a teacher.
+
+    On-policy batches (see `prepare`) train on the student's own samples with the soft term only, as in GKD."""
+
+    unit = "tokens"
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Teacher | None,
+        spec: LossSpec,
+        *,
+        vocab_size: int,
+        device: torch.device,
+        onpolicy: OnPolicySpec | None = None,
+        pad_token_id: int | None = None,
+    ):
+        self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
+        self.vocab_size, self.onpolicy, self.pad_token_id = vocab_size, onpolicy, pad_token_id
+        self.modules = {"student": student}
+        if spec.fused:
+            check_fusable(student, "student")
+            if teacher is not None:
+                check_fusable(teacher.model, "teacher")
+
+    def weight(self, batch: dict[str, Any]) -> int:
+        return int(next_token_targets(batch["labels"])[1].sum())
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """With probability lmbda, replace the batch by student samples continuing its first prompt_tokens tokens."""
+        spec = self.onpolicy
+        if spec is None or self.teacher is None or not bool(torch.rand(()) < spec.lmbda):
+            return batch
+        prompt = batch["input_ids"][:, : spec.prompt_tokens].to(self.device)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            sequences = self.student.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                temperature=spec.temperature, top_k=spec.top_k or 0, top_p=1.0, max_new_tokens=spec.max_new_tokens,
+                min_new_tokens=spec.max_new_tokens, pad_token_id=self.pad_token_id, use_cache=True,
+            )
+        self.student.train(was_training)
+        labels = sequences.clone()
+        labels[:, : spec.prompt_tokens] = IGNORE  # only the sampled continuation is scored
+        return {"input_ids": sequences, "attention_mask": torch.ones_like(sequences), "labels": labels,
+                "onpolicy": True}
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"].to(self.device)
+        attention = batch["attention_mask"].to(self.device)
+        targets, keep = next_token_targets(batch["labels"].to(self.device))
+        onpolicy = bool(batch.get("onpolicy"))
+        if self.spec.fused:
+            terms = self._fused(ids, attention, targets, keep, onpolicy)
+        else:
+            terms = self._plain(ids, attention, targets, keep, onpolicy)
+        if "kd" not in terms:
+            terms["loss"] = terms["ce"]
+        elif onpolicy:
+            terms["loss"] = terms["kd"]
+        else:
+            terms["loss"] = self.spec.alpha * terms["kd"] + (1 - self.spec.alpha) * terms["ce"]
+        return terms
+
+    def _fused(self, ids, attention, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
+        weight = self.student.get_output_embeddings().weight
+        hidden = final_hidden(self.student, ids, attention)[:, :-1].to(weight.dtype)
+        terms: dict[str, torch.Tensor] = {}
+        if not onpolicy:
+            terms["ce"] = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=self.spec.chunk_size)
+        if self.teacher is not None:
+            t_weight = self.teacher.model.get_output_embeddings().weight
+            with torch.no_grad():
+                t_hidden = final_hidden(self.teacher.model, ids, attention)[:, :-1].to(t_weight.dtype)
+            T = self.spec.temperature
+            kd = fused_linear_divergence(
+                hidden, weight, t_hidden, t_weight, divergence=self.spec.divergence, temperature=T, mask=keep,
+                chunk_size=self.spec.chunk_size, vocab_size=self.vocab_size, **divergence_params(self.spec),
+            )
+            terms["kd"] = kd * (T * T) if self.spec.scale_by_t2 else kd
+        return terms
+
+    def _plain(self, ids, attention, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
+        logits = self.student(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        terms: dict[str, torch.Tensor] = {}
+        if not onpolicy:
+            terms["ce"] = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        if self.teacher is not None:
+            t_logits = self.teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+            V = self.vocab_size
+            terms["kd"] = soft_term(logits[..., :V], t_logits[..., :V], None, self.spec, mask=keep)
+        return terms

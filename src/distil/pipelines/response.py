@@ -1,0 +1,115 @@
+"""Response distillation (sequence-level KD): the teacher answers prompts, the student is fine-tuned on the answers.
+
+The student trained alone sees the same prompts with reference answers instead (for corpus prompts: the lines that
+really follow the passage), so the two arms differ only in whose answers they learn from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+
+from distil.config.schema import Recipe
+from distil.data.text import TextCorpus, corpus_passages, read_prompts_file
+from distil.errors import DistilError
+from distil.generate import format_prompt, generate_responses, read_generations
+
+IGNORE = -100
+
+
+def prompt_pairs(recipe: Recipe, corpus: TextCorpus, *, held_out: bool) -> list[tuple[str, str | None]]:
+    spec = recipe.generate
+    assert spec is not None
+    if spec.prompts == "corpus" or held_out:
+        texts = corpus.eval_texts if held_out else corpus.train_texts
+        count = spec.eval_prompts if held_out else spec.num_prompts
+        pairs = corpus_passages(texts, count, spec.prompt_lines, seed=recipe.seed + int(held_out))
+        return [(spec.instruction + passage, continuation) for passage, continuation in pairs]
+    return read_prompts_file(spec.prompts)[: spec.num_prompts]
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_len: int, chat: bool) -> tuple[list[int], list[int]]:
+    """(input ids, labels): the formatted prompt (labels ignored) then the response and EOS (labels kept)."""
+    prompt_ids = tokenizer(format_prompt(tokenizer, prompt, chat), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_len]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_len]
+    return ids, labels
+
+
+def collate_pairs(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Callable[[torch.Tensor], dict]:
+    def collate(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        chosen = [examples[int(i)] for i in indices]
+        width = max(len(ids) for ids, _ in chosen)
+        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chosen), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, (x, y) in enumerate(chosen):  # right padding: positions never attend to what follows them
+            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any, corpus: TextCorpus,
+                     console: Console, show_progress: bool) -> dict[str, tuple[Callable, int]]:
+    """Generate (or resume generating) the teacher's answers, then the training batches of each arm."""
+    spec = recipe.generate
+    assert spec is not None
+    teacher_id = recipe.teacher.model.source  # type: ignore[union-attr]
+    pairs = prompt_pairs(recipe, corpus, held_out=False)
+    if "student_alone" in recipe.arms and any(ref is None for _, ref in pairs):
+        raise DistilError("arm student_alone needs a reference 'response' for every prompt in generate.prompts; "
+                          "add them or set arms=[distilled]")
+    console.print(f"[bold]generate[/bold]: the teacher answers {len(pairs)} prompts (+{spec.eval_prompts} held out)")
+    answers = generate_responses(teacher, tokenizer, [p for p, _ in pairs], run_dir / "generations.jsonl",
+                                 spec=spec, teacher_id=teacher_id, seed=recipe.seed, show_progress=show_progress)
+    held_out = prompt_pairs(recipe, corpus, held_out=True)
+    generate_responses(teacher, tokenizer, [p for p, _ in held_out], run_dir / "eval_generations.jsonl",
+                       spec=spec, teacher_id=teacher_id, seed=recipe.seed + 1, show_progress=show_progress)
+    max_len, chat = recipe.data.seq_len, spec.chat_template
+    teacher_examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], max_len, chat) for r in answers]
+    result = {"distilled": (collate_pairs(teacher_examples, tokenizer.pad_token_id), len(teacher_examples))}
+    if "student_alone" in recipe.arms:
+        reference = [tokenize_pair(tokenizer, p, ref or "", max_len, chat) for p, ref in pairs]
+        result["student_alone"] = (collate_pairs(reference, tokenizer.pad_token_id), len(reference))
+    for arm, (_, size) in result.items():
+        if size < recipe.train.batch_size:
+            raise DistilError(f"{arm}: {size} examples, fewer than train.batch_size={recipe.train.batch_size}; "
+                              "raise generate.num_prompts or lower train.batch_size")
+    return result
+
+
+@torch.inference_mode()
+def _response_perplexity(model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, vocab: int) -> float:
+    collate = collate_pairs(examples, pad_id)
+    nll, count = 0.0, 0
+    for start in range(0, len(examples), 4):
+        batch = collate(torch.arange(start, min(start + 4, len(examples))))
+        device = next(model.parameters()).device
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits[:, :-1, :vocab].float()
+        targets = batch["labels"][:, 1:].to(device)
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                                       reduction="sum"))
+        count += int((targets != IGNORE).sum())
+    return float(torch.exp(torch.tensor(nll / max(count, 1))))
+
+
+def response_perplexities(arms: dict[str, Any], run_dir: Path, recipe: Recipe, tokenizer: Any, vocab: int,
+                          device: torch.device) -> dict[str, Any]:
+    """Each model's perplexity on the teacher's answers to held-out prompts: how well it imitates the teacher."""
+    from transformers import AutoModelForCausalLM
+
+    records = read_generations(run_dir / "eval_generations.jsonl")
+    if not records:
+        return arms
+    chat = recipe.generate.chat_template if recipe.generate else True
+    examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], recipe.data.seq_len, chat) for r in records]
+    for name, values in arms.items():
+        dtype = getattr(torch, values.get("dtype", "float32"))
+        model = AutoModelForCausalLM.from_pretrained(values["path"], dtype=dtype).to(device).eval()
+        values["response_perplexity"] = _response_perplexity(model, examples, tokenizer.pad_token_id, vocab)
+    return arms
