@@ -66,6 +66,54 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_student(args: argparse.Namespace) -> int:
+    from distil.students import parse_layers, run_student_command
+
+    run_student_command(
+        args.teacher, Path(args.output), layers=parse_layers(args.layers) if args.layers else None,
+        num_layers=args.num_layers, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """The teacher answers prompts: from a recipe (its teacher and generate sections) or from flags."""
+    from distil.config.schema import GenerateSpec
+    from distil.generate import generate_responses
+    from distil.models import hf
+
+    hf.quiet_transformers()
+    if args.recipe:
+        from distil.config.load import load_recipe
+        from distil.data.text import load_corpus
+        from distil.pipelines.response import prompt_pairs
+
+        recipe_name, overrides = _split_recipe_and_overrides([args.recipe, *args.overrides])
+        recipe = load_recipe(recipe_name, overrides)
+        if recipe.task != "causal_lm" or recipe.generate is None:
+            raise DistilError(f"recipe {recipe.name} has no generate section; use a response-distillation recipe")
+        source, spec, seed = recipe.teacher.model.source, recipe.generate, recipe.seed  # type: ignore[union-attr]
+        model, tokenizer = hf.load_causal_lm(source, dtype=recipe.teacher.model.dtype)  # type: ignore[union-attr]
+        prompts = [p for p, _ in prompt_pairs(recipe, load_corpus(recipe.data, tokenizer), held_out=False)]
+        output = Path(args.output or f"{recipe.name}-generations.jsonl")
+    else:
+        if not (args.teacher and args.prompts):
+            raise DistilError("distil generate needs a RECIPE, or --teacher SOURCE and --prompts FILE.jsonl")
+        from distil.data.text import read_prompts_file
+
+        spec = GenerateSpec(prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                            num_prompts=10**9)
+        source, seed = args.teacher, 0
+        prompts = [p for p, _ in read_prompts_file(args.prompts)]
+        model, tokenizer = hf.load_causal_lm(source)
+        output = Path(args.output or "generations.jsonl")
+    records = generate_responses(model, tokenizer, prompts, output, spec=spec, teacher_id=source, seed=seed)
+    Console().print(f"{len(records)} answers in {output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distil", description="Knowledge distillation: teacher -> student.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("student", help="build a smaller student from a Hugging Face teacher, weights inherited")
+    p.add_argument("teacher", help="a local model folder or a built-in model name")
+    p.add_argument("-o", "--output", required=True, help="new folder for the student")
+    p.add_argument("--layers", help="teacher layers to keep, e.g. 0,2,4,7,9,11")
+    p.add_argument("--num-layers", type=int, help="or: this many layers spread evenly (first and last kept)")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--intermediate-size", type=int)
+    p.add_argument("--num-attention-heads", type=int)
+    p.add_argument("--num-key-value-heads", type=int)
+    p.set_defaults(func=cmd_student)
+
+    p = sub.add_parser("generate", help="let a teacher answer prompts (resumable JSONL), for response distillation")
+    p.add_argument("recipe", nargs="?", help="a response-distillation recipe (its teacher and generate sections)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--teacher", help="without a recipe: model folder or built-in name")
+    p.add_argument("--prompts", help="without a recipe: JSONL file with a 'prompt' field per line")
+    p.add_argument("-o", "--output", help="JSONL file to write (appended to and resumed if it exists)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("resume", help="continue an interrupted run")
     p.add_argument("run_dir")
@@ -103,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (`distil run -q recipe a=1`): collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
     flags = [e for e in extra if e.startswith("-")]
-    if flags or (extra and args.command not in ("run", "validate")):
+    if flags or (extra and args.command not in ("run", "validate", "generate")):
         parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
     if extra:
         target = "items" if args.command == "run" else "overrides"

@@ -195,6 +195,9 @@ class TeacherSpec(Strict):
 
 class StudentSpec(Strict):
     model: ModelSpec
+    freeze_embeddings: bool = Field(
+        False, description="LMs: keep the (inherited) token embeddings and a tied LM head fixed: less compute and memory"
+    )
 
 
 Arm = Literal["student_alone", "distilled"]

@@ -150,6 +150,9 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Tea
     seed_everything(recipe.seed)
     student = load_student_folder(init, device)
     student.config.use_cache = False
+    if recipe.student.freeze_embeddings:
+        for head in (student.get_input_embeddings(), student.get_output_embeddings()):
+            head.weight.requires_grad_(False)
     distilled = arm == "distilled"
     objective = CausalLMObjective(
         student, teacher if distilled else None, recipe.loss, vocab_size=vocab, device=device,

@@ -1,0 +1,139 @@
+"""Causal-LM distillation on a tiny real Llama (random weights, real BPE tokenizer, real Shakespeare text)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distil.config.load import validate_recipe
+from distil.config.schema import LossSpec, OnPolicySpec, TrainSpec
+from distil.data.stream import BatchStream
+from distil.distill.lm import CausalLMObjective
+from distil.distill.pair import Teacher
+from distil.pipelines import run_recipe
+from distil.pipelines.response import collate_pairs, tokenize_pair
+from distil.students import make_student
+from distil.train.loop import Stage, train
+from distil.train.metrics import MetricsLog
+
+CPU = torch.device("cpu")
+
+
+def recipe(tiny_lm, tmp_path, **changes):
+    data = {
+        "name": "tiny-lm", "task": "causal_lm",
+        "data": {"kind": "text", "train": ["sonnets_gut"], "eval": ["phoenix_and_the_turtle_gut"], "seq_len": 32,
+                 "max_train_tokens": 3000, "eval_tokens": 256},
+        "teacher": {"model": {"arch": "hf", "source": str(tiny_lm)}},
+        "student": {"model": {"arch": "from_teacher", "num_layers": 2}},
+        "loss": {"alpha": 0.5, "temperature": 2.0},
+        "train": {"steps": 4, "batch_size": 4, "log_every": 2, "eval_every": 2},
+        "output_dir": str(tmp_path / "run"), "generations_shown": 2,
+    }
+    for key, value in changes.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate_recipe(data)
+
+
+def models(tiny_lm):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    student = make_student(teacher, num_layers=2).train()
+    return teacher, student, AutoTokenizer.from_pretrained(tiny_lm)
+
+
+def test_logit_recipe_end_to_end(tiny_lm, tmp_path):
+    summary = run_recipe(recipe(tiny_lm, tmp_path), show_progress=False)
+    run = tmp_path / "run"
+    assert set(summary["arms"]) == {"teacher", "student_init", "student_alone", "distilled"}
+    for values in summary["arms"].values():
+        assert values["perplexity"] > 1 and 0 <= values["agreement"] <= 1 and values["params"] > 0
+        assert values["tokens_per_s_b1"] > 0 and values["tokens_per_s_b8"] > 0 and values["size_bytes"] > 0
+    assert summary["arms"]["teacher"]["agreement"] == 1.0
+    assert summary["arms"]["distilled"]["params"] < summary["arms"]["teacher"]["params"]
+    assert len(summary["generations"]) == 2 and {"prompt", "teacher", "distilled"} <= set(summary["generations"][0])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "loss/ce", "loss/kd", "tokens_per_s"} <= set(next(r for r in records if r["arm"] == "distilled"))
+    assert any("eval/perplexity" in r for r in records)
+    # The students load with plain transformers in a Python that never imports distil.
+    code = ("import sys; sys.modules['distil'] = None\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(run / 'student')!r}); "
+            f"t = AutoTokenizer.from_pretrained({str(run / 'student')!r})\n"
+            "print(m.config.num_hidden_layers, len(t))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "2"
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_fused_objective_equals_plain_objective(tiny_lm, divergence):
+    teacher, student, _ = models(tiny_lm)
+    ids = torch.randint(0, teacher.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that does not count
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = []
+    for fused in (True, False):
+        spec = LossSpec(divergence=divergence, alpha=0.7, temperature=2.0, fused=fused, chunk_size=7)
+        objective = CausalLMObjective(student, Teacher(teacher), spec, vocab_size=teacher.config.vocab_size,
+                                      device=CPU)
+        student.zero_grad()
+        terms = objective.loss(batch)
+        terms["loss"].backward()
+        results.append((terms, [p.grad.clone() for p in student.parameters()]))
+    (fused_terms, fused_grads), (plain_terms, plain_grads) = results
+    for key in ("loss", "ce", "kd"):
+        torch.testing.assert_close(fused_terms[key], plain_terms[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_accumulation_with_padded_batches_weights_by_tokens(tiny_lm, tmp_path):
+    """4 x 2 accumulation equals a batch of 8 even when micro-batches hold different numbers of label tokens."""
+    teacher, _, tokenizer = models(tiny_lm)
+    examples = [tokenize_pair(tokenizer, "Prompt " * (i % 3 + 1), "answer words " * (i % 4 + 1), 40, False)
+                for i in range(16)]
+    collate = collate_pairs(examples, tokenizer.pad_token_id)
+    finals = []
+    for batch_size, accum in ((8, 1), (2, 4)):
+        student = make_student(teacher, num_layers=2).train()
+        objective = CausalLMObjective(student, Teacher(teacher), LossSpec(alpha=0.5), vocab_size=len(tokenizer),
+                                      device=CPU)
+        spec = TrainSpec(steps=2, batch_size=batch_size, grad_accum=accum, optimizer="sgd", lr=0.5,
+                         clip_grad_norm=None, schedule="constant")
+        stream = BatchStream(len(examples), batch_size, collate, seed=0)
+        path = tmp_path / f"{batch_size}x{accum}"
+        train(Stage("a", objective, stream, spec, path, MetricsLog(path / "m.jsonl", tensorboard=False), CPU),
+              show_progress=False)
+        finals.append(list(student.parameters()))
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_onpolicy_batches_are_student_samples_scored_on_the_continuation(tiny_lm):
+    teacher, student, tokenizer = models(tiny_lm)
+    spec = OnPolicySpec(lmbda=1.0, prompt_tokens=5, max_new_tokens=7)
+    objective = CausalLMObjective(student, Teacher(teacher), LossSpec(divergence="jsd"), vocab_size=len(tokenizer),
+                                  device=CPU, onpolicy=spec, pad_token_id=tokenizer.pad_token_id)
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    torch.manual_seed(3)
+    sampled = objective.prepare(batch)
+    torch.manual_seed(3)
+    again = objective.prepare(batch)
+    assert torch.equal(sampled["input_ids"], again["input_ids"])  # sampling follows the (checkpointed) torch RNG
+    assert sampled["input_ids"].shape == (2, 12) and torch.equal(sampled["input_ids"][:, :5], ids[:, :5])
+    assert (sampled["labels"][:, :5] == -100).all() and (sampled["labels"][:, 5:] >= 0).all()
+    assert objective.weight(sampled) == 2 * 7
+    terms = objective.loss(sampled)
+    assert "ce" not in terms and torch.equal(terms["loss"], terms["kd"])
+    off = CausalLMObjective(student, Teacher(teacher), LossSpec(), vocab_size=len(tokenizer), device=CPU,
+                            onpolicy=OnPolicySpec(lmbda=0.0))
+    assert off.prepare(batch) is batch  # lmbda = 0 is plain off-policy KD
