@@ -31,12 +31,13 @@ def prompt_pairs(recipe: Recipe, corpus: TextCorpus, *, held_out: bool) -> list[
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_len: int, chat: bool) -> tuple[list[int], list[int]]:
-    """(input ids, labels): the formatted prompt (labels ignored) then the response and EOS (labels kept)."""
+    """(input ids, labels): the formatted prompt (labels ignored) then the response and EOS (labels kept).
+
+    Over `max_len`, the prompt loses tokens from its start first (the response is what is learnt)."""
     prompt_ids = tokenizer(format_prompt(tokenizer, prompt, chat), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[:max_len]
-    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_len]
-    return ids, labels
+    response_ids = (tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_len - 1]
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_len) :]
+    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
 
 
 def collate_pairs(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Callable[[torch.Tensor], dict]:

@@ -105,6 +105,9 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
                 micro_batches = [prepare(b) for b in micro_batches]
             weights = [objective.weight(b) for b in micro_batches]
             total_units = sum(weights)
+            if total_units == 0:
+                raise DistilError(f"stage '{stage.name}': step {step + 1} has no positions that count (every label "
+                                  "is masked); check the data, e.g. prompts longer than data.seq_len")
             optimizer.zero_grad(set_to_none=True)
             logged: dict[str, float] = {}
             for batch, units in zip(micro_batches, weights):
