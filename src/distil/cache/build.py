@@ -147,7 +147,8 @@ def _claim_settings(root: Path, settings: fmt.BuildSettings) -> None:
                           "resume it, or a new path")
 
 
-def _shard_done(root: Path, index: int) -> bool:
+def _shard_done(root: Path, index: int, fingerprint: str | None = None) -> bool:
+    """Whether shard ``index`` is on disk with its record; with ``fingerprint``, refuse one built from other samples."""
     record_path = root / fmt.shard_record_file(index)
     if not record_path.exists():
         return False
@@ -156,7 +157,12 @@ def _shard_done(root: Path, index: int) -> bool:
     except DistilError:
         return False
     shard = root / record.file
-    return shard.exists() and shard.stat().st_size == record.bytes
+    if not (shard.exists() and shard.stat().st_size == record.bytes):
+        return False
+    if fingerprint is not None and fingerprint != record.fingerprint:
+        raise DistilError(f"shard {record.file} of the cache at {root} was built from other samples than the ones "
+                          "at its place in this stream; use the same samples in the same order to resume, or a new path")
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ the shard
@@ -254,16 +260,19 @@ def build_cache(
             num_shards = index + 1
             chunk = [_normalise(s, settings.fields.seq_len) for s in chunk]
             keeps = [keep_positions(s) for s in chunk]
+            shard_fp = fmt.DatasetFingerprint()
             for s in chunk:
-                fingerprint.update(s)
+                digest = fmt.sample_digest(s)
+                fingerprint.add(digest)
+                shard_fp.add(digest)
             num_samples += len(chunk)
             num_positions += int(sum(k.sum() for k in keeps))
-            if index % parts != part or _shard_done(root, index):
+            if _shard_done(root, index, shard_fp.hexdigest()) or index % parts != part:
                 skipped += 1
                 bar.skip(len(chunk))
                 continue
             buffer = _compute_shard(chunk, keeps, teacher_logits_fn, collate, settings, batch_size, bar.positions)
-            positions_written += write_shard(root, index, buffer).num_positions
+            positions_written += write_shard(root, index, buffer, shard_fp.hexdigest()).num_positions
             written += 1
             bar.samples(len(chunk))
 

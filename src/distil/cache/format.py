@@ -140,6 +140,7 @@ class ShardRecord(_Strict):
     vocab_size: int = Field(gt=0)
     layout: Literal["sequence", "single"]
     max_length: int = Field(ge=0)
+    fingerprint: str  # of the shard's samples: a resumed build with other samples is caught at the first shard
     # Sample ids covered, as sorted half-open ranges [start, stop).
     sample_ids: list[tuple[int, int]]
 
@@ -264,8 +265,11 @@ class DatasetFingerprint:
         self.total = 0
 
     def update(self, sample: Mapping[str, Any]) -> None:
+        self.add(sample_digest(sample))
+
+    def add(self, digest: bytes) -> None:
         self.count += 1
-        self.total = (self.total + int.from_bytes(sample_digest(sample), "big")) % (1 << 256)
+        self.total = (self.total + int.from_bytes(digest, "big")) % (1 << 256)
 
     def hexdigest(self) -> str:
         return hashlib.sha256(f"{self.count}:{self.total:064x}".encode()).hexdigest()

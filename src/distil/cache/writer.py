@@ -148,10 +148,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_shard(root: Path, index: int, buffer: ShardBuffer) -> fmt.ShardRecord:
+def write_shard(root: Path, index: int, buffer: ShardBuffer, fingerprint: str) -> fmt.ShardRecord:
     """Encode, checksum and atomically write shard ``index`` and then its record; return the record."""
     arrays = buffer.arrays()
-    data = st_save(arrays, metadata={"format": fmt.FORMAT, "version": str(fmt.VERSION), "mode": buffer.mode})
+    # One metadata key: safetensors writes several in a random order, and shards must be byte-reproducible.
+    data = st_save(arrays, metadata={"distil": f"{fmt.FORMAT} v{fmt.VERSION} {buffer.mode}"})
     name = fmt.shard_file(index)
     atomic_write(root / name, data)
     lengths = arrays["lengths"]
@@ -166,6 +167,7 @@ def write_shard(root: Path, index: int, buffer: ShardBuffer) -> fmt.ShardRecord:
         vocab_size=buffer.vocab_size,
         layout=buffer.layout,  # type: ignore[arg-type]
         max_length=int(lengths.max()) if len(lengths) else 0,
+        fingerprint=fingerprint,
         sample_ids=fmt.ids_to_ranges(arrays["sample_ids"]),
     )
     atomic_write(root / fmt.shard_record_file(index), fmt.dump_model(record))
