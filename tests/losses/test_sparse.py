@@ -282,3 +282,40 @@ def test_cached_divergence_dispatches_on_the_targets():
         sampled_forward_kl(s, ids, vals.exp(), teacher_entropy=torch.zeros(2, 3), mask=mask & extra).item())
     with pytest.raises(DistilError, match="forward KL only"):
         cached_divergence(s, sampled, divergence="reverse_kl")
+
+
+# ------------------------------------------------------------------------------------- the student's tail mass
+def _peaked(seed=5):
+    """Rows whose student puts almost all its mass on the stored ids (tails from ~1e-1 down to ~1e-9)."""
+    s, t, ids, vals, tail = make(shape=(6,), k=3, seed=seed)
+    s = s.clone()
+    for r, boost in enumerate([0.0, 3.0, 6.0, 9.0, 12.0, 20.0]):
+        s[r, ids[r]] += boost
+    return s, t, ids, vals, tail
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-3, 1.0])  # always 1 - sum, the default split, always exact
+def test_both_ways_of_computing_the_student_tail_agree(monkeypatch, threshold):
+    import distil.losses.sparse as sparse
+
+    s, t, ids, vals, tail = _peaked()
+    P, Q = probs(t), probs(s)
+    if threshold != 0.0:  # 1 - sum cannot resolve the smallest tails; the exact sum can
+        monkeypatch.setattr(sparse, "_EXACT_TAIL_BELOW", threshold)
+        got = sparse_forward_kl(s, ids, vals, tail_logmass=tail, reduction="none")
+        for r, row in enumerate(ids.tolist()):
+            assert got[r].item() == pytest.approx(kl(coarsen(P[r], row), coarsen(Q[r], row)), rel=1e-9)
+    x = s.clone().requires_grad_(True)
+    monkeypatch.setattr(sparse, "_EXACT_TAIL_BELOW", threshold)
+    assert torch.autograd.gradcheck(lambda z: sparse_reverse_kl(z, ids, vals, tail_logmass=tail), (x,))
+
+
+def test_float32_student_tail_is_accurate():
+    s, _, ids, vals, tail = _peaked()
+    ref = sparse_forward_kl(s, ids, vals, tail_logmass=tail, reduction="none")
+    got = sparse_forward_kl(s.float(), ids, vals.float(), tail_logmass=tail.float(), reduction="none")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+    x64, x32 = s.clone().requires_grad_(True), s.float().requires_grad_(True)
+    sparse_forward_kl(x64, ids, vals, tail_logmass=tail).backward()
+    sparse_forward_kl(x32, ids, vals.float(), tail_logmass=tail.float()).backward()
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
