@@ -54,6 +54,7 @@ def test_k_equal_vocab_through_the_cache_gives_the_dense_kl(tmp_path, samples, t
         with torch.no_grad():
             z = student(input_ids=s["input_ids"][None]).logits
         got = cached_divergence(z, t).item()
+        assert cached_divergence(z, t, temperature=1.0).item() == got
         p = helpers.dense_logprobs(teacher, s)
         q = torch.log_softmax(z[0].double(), -1)
         want = (p.exp() * (p - q)).sum(-1).mean().item()
@@ -138,7 +139,8 @@ def test_any_order_and_batching_give_identical_targets(tmp_path, samples, teache
     order = rng.permutation(len(ids))
     for chunk in np.array_split(order, 5):
         part = cache.targets([ids[i] for i in chunk], seq_len=24)
-        for key in whole:
+        assert torch.equal(part.pop("temperature"), whole["temperature"])
+        for key in part:
             assert torch.equal(part[key], whole[key][torch.from_numpy(chunk)])
     one = cache.targets(torch.tensor([ids[3]]))
     assert torch.equal(one["ids"], whole["ids"][3:4, : one["ids"].shape[1]])
@@ -186,3 +188,18 @@ def test_bad_teacher_output_and_samples_are_refused(tmp_path, samples, teacher_f
         build_cache(tmp_path / "c", [samples[0], samples[0]], teacher_fn, shard_size=1, progress=False)
     with pytest.raises(DistilError, match="cache mode must be one of"):
         build_cache(tmp_path / "d", samples, teacher_fn, mode="dense", progress=False)
+
+
+def test_training_at_another_temperature_is_refused(tmp_path, samples, student, teacher_fn):
+    build_cache(tmp_path, samples[:3], teacher_fn, k=K, temperature=2.0, progress=False)
+    t = TeacherCache(tmp_path).targets([samples[0]["id"]])
+    assert t["temperature"].item() == 2.0
+    with torch.no_grad():
+        z = student(input_ids=samples[0]["input_ids"][None]).logits
+    from distil.losses.sparse import sparse_forward_kl
+
+    want = sparse_forward_kl(z, t["ids"], t["logprobs"], tail_logmass=t["tail_logmass"], temperature=2.0,
+                             mask=t["mask"])
+    assert cached_divergence(z, t).item() == want.item()  # the cache's temperature by default
+    with pytest.raises(DistilError, match="temperature 2, this loss asks 1"):
+        cached_divergence(z, t, temperature=1.0)

@@ -189,8 +189,9 @@ class TeacherCache:
         Keys: ``mask`` (bool ``[B, L]``, positions with a target) and, per mode, ``ids`` (int64 ``[B, L, K]``),
         ``logprobs`` (float32; ``-inf`` in padding) and ``tail_logmass`` (``[B, L]``) for ``topk``; ``ids``,
         ``weights`` (count / num_draws, 0 in padding) and ``entropy`` for ``sample``; ``logprobs`` ``[B, L, V]`` for
-        ``full``. Classifier caches (one row per sample) drop the ``L`` dimension. ``normalize`` removes the float16
-        rounding so that top-k plus tail (or the full row) sums to exactly 1 in float32.
+        ``full``; ``temperature`` (0-d, the build temperature). Classifier caches (one row per sample) drop the ``L``
+        dimension. ``normalize`` removes the float16 rounding so that top-k plus tail (or the full row) sums to exactly
+        1 in float32.
         """
         if isinstance(sample_ids, torch.Tensor):
             sample_ids = sample_ids.tolist()
@@ -243,6 +244,8 @@ class TeacherCache:
             _renormalize(result, mode)
         if single:
             result = {name: t.squeeze(1) for name, t in result.items()}
+        # The build temperature travels with the targets, so that cached_divergence can refuse another one.
+        result["temperature"] = torch.tensor(self.manifest.temperature, dtype=torch.float32)
         return result
 
 

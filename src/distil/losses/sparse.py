@@ -289,17 +289,25 @@ def cached_divergence(
     *,
     divergence: str = "forward_kl",
     beta: float = 0.5,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The divergence between the student and a batch of ``TeacherCache.targets(...)``, whatever the cache's mode.
 
-    Positions without a target (``targets["mask"]``) are dropped, as are those ``mask`` drops.
+    Positions without a target (``targets["mask"]``) are dropped, as are those ``mask`` drops. ``temperature`` None
+    takes the cache's build temperature (``targets["temperature"]``); any other value must equal it.
     """
     if divergence not in SPARSE_DIVERGENCES:
         raise DistilError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)}, got {divergence!r}")
-    targets = {name: t.to(student_logits.device, non_blocking=True) for name, t in targets.items()}
+    built = float(targets["temperature"]) if "temperature" in targets else None
+    if temperature is None:
+        temperature = 1.0 if built is None else built
+    elif built is not None and not math.isclose(temperature, built, rel_tol=1e-6):
+        raise DistilError(f"the teacher cache holds targets at temperature {built:g}, this loss asks {temperature:g}; "
+                          "sparse targets cannot be re-softened exactly: rebuild the cache at this temperature")
+    targets = {name: t.to(student_logits.device, non_blocking=True) for name, t in targets.items()
+               if name != "temperature"}
     keep = targets["mask"]
     keep = keep if mask is None else keep & mask
     common = {"temperature": temperature, "mask": keep, "reduction": reduction}
