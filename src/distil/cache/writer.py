@@ -27,14 +27,15 @@ _ROW_CHUNK = 1024  # rows of [rows, V] processed at once: bounds the extra memor
 def topk_targets(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids, their log-probabilities and the exact log tail mass of rows of normalised log-probs ``[T, V]``.
 
-    The tail is ``logsumexp`` over the tokens outside the top k (not ``log(1 - sum)``, which loses all precision
-    when the top k hold nearly all the mass); it is ``-inf`` when ``k`` equals the vocabulary.
+    The tail is the sum of the probabilities of the tokens outside the top k (not ``1 - sum`` of the top k, which
+    loses all precision when the top k hold nearly all the mass); it is ``-inf`` when ``k`` equals the vocabulary.
     """
     k = min(k, logprobs.shape[-1])
     ids, vals, tails = [], [], []
     for rows in logprobs.split(_ROW_CHUNK):
         v, i = rows.topk(k, dim=-1)
-        tails.append(rows.scatter(-1, i, float("-inf")).logsumexp(-1))
+        # Probabilities are <= 1: summing exp directly is safe, and faster than logsumexp over a masked copy.
+        tails.append(rows.exp().scatter_(-1, i, 0.0).sum(-1).log())
         ids.append(i)
         vals.append(v)
     if not ids:
@@ -59,7 +60,8 @@ def sample_targets(
     the teacher's probability of each token, which makes the sparse cross-entropy unbiased.
     """
     probs = logprobs.exp()
-    entropy = torch.special.entr(probs).sum(-1)
+    # -inf log-probs (probability 0) are clamped so that they contribute 0, not NaN; faster than special.entr.
+    entropy = -(probs * logprobs.clamp_min(torch.finfo(logprobs.dtype).min)).sum(-1)
     if probs.shape[0] == 0:
         z = torch.zeros(0, dtype=torch.long, device=probs.device)
         return z, z, z, entropy
