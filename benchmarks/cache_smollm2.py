@@ -8,6 +8,8 @@
   function (its plain forward passes; timed within the same run, so that load from other processes on a shared
   machine weighs on both alike). A separate plain forward over the same batches is printed too.
 - Read: median milliseconds of ``TeacherCache.targets`` for random batches of ``--batch`` sample ids.
+- Compressibility: what general-purpose lossless codecs (zlib level 9, lzma) would save on the shard files, to show
+  how far a compressed top-k format could go below the fixed-width one at 16-bit precision.
 
 Run: PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/cache_smollm2.py [--samples 16 --seq-len 256 --batch 4]
 """
@@ -18,10 +20,12 @@ import argparse
 import ast
 import glob
 import importlib.util
+import lzma
 import statistics
 import sysconfig
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +127,18 @@ def main() -> None:
             t1 = time.perf_counter()
             cache.targets(batch_ids, seq_len=args.seq_len)
             times.append(time.perf_counter() - t1)
+        shards = [(path / r.file).read_bytes() for r in cache.manifest.shards]
+        positions = cache.manifest.num_positions
+        packed = {codec: sum(len(fn(b)) for b in shards) / positions
+                  for codec, fn in (("zlib", lambda b: zlib.compress(b, 9)), ("lzma", lzma.compress))}
         rows.append((name, info["bytes_per_token"], result.positions_written / result.seconds,
-                     result.positions_written / spent[0], statistics.median(times) * 1e3))
+                     result.positions_written / spent[0], statistics.median(times) * 1e3, packed))
     print(f"\n| targets | bytes/token | build tokens/s | its teacher forward alone, tokens/s | build time / forward "
-          f"time | read ms per batch of {args.read_batch} x {args.seq_len} |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, bpt, tps, fwd, ms in rows:
-        print(f"| {name} | {bpt:.1f} | {tps:,.0f} | {fwd:,.0f} | {fwd / tps:.2f} | {ms:.2f} |")
+          f"time | read ms per batch of {args.read_batch} x {args.seq_len} | zlib -9 / lzma bytes/token |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, bpt, tps, fwd, ms, packed in rows:
+        print(f"| {name} | {bpt:.1f} | {tps:,.0f} | {fwd:,.0f} | {fwd / tps:.2f} | {ms:.2f} | "
+              f"{packed['zlib']:.0f} / {packed['lzma']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -170,10 +170,13 @@ def _teacher_rows(logits: torch.Tensor, row: int, sample: dict[str, Any], keep: 
                   ) -> torch.Tensor:
     if "input_ids" in sample:
         length = len(sample["input_ids"])
-        rows = logits[row, :length][torch.from_numpy(keep).to(logits.device)]
+        rows = logits[row, :length]
+        if not keep.all():  # a copy of [positions, V]: only when some positions are dropped
+            rows = rows[torch.from_numpy(keep).to(logits.device)]
     else:
         rows = logits[row : row + 1]
-    return F.log_softmax(rows.float() / temperature, dim=-1)
+    rows = rows.float()
+    return F.log_softmax(rows if temperature == 1.0 else rows / temperature, dim=-1)
 
 
 def _compute_shard(samples: list[dict[str, Any]], keeps: list[np.ndarray], fn: TeacherFn, collate: Callable,
