@@ -67,7 +67,8 @@ def main() -> None:
     peaked = student.scatter_add(-1, ids, torch.full(ids.shape, 20.0))
     assert (1 - torch.softmax(peaked, -1).gather(-1, ids).sum(-1)).max() < 1e-3
     base = None
-    print(f"loss forward+backward on [{args.tokens}, {args.vocab}] float32 logits, torch threads {torch.get_num_threads()}")
+    print(f"loss forward+backward on [{args.tokens}, {args.vocab}] float32 logits, "
+          f"torch threads {torch.get_num_threads()}")
     for name, fn in cases.items():
         if fn is None:
             ms = timed(lambda x: sparse_forward_kl(x, ids, vals, tail_logmass=tail), peaked, args.repeats)

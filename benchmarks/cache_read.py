@@ -44,7 +44,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         print(f"batch of {args.batch} x {args.seq_len} tokens, vocabulary {args.vocab}")
-        for name, kw in (("topk k=64", dict(mode="topk", k=64)), ("sample 64 draws", dict(mode="sample", num_draws=64))):
+        modes = (("topk k=64", dict(mode="topk", k=64)), ("sample 64 draws", dict(mode="sample", num_draws=64)))
+        for name, kw in modes:
             path = Path(d) / name.replace(" ", "_")
             t0 = time.perf_counter()
             build_cache(path, samples, teacher_fn, batch_size=1, shard_size=8, progress=False, **kw)

@@ -40,8 +40,8 @@ def test_truncated_or_missing_shard_is_named_at_open(cache_dir):
     path = cache_dir / fmt.shard_file(2)
     data = path.read_bytes()
     path.write_bytes(data[:-7])
-    with pytest.raises(DistilError, match=f"shard-000002.safetensors .* \\(truncated or changed: {len(data) - 7} bytes, "
-                                          f"expected {len(data)}"):
+    expected = f"shard-000002.safetensors .* \\(truncated or changed: {len(data) - 7} bytes, expected {len(data)}"
+    with pytest.raises(DistilError, match=expected):
         TeacherCache(cache_dir)
     path.unlink()
     with pytest.raises(DistilError, match="shard-000002.safetensors .* is missing"):

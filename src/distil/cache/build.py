@@ -57,7 +57,8 @@ def _normalise(sample: Sample, seq_len: int | None) -> dict[str, Any]:
     if "input_ids" in s:
         ids = s["input_ids"]
         if ids.dim() != 1 or ids.dtype.is_floating_point:
-            raise DistilError(f"sample {s['id']}: input_ids must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+            raise DistilError(f"sample {s['id']}: input_ids must be a 1-D integer tensor, got {ids.dtype} "
+                              f"{tuple(ids.shape)}")
         if seq_len is not None and len(ids) > seq_len:
             raise DistilError(
                 f"sample {s['id']} has {len(ids)} tokens, more than seq_len={seq_len} stated for the cache; "
@@ -105,7 +106,8 @@ def default_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
                 out[row, : len(v)] = v
             batch[key] = out
         else:
-            raise DistilError(f"cannot batch field {key!r} of shapes {[tuple(v.shape) for v in values]}; pass collate_fn")
+            shapes = [tuple(v.shape) for v in values]
+            raise DistilError(f"cannot batch field {key!r} of shapes {shapes}; pass collate_fn")
     if "input_ids" in batch and isinstance(batch["input_ids"], torch.Tensor):
         lengths = torch.tensor([len(s["input_ids"]) for s in samples])
         batch["attention_mask"] = (torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long()
@@ -142,7 +144,8 @@ def _claim_settings(root: Path, settings: fmt.BuildSettings) -> None:
     found = fmt.read_model(path, fmt.BuildSettings)
     if found != settings:
         old, new = found.model_dump(), settings.model_dump()
-        diff = ", ".join(f"{key}: cache has {old[key]!r}, this build asks {new[key]!r}" for key in old if old[key] != new[key])
+        diff = ", ".join(f"{key}: cache has {old[key]!r}, this build asks {new[key]!r}"
+                         for key in old if old[key] != new[key])
         raise DistilError(f"the cache at {root} was started with other settings ({diff}); use the same settings to "
                           "resume it, or a new path")
 
@@ -161,7 +164,8 @@ def _shard_done(root: Path, index: int, fingerprint: str | None = None) -> bool:
         return False
     if fingerprint is not None and fingerprint != record.fingerprint:
         raise DistilError(f"shard {record.file} of the cache at {root} was built from other samples than the ones "
-                          "at its place in this stream; use the same samples in the same order to resume, or a new path")
+                          "at its place in this stream; use the same samples in the same order to resume, "
+                          "or a new path")
     return True
 
 

@@ -184,7 +184,8 @@ def read_model(path: Path, model: type[_Strict]) -> Any:
         raise
     except ValueError as e:
         first = str(e).splitlines()[0:3]
-        raise DistilError(f"{path} is not a valid {model.__name__} ({' '.join(first)}); the cache is damaged: rebuild it")
+        raise DistilError(f"{path} is not a valid {model.__name__} ({' '.join(first)}); the cache is damaged: "
+                          "rebuild it")
 
 
 def dump_model(model: _Strict) -> bytes:

@@ -108,7 +108,8 @@ def render_cache_info(info: dict[str, Any]) -> Table:
     t.add_row("vocabulary", f"{s['vocab_size']:,}" if s["vocab_size"] else "-")
     t.add_row("seq_len", str(s["seq_len"] or "-"))
     if s["dtypes"]:
-        t.add_row("dtypes", ", ".join(f"{k}={v}" for k, v in s["dtypes"].items() if k not in ("sample_ids", "lengths", "keep")))
+        shown = {k: v for k, v in s["dtypes"].items() if k not in ("sample_ids", "lengths", "keep")}
+        t.add_row("dtypes", ", ".join(f"{k}={v}" for k, v in shown.items()))
     if info["temporary_files"]:
         t.add_row("temporary files", f"{info['temporary_files']} left by interrupted writes (safe to delete)")
     return t

@@ -125,8 +125,9 @@ class TeacherCache:
         record = self.manifest.shards[s]
         digest = fmt.sha256_file(self.root / record.file)
         if digest != record.sha256:
-            raise DistilError(f"shard {record.file} of the teacher cache {self.root} is damaged (sha256 {digest[:16]}..., "
-                              f"expected {record.sha256[:16]}...); delete it and its .json record and resume the build")
+            raise DistilError(f"shard {record.file} of the teacher cache {self.root} is damaged (sha256 "
+                              f"{digest[:16]}..., expected {record.sha256[:16]}...); delete it and its .json record "
+                              "and resume the build")
         self._checked.add(s)
 
     def verify(self) -> None:
@@ -150,7 +151,10 @@ class TeacherCache:
             if want is None:
                 continue
             have = getattr(self.manifest, field)
-            same = (have is not None and math.isclose(have, want, rel_tol=1e-9)) if field == "temperature" else have == want
+            if field == "temperature":
+                same = have is not None and math.isclose(have, want, rel_tol=1e-9)
+            else:
+                same = have == want
             if not same:
                 shown = "(not recorded)" if have is None else repr(have)
                 problems.append(f"{field}: the cache has {shown}, this run has {want!r}")

@@ -176,9 +176,10 @@ def _divergence(kind: str, student_logits: torch.Tensor, target_ids: torch.Tenso
         raise DistilError(f"full target_logprobs {tuple(target_logprobs.shape)} need the student's shape "
                           f"{tuple(student_logits.shape)}")
     if kind != "forward" and target_ids is not None and tail_logmass is None:
-        raise DistilError(f"the sparse {kind} divergence needs tail_logmass (the teacher's mass outside the stored ids); "
-                          "build the cache in topk mode, which stores it, or use sparse_forward_kl")
-    z, t = _rows(student_logits, mask, target_ids=target_ids, target_logprobs=target_logprobs, tail_logmass=tail_logmass)
+        raise DistilError(f"the sparse {kind} divergence needs tail_logmass (the teacher's mass outside the stored "
+                          "ids); build the cache in topk mode, which stores it, or use sparse_forward_kl")
+    z, t = _rows(student_logits, mask, target_ids=target_ids, target_logprobs=target_logprobs,
+                 tail_logmass=tail_logmass)
     teacher, student, valid = _buckets(_soften(z, temperature), t["target_ids"], t["target_logprobs"],
                                        t["tail_logmass"])
     if kind == "forward":
