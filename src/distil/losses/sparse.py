@@ -37,7 +37,6 @@ import torch
 from distil.errors import DistilError
 
 __all__ = [
-    "LOG_PROB_FLOOR",
     "SPARSE_DIVERGENCES",
     "cached_divergence",
     "sampled_forward_kl",
@@ -46,7 +45,8 @@ __all__ = [
     "sparse_reverse_kl",
 ]
 
-LOG_PROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3, as in the dense divergences
+# The same floor as distil.losses.logits.LOG_PROB_FLOOR (defined here too so that this module stands alone).
+LOG_PROB_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3
 _EXACT_TAIL_BELOW = 1e-3  # student tail masses below this are summed exactly rather than taken as 1 - sum
 _REDUCTIONS = ("mean", "sum", "none")
 
