@@ -117,10 +117,6 @@ class ShardBuffer:
         return {name: np.concatenate(chunks) for name, chunks in self.parts.items()}
 
 
-def dtypes_of(arrays: dict[str, np.ndarray]) -> dict[str, str]:
-    return {name: str(a.dtype) for name, a in sorted(arrays.items())}
-
-
 # ------------------------------------------------------------------------------------------------ atomic writes
 def fsync_dir(path: Path) -> None:
     try:
