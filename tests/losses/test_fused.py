@@ -157,6 +157,18 @@ def test_bf16_inputs():
     torch.testing.assert_close(fgw.float(), pgw.float(), rtol=5e-2, atol=2e-3)
 
 
+def test_autocast_keeps_input_dtypes():
+    h_s, w_s, h_t, w_t = _heads(seed=9)
+    want = fused_linear_divergence(h_s, w_s, h_t, w_t, chunk_size=5)
+    hs = h_s.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_divergence(hs, w_s, h_t, w_t, chunk_size=5)
+        ce = fused_linear_cross_entropy(hs, w_s, torch.zeros(2, 13, dtype=torch.long), chunk_size=5)
+    (got + ce).backward()
+    torch.testing.assert_close(got, want)
+    assert hs.grad.dtype == torch.float32 and torch.isfinite(hs.grad).all()
+
+
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
 def test_chunk_kernel_with_neg_inf_logits_matches_autograd(name, params):
     # Matmul logits are finite in practice; the kernel still follows the plain path's -inf rules exactly.
