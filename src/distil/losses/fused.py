@@ -4,8 +4,9 @@ For a 128k vocabulary and 4k tokens the fp32 logits of ONE model take 2 GiB, and
 tensors of that size alive at once (logits, softened logits, log-probabilities, their gradients). Here positions are
 processed ``chunk_size`` tokens at a time: the student's logits for the chunk, the teacher's under no-grad, the
 chunk's summed loss and, in the same pass, the gradient with respect to the chunk's logits, which is folded straight
-into the gradients of the student's hidden states and LM-head weight. Only those (hidden-sized) gradients are kept
-for backward, which merely scales them by the incoming gradient. Peak memory is a few ``chunk_size x vocab`` tensors.
+into the gradients of the student's hidden states and LM-head weight. Only those two gradients are kept for
+backward, which merely scales them by the incoming gradient. Peak memory: about six ``chunk_size x vocab`` tensors
+plus the weight gradient.
 
 The divergences are those of :mod:`distil.losses.logits` (same values, same conventions: no T**2 factor inside,
 mean over kept positions, teacher treated as a constant). ``torch.autograd.gradcheck`` passes; double backward is not
@@ -41,7 +42,8 @@ __all__ = ["DEFAULT_CHUNK_ELEMENTS", "fused_linear_cross_entropy", "fused_linear
 # 1,024 at 32k. Larger chunks run the matmuls a little faster and cost memory (benchmarks/fused_memory.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
 
-# A chunk step: (student logits of the chunk, start, end, want gradient) -> (summed loss, d loss / d logits or None).
+# A chunk step: (student hidden rows of the chunk, start, end, want gradient) -> (summed loss, d loss / d logits or
+# None). It computes the chunk's logits itself, so that nothing outside it keeps them alive.
 _ChunkStep = Callable[[torch.Tensor, int, int, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
@@ -60,13 +62,13 @@ def _run_chunks(
     need_h, need_w = grads
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=hidden.device)
-    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None  # row-major
     # The weight gradient sums over every token: accumulate it in fp32 even for bf16 weights.
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         h = hidden[start:end]
-        loss, g = step(F.linear(h, weight), start, end, need_h or need_w)
+        loss, g = step(h, start, end, need_h or need_w)
         total += loss
         if g is None:
             continue
@@ -87,17 +89,32 @@ class _Fused(torch.autograd.Function):
             grad_h.mul_(scale)
         if grad_w is not None:
             grad_w = grad_w.mul_(scale).to(weight.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.grads = (grad_h, grad_w)  # intermediate results, not inputs or outputs: held on ctx directly
         return total * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        # A new tensor, not the saved one scaled in place: backward may run again (retain_graph, gradcheck).
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        grad_h, grad_w = ctx.grads
+        if _graph_is_kept():  # backward may run again (retain_graph=True, gradcheck): leave the stored grads intact
+            return _scaled(grad_h, grad_out), _scaled(grad_w, grad_out), None, None, None, None, None
+        # Last use: scale in place and hand the tensors over; autograd adopts them as .grad without a copy, which
+        # spares one weight-sized tensor at the peak.
+        ctx.grads = None
+        return _scaled(grad_h, grad_out, True), _scaled(grad_w, grad_out, True), None, None, None, None, None
+
+
+def _scaled(grad: torch.Tensor | None, by: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
+    if grad is None:
+        return None
+    by = by.to(grad.dtype)
+    return grad.mul_(by) if in_place else grad * by
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when torch cannot tell."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
 
 
 def _apply(hidden: torch.Tensor, weight: torch.Tensor, chunk: int, step: _ChunkStep, reduction: str) -> torch.Tensor:
@@ -211,11 +228,13 @@ def _floor_(lp: torch.Tensor) -> torch.Tensor | None:
     return where
 
 
-def _divergence_value_and_grad(kernel, params, s_logits, t_logits, temperature, want_grad):
-    """Summed divergence of a chunk and its gradient with respect to the student's logits (or None)."""
-    acc = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
-    lp_s = _log_probs(s_logits, temperature, acc)
-    lp_t = _log_probs(t_logits, temperature, acc)
+def _divergence_value_and_grad(kernel, params, logits: list[torch.Tensor], temperature, want_grad):
+    """Summed divergence of a chunk and its gradient with respect to the student's logits (or None).
+
+    ``logits`` is ``[student, teacher]``; the list is emptied so that the raw logits are freed once converted."""
+    acc = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
+    lp_t = _log_probs(logits.pop(), temperature, acc)
+    lp_s = _log_probs(logits.pop(), temperature, acc)
     excluded = _floor_(lp_s)  # student -inf logits: floored, and they get no gradient (as in the plain path)
     _floor_(lp_t)
     p_s, p_t = lp_s.exp(), lp_t.exp()
@@ -338,9 +357,10 @@ def fused_linear_divergence(
 
     kernel = _KERNELS[fn]
 
-    def step(s_logits: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        t_logits = F.linear(ht[start:end], wt)  # grad mode is off here (no_grad or inside _Fused.forward)
-        return _divergence_value_and_grad(kernel, divergence_params, s_logits, t_logits, temperature, want_grad)
+    def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Grad mode is off here (no_grad or inside _Fused.forward): these matmuls build no graph.
+        logits = [F.linear(h, ws), F.linear(ht[start:end], wt)]
+        return _divergence_value_and_grad(kernel, divergence_params, logits, temperature, want_grad)
 
     return _apply(hs, ws, _chunk_tokens(chunk_size, vocab_size), step, reduction)
 
@@ -379,8 +399,8 @@ def fused_linear_cross_entropy(
         )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
-    def step(logits: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = logits.to(acc)
+    def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = F.linear(h, weight).to(acc)
         y = targets[start:end].unsqueeze(-1)
         lse = z.logsumexp(-1, keepdim=True)
         loss = (lse - z.gather(-1, y)).sum()
