@@ -11,7 +11,8 @@ its gradient with respect to the student's hidden states and LM-head weight:
 Each case runs in a fresh process. Method (CPU): after the inputs exist and a tiny warm-up call has loaded the
 kernels, the process resets its kernel peak-RSS counter (``echo 5 > /proc/self/clear_refs``), records VmRSS, runs
 forward + backward ``--repeats`` times, and reports ``VmHWM - VmRSS`` (the peak resident memory added by the loss
-computation, including the gradients it produces) and the fastest forward + backward wall time. Each case process
+computation, including the gradients it produces), the fastest forward + backward wall time and the CPU time of the
+process over that run (all threads; steadier than wall time on a shared machine). Each case process
 runs under an address-space limit (``--limit-gib``) so that a case too large for the machine fails with "OOM"
 instead of disturbing others.
 
@@ -73,7 +74,7 @@ def _case(args: argparse.Namespace) -> dict:
                 t_logits = ht @ wt.T
             return fn(s_logits, t_logits, temperature=args.temperature, **params)
     else:
-        from trl import GKDTrainer
+        from trl.experimental.gkd import GKDTrainer
 
         if args.divergence not in ("jsd", "generalized_jsd"):
             raise SystemExit("the trl path computes the generalized JSD only")
@@ -82,8 +83,10 @@ def _case(args: argparse.Namespace) -> dict:
             s_logits = hs @ ws.T
             with torch.no_grad():
                 t_logits = ht @ wt.T
+            # With labels (as GKDTrainer.compute_loss passes them) "batchmean" is the mean over tokens, like ours.
+            labels = torch.zeros(1, s_logits.shape[0], dtype=torch.long)
             return GKDTrainer.generalized_jsd_loss(
-                s_logits[None], t_logits[None], beta=args.beta, temperature=args.temperature
+                s_logits[None], t_logits[None], labels=labels, beta=args.beta, temperature=args.temperature
             )
 
     # Warm-up on a slice: loads kernels and allocator pools without touching the full-size memory.
@@ -93,19 +96,21 @@ def _case(args: argparse.Namespace) -> dict:
 
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
-    times, value = [], None
+    times, cpu_times, value = [], [], None
     for _ in range(args.repeats):
         hs.grad = ws.grad = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = loss_fn(hs, ws, ht, wt)
         loss.backward()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         value = float(loss.detach())
         del loss
     peak = _status_kib("VmHWM")
     return {
         "peak_mib": (peak - base) / 1024,
         "time_s": min(times),
+        "cpu_s": min(cpu_times),
         "loss": value,
         "grad_w_norm": float(ws.grad.norm()),
         "threads": torch.get_num_threads(),
@@ -170,6 +175,7 @@ def main() -> None:
         python = args.trl_python if path == "trl" else sys.executable
         result = _run_case(python, case, args.limit_gib, args.timeout)
         result["date"] = time.strftime("%Y-%m-%d %H:%M")
+        result["load_avg_1min"] = round(os.getloadavg()[0], 2)  # the machine is shared: context for the times
         line = json.dumps(result)
         print(line, flush=True)
         if args.out:
