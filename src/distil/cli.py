@@ -114,6 +114,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_build(args: argparse.Namespace) -> int:
+    """Run a recipe's teacher once over its data into `teacher.cache.path` (or part i of n with --shard i/n)."""
+    from distil.config.load import load_recipe
+    from distil.data.text import load_corpus
+    from distil.models import hf
+    from distil.pipelines import cached, lm
+    from distil.pipelines.classification import pick_device
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.teacher.cache is None:
+        raise DistilError(f"recipe {recipe.name} has no teacher.cache section; add teacher.cache.path=DIR")
+    try:
+        part, parts = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise DistilError(f"--shard must be i/n, e.g. 0/2; got {args.shard}") from None
+    found = lm.problems(recipe)
+    if found:
+        raise ConfigError(found)
+    hf.quiet_transformers()
+    device = pick_device(recipe.train.device)
+    teacher = lm._as_teacher(lm._load_teacher(recipe, device), recipe, device)
+    source = recipe.teacher.model.source  # type: ignore[union-attr]
+    tokenizer = hf.load_tokenizer(source)
+    corpus = load_corpus(recipe.data, tokenizer)
+    result = cached.build_for_recipe(recipe, teacher, tokenizer, corpus, shard=(part, parts),
+                                     show_progress=not args.quiet)
+    cached.describe(result, Console())
+    if result.complete and not (Path(recipe.teacher.cache.path) / cached.TEACHER_EVAL).exists():
+        row, _ = lm._measure(teacher, hf.resolve_model_path(source), corpus.eval, teacher.config.vocab_size, None,
+                             tokenizer)
+        cached.write_teacher_eval(Path(recipe.teacher.cache.path), row)
+    return 0
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from distil.cache import cache_info, render_cache_info
+
+    Console().print(render_cache_info(cache_info(args.path)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distil", description="Knowledge distillation: teacher -> student.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("cache", help="offline teacher caches: build once, train many students")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    c = cache_sub.add_parser("build", help="run a recipe's teacher over its data into teacher.cache.path")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.add_argument("--shard", default="0/1", help="i/n: compute part i of n (one process per part)")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_cache_build)
+    c = cache_sub.add_parser("info", help="size, bytes per token, teacher, coverage and settings of a cache")
+    c.add_argument("path")
+    c.set_defaults(func=cmd_cache_info)
+
     p = sub.add_parser("resume", help="continue an interrupted run")
     p.add_argument("run_dir")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -175,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (`distil run -q recipe a=1`): collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
     flags = [e for e in extra if e.startswith("-")]
-    if flags or (extra and args.command not in ("run", "validate", "generate")):
+    if flags or (extra and args.command not in ("run", "validate", "generate", "cache")):
         parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
     if extra:
         target = "items" if args.command == "run" else "overrides"
+        if not hasattr(args, target):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, getattr(args, target) + extra)
     err = Console(stderr=True, highlight=False)
     try:
