@@ -25,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -97,15 +98,29 @@ def _case(args: argparse.Namespace) -> dict:
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
     times, cpu_times, value = [], [], None
-    for _ in range(args.repeats):
-        hs.grad = ws.grad = None
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = loss_fn(hs, ws, ht, wt)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-        value = float(loss.detach())
-        del loss
+    try:
+        for _ in range(args.repeats):
+            hs.grad = ws.grad = None
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = loss_fn(hs, ws, ht, wt)
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+            value = float(loss.detach())
+            del loss
+    except (RuntimeError, MemoryError) as e:
+        # Out of the address-space limit: the case needed at least what it held then plus the allocation refused.
+        # (Read while the traceback still holds the frames' tensors.)
+        held = (_status_kib("VmRSS") - base) / 1024
+        before = (_status_kib("VmHWM") - base) / 1024
+        match = re.search(r"allocate (\d+) bytes", str(e))
+        if match is None:
+            raise
+        return {
+            "error": "OOM",
+            "needs_more_than_mib": max(before, held + int(match.group(1)) / 2**20),
+            "peak_mib_before_oom": before,
+        }
     peak = _status_kib("VmHWM")
     return {
         "peak_mib": (peak - base) / 1024,
@@ -131,9 +146,38 @@ def _run_case(python: str, case: dict, limit_gib: float, timeout: float) -> dict
         return {**case, "error": f"timeout > {timeout:.0f} s"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        oom = "can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr
-        return {**case, "error": f"OOM (> {limit_gib:g} GiB address space)" if oom else tail[0]}
-    return {**case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        return {**case, "error": tail[0]}
+    result = {**case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    if result.get("error") == "OOM":
+        result["error"] = f"OOM under a {limit_gib:g} GiB address-space limit"
+    return result
+
+
+def _table(path: str) -> str:
+    """A markdown table from the JSON lines (the last row of each case wins), with ratios to the fused path."""
+    rows: dict[tuple, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        rows[(r["vocab"], r["tokens"], r["path"])] = r
+    out = [
+        "| vocab | tokens | path | peak MiB | fused uses | wall s | CPU s | loss |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for (vocab, tokens, path), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], "fpt".index(kv[0][2][0]))):
+        fused = rows.get((vocab, tokens, "fused"), {}).get("peak_mib")
+        if "peak_mib" in r:
+            peak = f"{r['peak_mib']:,.0f}"
+            ratio = "" if path == "fused" or not fused else f"{r['peak_mib'] / fused:.1f}x less"
+            wall, cpu, loss = f"{r['time_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['loss']:.6f}"
+        elif "needs_more_than_mib" in r:
+            bound = max(r["needs_more_than_mib"], r.get("peak_mib_before_oom", 0.0))
+            peak = f"OOM: > {bound:,.0f}"
+            ratio = "" if not fused else f"> {bound / fused:.1f}x less"
+            wall = cpu = loss = "-"
+        else:
+            peak, ratio, wall, cpu, loss = r.get("error", "?"), "", "-", "-", "-"
+        out.append(f"| {vocab:,} | {tokens:,} | {path} | {peak} | {ratio} | {wall} | {cpu} | {loss} |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -155,8 +199,12 @@ def main() -> None:
     ap.add_argument("--limit-gib", type=float, default=18.0)
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
+    ap.add_argument("--table", default=None, help="print the markdown table of a results file and exit")
     args = ap.parse_args()
 
+    if args.table:
+        print(_table(args.table))
+        return
     if args.case:
         print(json.dumps(_case(args)))
         return

@@ -215,7 +215,8 @@ def test_tiny_llama_hidden_states_and_head():
     plain = DIVERGENCES["jsd"](student(input_ids=ids).logits[:, :-1], t_logits, beta=0.5, mask=mask)
     torch.testing.assert_close(fused, plain)
     ce = fused_linear_cross_entropy(s_hidden, student.lm_head.weight, labels[:, 1:], chunk_size=6)
-    torch.testing.assert_close(ce, F.cross_entropy(student(input_ids=ids).logits[:, :-1].transpose(1, 2), labels[:, 1:]))
+    logits = student(input_ids=ids).logits[:, :-1]
+    torch.testing.assert_close(ce, F.cross_entropy(logits.transpose(1, 2), labels[:, 1:]))
 
 
 # ------------------------------------------------------------------------------------------- cross-entropy
