@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from distil.errors import DistilError
 class MLP(nn.Sequential):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_sizes: list[int], dropout: float = 0.0):
         layers: list[nn.Module] = [nn.Flatten()]
-        width = int(torch.tensor(input_shape).prod())
+        width = math.prod(input_shape)  # math, not torch: also works under `with torch.device("meta")`
         for hidden in hidden_sizes:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
             if dropout:
