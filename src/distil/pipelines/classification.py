@@ -87,7 +87,8 @@ def _is_model_folder(folder: Path) -> bool:
 def save_model_folder(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
     """Write weights + config (+ training info) to a temporary folder, then move it into place."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
     tmp.mkdir(parents=True)
     save_tensors(tmp / "model.safetensors", model.state_dict())
     write_json(tmp / "config.json", config)
