@@ -222,8 +222,10 @@ def _call(args: argparse.Namespace, err: Console) -> int:
         err.print(f"stopped at step {exc.step} of '{exc.stage}'{saved}. Continue with: distil resume {run_dir}",
                   soft_wrap=True, markup=False)
         return 0
-    except KeyboardInterrupt:
-        err.print("interrupted; the last saved checkpoint is intact (distil resume RUN_DIR continues from it)")
+    except KeyboardInterrupt as exc:
+        run_dir = getattr(exc, "run_dir", None) or "RUN_DIR"
+        err.print(f"interrupted; the last saved checkpoint is intact (distil resume {run_dir} continues from it)",
+                  soft_wrap=True, markup=False)
         return 130
     except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError and CPU allocator failures are RuntimeErrors
         message = out_of_memory_message(exc)

@@ -68,6 +68,6 @@ def _run(recipe: Recipe, run_dir: Path, show_progress: bool, console: Console | 
     with stop_signals():
         try:
             return PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
-        except StopRequested as exc:
-            exc.run_dir = run_dir
+        except (StopRequested, KeyboardInterrupt) as exc:  # the CLI's message says which folder to resume
+            exc.run_dir = run_dir  # type: ignore[union-attr]
             raise
