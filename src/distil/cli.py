@@ -46,11 +46,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     found = check(recipe)
     if found:
         raise ConfigError(found)
-    Console().print(recipe_to_yaml(recipe), markup=False, highlight=False)
+    Console().print(recipe_to_yaml(recipe), markup=False, highlight=False, soft_wrap=True)  # no wrapping: valid YAML
     from distil.estimate import ESTIMATORS, estimate_memory
 
     if recipe.task in ESTIMATORS:  # as YAML comments: the output stays a valid recipe
-        Console().print(estimate_memory(recipe).format(prefix="# "), markup=False, highlight=False)
+        Console().print(estimate_memory(recipe).format(prefix="# "), markup=False, highlight=False, soft_wrap=True)
     Console(stderr=True).print("[green]recipe is valid[/green]")
     return 0
 
@@ -60,7 +60,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from distil.estimate import estimate_memory
 
     recipe = load_recipe(args.recipe, args.overrides)
-    Console().print(estimate_memory(recipe).format(), markup=False, highlight=False)
+    Console().print(estimate_memory(recipe).format(), markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

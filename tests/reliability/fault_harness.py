@@ -10,6 +10,8 @@ checkpoint tensor or JSON write, fsync, rename, folder removal) and the start of
 what to do just before event number N: `kill_at` (a real SIGKILL sent by the process to itself: no handler, no
 `finally`, no flush runs) or `pause_at` (write a marker file, then wait until a release file appears, so a test can
 send signals from outside while the run is at a known point). `record` writes the list of events when the run ends.
+`address_space_mb` caps the child's address space that far above what it maps at start, so a large allocation fails
+for real (RLIMIT_AS: refused up front, never touching the machine's memory).
 
 `python -m distil` subprocesses get the same injection through tests/reliability/inject/sitecustomize.py when
 DISTIL_TEST_FAULTS holds a JSON plan.
@@ -137,6 +139,10 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     os.dup2(fd, 2)
     torch.set_num_threads(1)
     injector = install(plan)
+    if plan.get("address_space_mb"):  # a real allocation failure: allow only this much beyond what is mapped now
+        mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:")))
+        limit = mapped * 1024 + plan["address_space_mb"] * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     code = distil.cli.main(argv)
     Path(result).write_text(json.dumps({
         "events": injector.events, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

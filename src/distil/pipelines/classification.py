@@ -64,9 +64,11 @@ def preflight(recipe: Recipe, data: ClassificationData) -> None:
         if available < spec.batch_size:
             raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {available} training examples; "
                               f"lower {name}.batch_size or raise {name}.subset")
-    student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
-    teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
-    check_pair(student, Teacher(teacher), (data.train_x[:2],))
+    # On the meta device: shapes are checked without allocating (or initialising) any weight.
+    with torch.device("meta"):
+        student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
+        teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
+    check_pair(student, Teacher(teacher), (data.train_x[:2].to("meta"),))
 
 
 def teacher_folder(recipe: Recipe) -> Path:
