@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import pytest
 
-from reliability_runs import CASES, KILLS, Run, reference_run
+from reliability_runs import CASES, COUNTS, Run, reference_run
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +27,8 @@ def reference(make_reference: Callable[[str], Run]) -> Run:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if KILLS["scenarios"]:
-        terminalreporter.write_line(f"reliability: {KILLS['delivered']} SIGKILLs delivered over "
-                                    f"{KILLS['scenarios']} kill scenarios, every one resumed to a bitwise-equal run")
+    if COUNTS["scenarios"]:
+        terminalreporter.write_line(f"reliability: {COUNTS['delivered']} SIGKILLs delivered over "
+                                    f"{COUNTS['scenarios']} passing kill scenarios, each resumed to a bitwise-equal run")
+    if COUNTS["fuzzed"]:
+        terminalreporter.write_line(f"reliability: {COUNTS['fuzzed']} malformed recipe inputs fuzzed through the CLI")

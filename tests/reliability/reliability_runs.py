@@ -39,8 +39,9 @@ CASES = {
     ),
 }
 
-# SIGKILLs the kill test delivered, reported at the end of the session (tests/reliability/conftest.py).
-KILLS: dict[str, int] = {"delivered": 0, "scenarios": 0}
+# Reported at the end of the session (tests/reliability/conftest.py): SIGKILLs the kill test delivered in scenarios
+# that then passed, and inputs the recipe fuzzer tried.
+COUNTS: dict[str, int] = {"delivered": 0, "scenarios": 0, "fuzzed": 0}
 
 
 @dataclass

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 
 import fault_harness
-from reliability_runs import CASES, KILLS, Run, assert_equals_reference
+from reliability_runs import CASES, COUNTS, Run, assert_equals_reference
 
 SEED = 6  # the number: any fixed seed makes the drawn kill points reproducible
 
@@ -93,5 +93,5 @@ def test_killed_run_resumes_bitwise_equal(case: str, scenario: str, make_referen
     assert code == 0, child.output()
     assert "Traceback" not in child.output()
     assert_equals_reference(reference, run)
-    KILLS["delivered"] += delivered
-    KILLS["scenarios"] += 1
+    COUNTS["delivered"] += delivered
+    COUNTS["scenarios"] += 1
