@@ -8,13 +8,16 @@ resident while it trains, and the run's estimate is its largest stage:
 - gradients (one per trainable parameter) and optimizer state (AdamW: two fp32 tensors per parameter; SGD with
   momentum: one);
 - activations saved for the backward pass, measured exactly by running the real objective on the `meta` device (no
-  memory is allocated) with `torch.autograd.graph.saved_tensors_hooks`, and the loss's own buffers (logits,
-  softmaxes at temperature T) the same way;
-- evaluation buffers and optimizer-step workspace, when larger than the training activations;
+  memory is allocated) with `torch.autograd.graph.saved_tensors_hooks`, the loss's own buffers (logits, softmaxes
+  at temperature T) the same way, and the gradients flowing back through the widest layer;
+- the larger of the optimizer step's temporaries and the evaluation buffers. These come after the backward pass
+  but do not get its memory back (the allocator keeps it), so they are added to it;
 - the dataset held in host memory.
 
-The numbers are what the tensors need. The interpreter, torch's libraries and the allocator's slack come on top;
-tests/reliability/test_estimate.py measures a run's peak RSS against the estimate (method in its docstring).
+The numbers are what the tensors need. The interpreter and torch's libraries come on top, and so does allocator
+fragmentation: runs whose activations are many mid-sized tensors (CNNs at large batch) measured up to ~1.4x the
+estimate in peak RSS with glibc's default malloc. tests/reliability/test_estimate.py measures runs' peak RSS against
+the estimate (method in its docstring).
 
 Extension point: each task registers `ESTIMATORS[task] = fn`, `fn(recipe) -> MemoryEstimate`. A task without one
 gets no estimate and no memory pre-flight check. For `causal_lm` the estimator should build teacher and student from
@@ -110,6 +113,11 @@ def parameter_bytes(model: nn.Module, *, trainable: bool | None = None) -> int:
 def saved_tensor_bytes(fn: Callable[[], object], exclude: list[torch.Tensor] | tuple = ()) -> int:
     """Bytes autograd keeps for the backward pass while `fn()` runs (run it on the meta device: nothing is
     allocated). Tensors sharing a storage count once; `exclude` (the parameters) counts zero."""
+    return trace_saved(fn, exclude)[0]
+
+
+def trace_saved(fn: Callable[[], object], exclude: list[torch.Tensor] | tuple = ()) -> tuple[int, int]:
+    """(total, largest) bytes of the storages autograd saves for backward while `fn()` runs; see saved_tensor_bytes."""
     skip = {t.untyped_storage()._cdata for t in exclude}
     storages: dict[int, int] = {}
     keep: list[torch.Tensor] = []  # hold every saved tensor so no storage id is reused while tracing
@@ -123,7 +131,7 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: list[torch.Tensor] | t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(storages.values())
+    return sum(storages.values()), max(storages.values(), default=0)
 
 
 def largest_inference_pair(model: nn.Module, example: torch.Tensor) -> int:
@@ -154,6 +162,13 @@ def optimizer_bytes(spec: TrainSpec, trainable: int) -> tuple[int, str]:
         return trainable, "sgd: momentum buffer"
     return 0, "sgd without momentum"
 
+
+def optimizer_step_bytes(spec: TrainSpec, trainable: int, largest: int, cuda: bool) -> int:
+    """Temporaries of one optimizer step. torch's AdamW on CPU goes parameter by parameter and holds sqrt(v) and
+    sqrt(v) / bias_correction of one parameter at once; on GPU its foreach path holds sqrt(v) of all of them."""
+    if spec.optimizer == "adamw":
+        return trainable if cuda else 2 * largest
+    return largest if spec.weight_decay > 0 else 0  # SGD: grad + weight_decay * param
 
 # ------------------------------------------------------------------------------------------------- classification
 # (input shape, classes, train examples, test examples) of the built-in datasets, known without loading them.
@@ -190,7 +205,7 @@ def estimate_classification(recipe: Recipe) -> MemoryEstimate:
         try:
             x = torch.empty((spec.batch_size, *shape), device=meta)
             y = torch.empty((spec.batch_size,), dtype=torch.long, device=meta)
-            activations = saved_tensor_bytes(lambda: model(x), exclude=params)
+            activations, widest = trace_saved(lambda: model(x), exclude=params)
             objective = ClassifierObjective(model, frozen if distil else None, recipe.loss, meta)
             try:
                 with_loss = saved_tensor_bytes(lambda: objective.loss((x, y)), exclude=params)
@@ -213,12 +228,21 @@ def estimate_classification(recipe: Recipe) -> MemoryEstimate:
             MemoryItem("gradients", trainable),
             MemoryItem("optimizer state", opt, opt_detail),
         ]
-        # Training activations and evaluation buffers are never alive at once: count the larger.
-        if with_loss >= evaluation:
-            items.append(MemoryItem("activations", activations, f"saved for backward, batch {spec.batch_size}"))
-            items.append(MemoryItem("logits and loss buffers", max(0, with_loss - activations)))
+        # The backward pass holds the saved activations plus the gradient in and out of the widest layer. The
+        # optimizer step and evaluations come after it, but do not get its memory back: the allocator keeps what
+        # backward freed (glibc keeps blocks under 32 MB in its heap; CUDA's caching allocator keeps them reserved)
+        # while their larger buffers are new. So they add to it; they never overlap each other: count the larger.
+        items += [
+            MemoryItem("activations", activations, f"saved for backward, batch {spec.batch_size}"),
+            MemoryItem("logits and loss buffers", max(0, with_loss - activations)),
+            MemoryItem("backward workspace", 2 * widest, "gradients through the widest layer"),
+        ]
+        largest_param = max((p.numel() * p.element_size() for p in params if p.requires_grad), default=0)
+        step = optimizer_step_bytes(spec, trainable, largest_param, cuda)
+        if step >= evaluation:
+            items.append(MemoryItem("optimizer step workspace", step, f"{spec.optimizer} temporaries"))
         else:
-            items.append(MemoryItem("evaluation buffers", evaluation, f"batch {EVAL_BATCH}"))
+            items.append(MemoryItem("evaluation buffers", evaluation, f"inference at batch {EVAL_BATCH}"))
         if cuda:  # checkpoints are staged in host memory: first the weights, then the optimizer state
             items.append(MemoryItem("checkpoint staging", max(parameter_bytes(model), opt), "host copy", host=True))
         return StageEstimate(name, items)

@@ -30,5 +30,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if COUNTS["scenarios"]:
         terminalreporter.write_line(f"reliability: {COUNTS['delivered']} SIGKILLs delivered over "
                                     f"{COUNTS['scenarios']} passing kill scenarios, each resumed to a bitwise-equal run")
+    for line in COUNTS.get("estimates", []):
+        terminalreporter.write_line(f"reliability: memory {line}")
     if COUNTS["fuzzed"]:
         terminalreporter.write_line(f"reliability: {COUNTS['fuzzed']} malformed recipe inputs fuzzed through the CLI")

@@ -41,7 +41,7 @@ CASES = {
 
 # Reported at the end of the session (tests/reliability/conftest.py): SIGKILLs the kill test delivered in scenarios
 # that then passed, and inputs the recipe fuzzer tried.
-COUNTS: dict[str, int] = {"delivered": 0, "scenarios": 0, "fuzzed": 0}
+COUNTS: dict = {"delivered": 0, "scenarios": 0, "fuzzed": 0, "estimates": []}
 
 
 @dataclass
