@@ -9,13 +9,13 @@ resident while it trains, and the run's estimate is its largest stage:
   momentum: one);
 - activations saved for the backward pass, measured exactly by running the real objective on the `meta` device (no
   memory is allocated) with `torch.autograd.graph.saved_tensors_hooks`, the loss's own buffers (logits, softmaxes
-  at temperature T) the same way, and the gradients flowing back through the widest layer;
+  at temperature T) the same way, and the gradients flowing back through the widest layer (three of its tensors);
 - the larger of the optimizer step's temporaries and the evaluation buffers. These come after the backward pass
   but do not get its memory back (the allocator keeps it), so they are added to it;
 - the dataset held in host memory.
 
 The numbers are what the tensors need. The interpreter and torch's libraries come on top, and so does allocator
-fragmentation: runs whose activations are many mid-sized tensors (CNNs at large batch) measured up to ~1.4x the
+fragmentation: runs whose activations are many mid-sized tensors (CNNs at large batch) measured up to ~1.25x the
 estimate in peak RSS with glibc's default malloc. tests/reliability/test_estimate.py measures runs' peak RSS against
 the estimate (method in its docstring).
 
@@ -228,14 +228,15 @@ def estimate_classification(recipe: Recipe) -> MemoryEstimate:
             MemoryItem("gradients", trainable),
             MemoryItem("optimizer state", opt, opt_detail),
         ]
-        # The backward pass holds the saved activations plus the gradient in and out of the widest layer. The
+        # The backward pass holds the saved activations plus, at the widest layer, the gradient coming in, the one
+        # going out and the temporary of its activation function's backward (three tensors of its size). The
         # optimizer step and evaluations come after it, but do not get its memory back: the allocator keeps what
         # backward freed (glibc keeps blocks under 32 MB in its heap; CUDA's caching allocator keeps them reserved)
         # while their larger buffers are new. So they add to it; they never overlap each other: count the larger.
         items += [
             MemoryItem("activations", activations, f"saved for backward, batch {spec.batch_size}"),
             MemoryItem("logits and loss buffers", max(0, with_loss - activations)),
-            MemoryItem("backward workspace", 2 * widest, "gradients through the widest layer"),
+            MemoryItem("backward workspace", 3 * widest, "gradients through the widest layer"),
         ]
         largest_param = max((p.numel() * p.element_size() for p in params if p.requires_grad), default=0)
         step = optimizer_step_bytes(spec, trainable, largest_param, cuda)

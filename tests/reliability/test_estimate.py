@@ -34,6 +34,10 @@ MEASURED = {
     "weights and activations": ["teacher.model={arch: mlp, hidden_sizes: [2048, 2048]}",
                                 "teacher.train.batch_size=1024", "teacher.train.subset=null",
                                 "student.model.hidden_sizes=[1024]"],
+    # a CNN at a large batch: activations (many mid-sized tensors) dominate
+    "convolution activations": ["teacher.model={arch: cnn, channels: [128, 128], hidden_size: 1024}",
+                                "teacher.train.batch_size=512", "teacher.train.subset=null",
+                                "student.model.hidden_sizes=[1024]"],
 }
 
 
