@@ -15,8 +15,8 @@ resident while it trains, and the run's estimate is its largest stage:
 - the dataset held in host memory.
 
 The numbers are what the tensors need. The interpreter and torch's libraries come on top, and so does allocator
-fragmentation: runs whose activations are many mid-sized tensors (CNNs at large batch) measured up to ~1.25x the
-estimate in peak RSS with glibc's default malloc. tests/reliability/test_estimate.py measures runs' peak RSS against
+fragmentation: runs whose activations are many mid-sized tensors (CNNs at large batch) measured 1.0-1.35x the
+estimate in peak RSS with glibc's default malloc, varying from run to run. tests/reliability/test_estimate.py measures runs' peak RSS against
 the estimate (method in its docstring).
 
 Extension point: each task registers `ESTIMATORS[task] = fn`, `fn(recipe) -> MemoryEstimate`. A task without one
