@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -45,8 +46,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     found = check(recipe)
     if found:
         raise ConfigError(found)
-    Console().print(recipe_to_yaml(recipe), markup=False, highlight=False)
+    Console().print(recipe_to_yaml(recipe), markup=False, highlight=False, soft_wrap=True)  # no wrapping: valid YAML
+    from distil.estimate import ESTIMATORS, estimate_memory
+
+    if recipe.task in ESTIMATORS:  # as YAML comments: the output stays a valid recipe
+        Console().print(estimate_memory(recipe).format(prefix="# "), markup=False, highlight=False, soft_wrap=True)
     Console(stderr=True).print("[green]recipe is valid[/green]")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from distil.config.load import load_recipe
+    from distil.estimate import estimate_memory
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    Console().print(estimate_memory(recipe).format(), markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -169,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("estimate", help="estimate a recipe's peak memory (weights, gradients, optimizer, activations)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_estimate)
+
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=cmd_recipes)
 
@@ -215,20 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(console: Console, message: str) -> None:
+def _error(console: Console, message: str, kind: str = "error") -> None:
     # markup=False: messages quote user values such as [0, 2], which rich would read as markup.
-    console.print("[red]error:[/red] ", end="")
+    console.print(f"[{'red' if kind == 'error' else 'yellow'}]{kind}:[/] ", end="")
     console.print(message, markup=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distil.train.signals import StopRequested
-
     parser = build_parser()
     # Overrides may come after options (`distil run -q recipe a=1`): collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
     flags = [e for e in extra if e.startswith("-")]
-    if flags or (extra and args.command not in ("run", "validate", "generate", "cache")):
+    if flags or (extra and args.command not in ("run", "validate", "generate", "estimate", "cache")):
         parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
     if extra:
         target = "items" if args.command == "run" else "overrides"
@@ -236,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, getattr(args, target) + extra)
     err = Console(stderr=True, highlight=False)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: _error(err, str(message), "warning")
+        return _call(args, err)
+
+
+def _call(args: argparse.Namespace, err: Console) -> int:
+    from distil.guards import os_error_message, out_of_memory_message
+    from distil.train.signals import StopRequested
+
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -246,13 +272,25 @@ def main(argv: list[str] | None = None) -> int:
         _error(err, str(exc))
         return EXIT_USAGE
     except StopRequested as exc:
-        run_dir = exc.checkpoint.parents[2] if exc.checkpoint else "RUN_DIR"
-        err.print(f"stopped at step {exc.step} of '{exc.stage}'; checkpoint saved. Continue with: "
-                  f"distil resume {run_dir}", soft_wrap=True)
+        run_dir = exc.run_dir or (exc.checkpoint.parents[2] if exc.checkpoint else "RUN_DIR")
+        saved = "; checkpoint saved" if exc.checkpoint else ""
+        err.print(f"stopped at step {exc.step} of '{exc.stage}'{saved}. Continue with: distil resume {run_dir}",
+                  soft_wrap=True, markup=False)
         return 0
-    except KeyboardInterrupt:
-        err.print("interrupted; the last saved checkpoint is intact (distil resume RUN_DIR continues from it)")
+    except KeyboardInterrupt as exc:
+        run_dir = getattr(exc, "run_dir", None) or "RUN_DIR"
+        err.print(f"interrupted; the last saved checkpoint is intact (distil resume {run_dir} continues from it)",
+                  soft_wrap=True, markup=False)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError and CPU allocator failures are RuntimeErrors
+        message = out_of_memory_message(exc)
+        if message is None:
+            raise
+        _error(err, message)
+        return EXIT_USAGE
+    except OSError as exc:  # disk full, permissions, a path that vanished: the environment, not the recipe
+        _error(err, os_error_message(exc))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +64,11 @@ def preflight(recipe: Recipe, data: ClassificationData) -> None:
         if available < spec.batch_size:
             raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {available} training examples; "
                               f"lower {name}.batch_size or raise {name}.subset")
-    student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
-    teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
-    check_pair(student, Teacher(teacher), (data.train_x[:2],))
+    # On the meta device: shapes are checked without allocating (or initialising) any weight.
+    with torch.device("meta"):
+        student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
+        teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
+    check_pair(student, Teacher(teacher), (data.train_x[:2].to("meta"),))
 
 
 def teacher_folder(recipe: Recipe) -> Path:
@@ -88,7 +89,8 @@ def _is_model_folder(folder: Path) -> bool:
 def save_model_folder(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
     """Write weights + config (+ training info) to a temporary folder, then move it into place."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
     tmp.mkdir(parents=True)
     save_tensors(tmp / "model.safetensors", model.state_dict())
     write_json(tmp / "config.json", config)
@@ -105,23 +107,18 @@ def _train_classifier(
     name: str, model: nn.Module, teacher: Teacher | None, loss: LossSpec, spec: TrainSpec, data: ClassificationData,
     recipe: Recipe, run_dir: Path, metrics: MetricsLog, device: torch.device, show_progress: bool,
 ) -> float:
-    """Train one arm (or the teacher) and return the seconds spent, including any earlier interrupted part."""
+    """Train one arm (or the teacher); returns the seconds its training took, summed over resumed runs (the work a
+    killed run did after its last checkpoint is redone and counted once)."""
     indices = subset_indices(len(data.train_y), spec.subset, recipe.seed)
     x, y = data.train_x[indices], data.train_y[indices]
     stream = BatchStream(len(y), spec.batch_size, lambda i: (x[i], y[i]), seed=recipe.seed)
     test_x, test_y = _eval_split(recipe, data)
     objective = ClassifierObjective(model, teacher, loss, device)
     stage = Stage(name, objective, stream, spec, run_dir / "checkpoints" / name, metrics, device,
-                  evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, device)})
-    timer_file = run_dir / "checkpoints" / name / "elapsed.json"
-    before = json.loads(timer_file.read_text())["seconds"] if timer_file.exists() else 0.0
-    start = time.perf_counter()
-    try:
-        train(stage, show_progress=show_progress)
-    finally:
-        timer_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(timer_file, {"seconds": before + time.perf_counter() - start})
-    return before + time.perf_counter() - start
+                  evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, device)},
+                  recipe=recipe.model_dump(mode="json"))
+    train(stage, show_progress=show_progress)
+    return stage.elapsed_s
 
 
 def _eval_split(recipe: Recipe, data: ClassificationData) -> tuple[torch.Tensor, torch.Tensor]:
