@@ -265,7 +265,16 @@ def _first_line(exc: Exception) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- dispatch
-ESTIMATORS: dict[str, Callable[[Recipe], MemoryEstimate]] = {"classification": estimate_classification}
+def _estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
+    from distil.estimate_lm import estimate_causal_lm  # imports transformers: only for LM recipes
+
+    return estimate_causal_lm(recipe)
+
+
+ESTIMATORS: dict[str, Callable[[Recipe], MemoryEstimate]] = {
+    "classification": estimate_classification,
+    "causal_lm": _estimate_causal_lm,
+}
 
 
 def estimate_memory(recipe: Recipe) -> MemoryEstimate:

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +84,10 @@ def deep_problems(recipe: Recipe) -> list[str]:
 
 
 def _check_context(recipe: Recipe, teacher_path: Path) -> None:
+    from distil.guards import check_sequence_length
+
     config = json.loads((teacher_path / "config.json").read_text())
-    limit = config.get("max_position_embeddings")
-    if limit and recipe.data.seq_len > limit:
-        raise DistilError(f"data.seq_len={recipe.data.seq_len} is longer than the teacher's context ({limit} tokens); "
-                          f"lower data.seq_len")
+    check_sequence_length(recipe.data.seq_len, {"teacher": config}, key="data.seq_len")
 
 
 def _check_sizes(recipe: Recipe, corpus: TextCorpus) -> None:
@@ -106,7 +104,8 @@ def _is_model_folder(folder: Path) -> bool:
 def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any] | None = None) -> None:
     """save_pretrained (weights + config) and the tokenizer into a temporary folder, then move it into place."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_json(tmp / "train.json", info or {})
@@ -168,18 +167,12 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Tea
     stream = BatchStream(size, recipe.train.batch_size, batches, seed=recipe.seed)
     quick_eval = eval_blocks[: max(1, min(len(eval_blocks), 8))]
     stage = Stage(arm, objective, stream, recipe.train, run_dir / "checkpoints" / arm, metrics, device,
-                  evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval, vocab_size=vocab)[0]})
-    timer = run_dir / "checkpoints" / arm / "elapsed.json"
-    before = json.loads(timer.read_text())["seconds"] if timer.exists() else 0.0
-    start = time.perf_counter()
-    try:
-        train(stage, show_progress=show_progress)
-    finally:
-        timer.parent.mkdir(parents=True, exist_ok=True)
-        write_json(timer, {"seconds": before + time.perf_counter() - start})
+                  evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval, vocab_size=vocab)[0]},
+                  recipe=recipe.model_dump(mode="json"))
+    train(stage, show_progress=show_progress)
     student.config.use_cache = True
     save_hf_folder(run_dir / ARM_FOLDERS[arm], student, tokenizer,
-                   {"train_time_s": before + time.perf_counter() - start, "steps": recipe.train.steps})
+                   {"train_time_s": stage.elapsed_s, "steps": recipe.train.steps})
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
