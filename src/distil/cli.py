@@ -169,6 +169,20 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from distil.reporting import build_report
+
+    Console().print(f"report: {build_report(Path(args.run_dir))}", highlight=False)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from distil.export import export_run
+
+    export_run(Path(args.run_dir), args.format, arm=args.arm, quantize=args.quantize, out=args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distil", description="Knowledge distillation: teacher -> student.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("report", help="(re)build RUN_DIR/report.html and its plots")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export a run's student for deployment (hf, onnx, safetensors)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=["hf", "onnx", "safetensors"])
+    p.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized copy (onnx only)")
+    p.add_argument("--arm", default="distilled", help="which model of the run (default: distilled)")
+    p.add_argument("-o", "--output", help="output folder (default: RUN_DIR/export/ARM-FORMAT)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -21,13 +21,16 @@ from distil.distill.pair import Teacher, check_pair
 from distil.errors import DistilError
 from distil.models.vision import build_classifier, classifier_config, load_classifier
 from distil.paths import cache_dir, replace_folder
-from distil.report import folder_size, measure_latency, parameter_count, print_summary, write_summary
+from distil.report import (folder_size, measure_latency, measure_peak_memory, measure_throughput, parameter_count,
+                           print_summary, write_summary)
+from distil.reporting import build_report
 from distil.train.checkpoint import save_tensors, write_json
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
 from distil.train.seed import seed_everything
 
 ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone"}
+THROUGHPUT_BATCH = 256  # the larger batch at which throughput and peak inference memory are measured
 
 
 def pick_device(name: str) -> torch.device:
@@ -141,6 +144,7 @@ def _measure(model: nn.Module, folder: Path, recipe: Recipe, data: Classificatio
     model.eval()
     test_x, test_y = _eval_split(recipe, data)
     example = test_x[:1].to(device)
+    batch = test_x[:THROUGHPUT_BATCH].to(device)
     info_file = folder / "train.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     return {
@@ -148,6 +152,9 @@ def _measure(model: nn.Module, folder: Path, recipe: Recipe, data: Classificatio
         "params": parameter_count(model),
         "size_bytes": folder_size(folder / "model.safetensors"),
         "latency_ms": measure_latency(lambda: model(example), runs=recipe.latency_runs),
+        f"samples_per_s_b{len(batch)}": measure_throughput(lambda: model(batch), len(batch), runs=recipe.latency_runs),
+        "peak_memory_bytes": measure_peak_memory(model, lambda: model(batch), device),
+        "peak_memory_batch": len(batch),
         "train_time_s": info.get("train_time_s"),
         "path": str(folder),
     }
@@ -201,4 +208,6 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
         "device": str(device), "torch_threads": torch.get_num_threads(),
     })
     print_summary(summary, console)
+    report = build_report(run_dir)
+    console.print(f"report: {report}")
     return summary
