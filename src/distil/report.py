@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +20,9 @@ from torch import nn
 
 from distil.paths import library_versions
 from distil.train.checkpoint import write_json
+
+
+_THROUGHPUT = re.compile(r"^(samples|tokens)_per_s_b(\d+)$")
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -146,37 +150,42 @@ def _fmt_bytes(n: int) -> str:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     if isinstance(value, int):
         return f"{value:,}"
     return "-" if value is None else str(value)
 
 
-# Optional per-arm measurements shown when present: (key, column title).
-_SPEED_COLUMNS = (("tokens_per_s_b1", "tok/s b1"), ("tokens_per_s_b8", "tok/s b8"))
-
-
 def summary_table(summary: dict[str, Any]) -> Table:
-    """One row per arm: its quality metrics, parameters, size on disk and speed."""
+    """One row per arm: its quality metrics, parameters, size on disk, speed and peak memory."""
     arms: dict[str, dict[str, Any]] = summary["arms"]
     metrics = summary.get("metrics") or []
-    speeds = [(k, title) for k, title in _SPEED_COLUMNS if any(k in v for v in arms.values())]
+    present = {k for values in arms.values() for k, v in values.items() if v is not None}
+    speeds = sorted((k for k in present if _THROUGHPUT.match(k)), key=lambda k: int(_THROUGHPUT.match(k)[2]))
+    # Generation speed at batch 1 already says what a batch-1 latency would (the LM pipeline derives one from it).
+    latency = "latency_ms" in present and "tokens_per_s_b1" not in present
     table = Table(title=f"{summary.get('recipe', 'run')}: teacher vs students")
     table.add_column("arm", style="bold", no_wrap=True)
     for name in metrics:
         table.add_column(name, justify="right")
     table.add_column("params", justify="right")
     table.add_column("size", justify="right")
-    if speeds:
-        for _, title in speeds:
-            table.add_column(title, justify="right")
-    else:
+    if latency:
         table.add_column("latency ms (b=1)", justify="right")
+    for key in speeds:
+        match = _THROUGHPUT.match(key)
+        table.add_column(f"{'tok' if match[1] == 'tokens' else match[1]}/s b{match[2]}", justify="right")
+    if "peak_memory_bytes" in present:
+        table.add_column("peak mem", justify="right")
     for arm, values in arms.items():
         row = [arm] + [_fmt(values.get(m)) for m in metrics]
         size = values.get("size_bytes")
         row += [_fmt(values.get("params")), _fmt_bytes(size) if size else "-"]
-        row += [_fmt(values.get(k)) for k, _ in speeds] if speeds else [_fmt(values.get("latency_ms"))]
+        row += [_fmt(values.get("latency_ms"))] if latency else []
+        row += [_fmt(values.get(k)) for k in speeds]
+        if "peak_memory_bytes" in present:
+            peak = values.get("peak_memory_bytes")
+            row.append(_fmt_bytes(peak) if peak else "-")
         table.add_row(*row)
     return table
 

@@ -1,0 +1,52 @@
+"""distil.report's measurements: throughput arithmetic, resident tensor bytes, peak inference memory on CPU."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from distil import report
+
+MB = 1 << 20
+
+
+def test_throughput_is_items_over_the_median_latency(monkeypatch):
+    # A fake clock that advances 4 ms between the two readings around each call: no real timing involved.
+    ticks = itertools.count()
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(ticks) * 0.002)
+    assert report.measure_latency(lambda: None, runs=5, warmup=1) == pytest.approx(2.0)
+    assert report.measure_throughput(lambda: None, items=64, runs=5) == pytest.approx(64 / 0.002)
+
+
+def test_tensor_bytes_counts_parameters_and_buffers_by_dtype():
+    model = nn.Sequential(nn.Linear(10, 20), nn.BatchNorm1d(20)).to(torch.float64)
+    # Linear 10*20 + 20; BatchNorm weight + bias + running mean + running var (float64) + num_batches_tracked (int64)
+    assert report.tensor_bytes(model) == (220 + 4 * 20) * 8 + 8
+
+
+needs_proc = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                                reason="peak RSS reset needs Linux's /proc/self/clear_refs")
+
+
+@needs_proc
+def test_peak_forward_memory_sees_a_forward_pass_allocations_on_cpu():
+    def forward():
+        # 64 MB written (so resident), freed before the next one: the peak is one buffer, not the sum.
+        for _ in range(3):
+            torch.ones(16 * MB)  # float32: 64 MB
+
+    peak = report.peak_forward_memory(forward, "cpu")
+    assert 60 * MB <= peak <= 72 * MB
+    assert report.peak_forward_memory(lambda: None, "cpu") < 4 * MB
+
+
+@needs_proc
+def test_measure_peak_memory_adds_the_resident_weights():
+    model = nn.Linear(1024, 4096)  # 16 MB of weights
+    x = torch.randn(2048, 1024)  # the output: 2048 x 4096 floats = 32 MB
+    peak = report.measure_peak_memory(model, lambda: model(x), "cpu")
+    assert report.tensor_bytes(model) + 30 * MB <= peak <= report.tensor_bytes(model) + 40 * MB
