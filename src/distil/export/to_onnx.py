@@ -70,11 +70,11 @@ def classifier(run_dir: Path, summary: dict[str, Any], arm: str, folder: Path, o
 # ----------------------------------------------------------------------------------------------- language models
 def _example(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A traced example with batch and sequence sizes of at least 2 (torch.export specialises sizes 0 and 1)."""
-    first = batches[0]
-    ids, mask = first["input_ids"], first["attention_mask"]
+    longest = max(batches, key=lambda b: b["input_ids"].shape[1])  # lm_batches guarantees one of >= 2 tokens
+    ids, mask = longest["input_ids"], longest["attention_mask"]
     if ids.shape[0] < 2:
         ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
-    return {"input_ids": ids[:2, : max(2, ids.shape[1])], "attention_mask": mask[:2, : max(2, ids.shape[1])]}
+    return {"input_ids": ids[:2], "attention_mask": mask[:2]}
 
 
 def causal_lm(run_dir: Path, summary: dict[str, Any], arm: str, folder: Path, out: Path, *, quantize: str | None,
@@ -87,7 +87,7 @@ def causal_lm(run_dir: Path, summary: dict[str, Any], arm: str, folder: Path, ou
         texts, source = lm_eval_texts(run_dir, summary)
     batches = lm_batches(tokenizer, texts)
     n_tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    inputs = f"{n_tokens} tokens of {min(len(texts), sum(len(b['input_ids']) for b in batches))} texts ({source})"
+    inputs = f"{n_tokens} tokens of {sum(len(b['input_ids']) for b in batches)} texts ({source})"
     path = out / "model.onnx"
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     graph.export_graph(graph.CausalLMGraph(model), _example(batches), axes, path)
