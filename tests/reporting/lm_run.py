@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 
 # Public-domain text (Jane Austen, Pride and Prejudice, chapter 1), used to build the vocabulary and as real input.
 TEXT = """It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want
@@ -75,5 +76,13 @@ def make_lm_run(root: Path) -> Path:
             lines.append(record)
         lines.append({"arm": arm, "step": 50, "eval/perplexity": 150.0 if arm == "distilled" else 170.0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (run_dir / "recipe.yaml").write_text("name: tiny-lm\ntask: causal_lm\nteacher: {model: tiny}\n")
+    # A valid recipe: its held-out file is the evaluation data that exports are checked and scored on.
+    (root / "train.txt").write_text(" ".join(SENTENCES[:6]))
+    (root / "eval.txt").write_text(" ".join(SENTENCES[6:]))
+    recipe = {"name": "tiny-lm", "task": "causal_lm",
+              "data": {"kind": "text", "source": "files", "train": [str(root / "train.txt")],
+                       "eval": [str(root / "eval.txt")], "seq_len": 12, "eval_tokens": 256},
+              "teacher": {"model": {"arch": "hf", "source": str(folders["teacher"])}},
+              "student": {"model": {"arch": "from_teacher", "num_layers": 2}}, "train": {"steps": 5}}
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return run_dir

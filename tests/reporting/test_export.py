@@ -108,7 +108,7 @@ def test_onnx_export_of_a_tiny_llama_has_dynamic_axes_and_a_measured_int8_copy(l
 
     record = export_run(lm_copy, "onnx", quantize="int8", runs=2)
     assert record["check"]["passed"] and record["check"]["max_abs_diff"] <= 1e-4
-    assert "teacher generations" in record["check"]["inputs"]  # this hand-made run's pipeline offers no texts
+    assert "held-out tokens of" in record["check"]["inputs"] and "eval.txt" in record["check"]["inputs"]
     out = lm_copy / "export" / "distilled-onnx"
     model = AutoModelForCausalLM.from_pretrained(lm_copy / "student").eval()
     tokenizer = AutoTokenizer.from_pretrained(out)  # the graph ships with the tokenizer that makes its inputs
@@ -128,7 +128,9 @@ def test_onnx_export_of_a_tiny_llama_has_dynamic_axes_and_a_measured_int8_copy(l
     assert fp32["perplexity"] == pytest.approx(rows["distilled (PyTorch)"]["perplexity"], rel=1e-5)
     assert rows["teacher (PyTorch)"]["agreement"] == 1.0 and 0 <= int8["agreement"] <= 1
     assert np.isfinite(int8["perplexity"]) and int8["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.05)
-    assert int8["size_bytes"] < fp32["size_bytes"] and int8["tokens_per_s_b2"] > 0
+    assert int8["size_bytes"] < fp32["size_bytes"]
+    (speed,) = [v for k, v in int8.items() if k.startswith("tokens_per_s_b")]  # batch: the held-out blocks, up to 8
+    assert speed > 0
     page = (lm_copy / "report.html").read_text()
     assert "distilled ONNX int8" in page and "perplexity" in page
 

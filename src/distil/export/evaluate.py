@@ -22,10 +22,9 @@ Runner = Callable[[Any], torch.Tensor]
 # ------------------------------------------------------------------------------------------------- classifiers
 def classifier_eval_data(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The recipe's evaluation split (test-set images and labels), as the classification pipeline evaluates it."""
-    from distil.config.load import validate_recipe
     from distil.data.vision import load_vision
 
-    recipe = validate_recipe(yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()))
+    recipe = _recipe(run_dir)
     data = load_vision(recipe.data.name, recipe.data.path, recipe.seed)
     n = recipe.data.eval_size or len(data.test_y)
     return data.test_x[:n], data.test_y[:n], f"{n} {recipe.data.name} test-set images"
@@ -41,30 +40,26 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- language models
-def lm_eval_texts(run_dir: Path, summary: dict[str, Any]) -> tuple[list[str], str]:
-    """Held-out text for a causal-LM run, and where it came from.
+def _recipe(run_dir: Path) -> Any:
+    from distil.config.load import validate_recipe
 
-    The LM pipeline's own evaluation texts when it offers them (`distil.pipelines.<task module>.eval_texts(recipe)`);
-    otherwise the prompts and teacher generations that the run stored in summary.json.
-    """
-    from distil import pipelines
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise DistilError(f"{run_dir} has no recipe.yaml, so its evaluation data is unknown; is it a run directory?")
+    return validate_recipe(yaml.safe_load(path.read_text()))
 
-    raw = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()) if (Path(run_dir) / "recipe.yaml").is_file() \
-        else {}
-    module = pipelines.PIPELINES.get((raw or {}).get("task"))
-    provider = getattr(module, "eval_texts", None)
-    if provider is not None:
-        from distil.config.load import validate_recipe
 
-        texts = list(provider(validate_recipe(raw)))
-        if texts:
-            return texts, "the recipe's held-out evaluation texts"
-    texts = [f"{g.get('prompt', '')}{g.get('teacher', '')}" for g in summary.get("generations") or []]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise DistilError(f"{run_dir}: no evaluation texts to check the export on (the pipeline offers none and "
-                          "summary.json has no generations); pass texts= to distil.export.export_run")
-    return texts, "prompts and teacher generations from summary.json"
+def lm_eval_batches(run_dir: Path, tokenizer: Any, *, batch_size: int = 8,
+                    max_blocks: int = 32) -> tuple[list[dict[str, torch.Tensor]], str]:
+    """The recipe's held-out text, packed into blocks exactly as the LM pipeline evaluates it (every position real
+    text), at most `max_blocks` of them, in batches of `batch_size`; and a line that says what they are."""
+    from distil.data.text import load_corpus
+
+    recipe = _recipe(run_dir)
+    blocks = load_corpus(recipe.data, tokenizer).eval[:max_blocks]
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in blocks.split(batch_size)]
+    return batches, (f"{blocks.numel()} held-out tokens of {', '.join(recipe.data.eval)} "
+                     f"({len(blocks)} blocks of {blocks.shape[1]})")
 
 
 def lm_batches(tokenizer: Any, texts: list[str], *, max_length: int = 128, batch_size: int = 8,
@@ -84,13 +79,14 @@ def lm_batches(tokenizer: Any, texts: list[str], *, max_length: int = 128, batch
 
 
 @torch.inference_mode()
-def lm_scores(run: Runner, batches: list[dict[str, torch.Tensor]],
-              reference: list[torch.Tensor] | None = None) -> dict[str, Any]:
+def lm_scores(run: Runner, batches: list[dict[str, torch.Tensor]], reference: list[torch.Tensor] | None = None,
+              vocab: int | None = None) -> dict[str, Any]:
     """Perplexity of next-token prediction over the unpadded positions; with `reference` (the teacher's logits for
-    each batch), top-1 next-token agreement with it over the same positions."""
+    each batch), top-1 next-token agreement with it over the same positions. `vocab` limits both to the first
+    `vocab` logits (the vocabulary teacher and student share, when one has padding rows)."""
     nll, count, agree, total = 0.0, 0, 0, 0
     for i, batch in enumerate(batches):
-        logits = run(batch).float()
+        logits = run(batch)[..., :vocab].float()
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         keep = mask[:, 1:] & mask[:, :-1]
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -98,7 +94,7 @@ def lm_scores(run: Runner, batches: list[dict[str, torch.Tensor]],
         nll -= float(target[keep].double().sum())
         count += int(keep.sum())
         if reference is not None:
-            agree += int((logits.argmax(-1) == reference[i].argmax(-1))[mask].sum())
+            agree += int((logits.argmax(-1) == reference[i][..., :vocab].argmax(-1))[mask].sum())
             total += int(mask.sum())
     scores: dict[str, Any] = {"perplexity": math.exp(nll / count)}
     if reference is not None:

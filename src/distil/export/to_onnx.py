@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from distil.export import graph
-from distil.export.evaluate import (accuracy, classifier_eval_data, classifier_logits, lm_batches, lm_eval_texts,
+from distil.export.evaluate import (accuracy, classifier_eval_data, classifier_logits, lm_batches, lm_eval_batches,
                                     lm_scores, max_abs_diff)
 from distil.report import folder_size, measure_latency, measure_throughput
 
@@ -82,12 +82,12 @@ def causal_lm(run_dir: Path, summary: dict[str, Any], arm: str, folder: Path, ou
     from distil.models.hf import load_causal_lm
 
     model, tokenizer = load_causal_lm(folder, dtype="float32")
-    source = "the given texts"
     if texts is None:
-        texts, source = lm_eval_texts(run_dir, summary)
-    batches = lm_batches(tokenizer, texts)
-    n_tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    inputs = f"{n_tokens} tokens of {sum(len(b['input_ids']) for b in batches)} texts ({source})"
+        batches, inputs = lm_eval_batches(run_dir, tokenizer)
+    else:
+        batches = lm_batches(tokenizer, texts)
+        inputs = f"{int(sum(b['attention_mask'].sum() for b in batches))} tokens of {len(texts)} given texts"
+    vocab = summary.get("vocab_compared")
     path = out / "model.onnx"
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     graph.export_graph(graph.CausalLMGraph(model), _example(batches), axes, path)
@@ -110,7 +110,7 @@ def causal_lm(run_dir: Path, summary: dict[str, Any], arm: str, folder: Path, ou
             teacher_logits = [torch_run(teacher)(b) for b in batches]
 
     def measure(run: Callable[[dict[str, torch.Tensor]], torch.Tensor], size: int) -> dict[str, Any]:
-        scores = lm_scores(run, batches, teacher_logits)
+        scores = lm_scores(run, batches, teacher_logits, vocab)
         return {**scores, "size_bytes": size, "latency_ms": measure_latency(lambda: run(one), runs=runs),
                 f"tokens_per_s_b{len(big['input_ids'])}": measure_throughput(
                     lambda: run(big), big["input_ids"].numel(), runs=max(3, runs // 3))}
