@@ -155,7 +155,9 @@ def comparison_keys(summary: dict[str, Any]) -> list[str]:
     arms = summary.get("arms", {})
     present = {k for values in arms.values() for k, v in values.items() if isinstance(v, (int, float))}
     keys = [m for m in summary.get("metrics", []) if m in present]
-    keys += [k for k in ("params", "size_bytes", "latency_ms") if k in present]
+    keys += [k for k in ("params", "size_bytes") if k in present]
+    # An LM's batch-1 generation speed says what its per-token latency would; show one of the two.
+    keys += ["latency_ms"] if "latency_ms" in present and "tokens_per_s_b1" not in present else []
     keys += sorted((k for k in present if THROUGHPUT_KEY.match(k)), key=lambda k: int(THROUGHPUT_KEY.match(k)[2]))
     keys += [k for k in ("peak_memory_bytes",) if k in present]
     return keys
