@@ -67,10 +67,12 @@ def headline(summary: dict[str, Any]) -> str:
         if arm == "teacher" or not isinstance(values.get(metric), (int, float)):
             continue
         parts = [f"{metric} {human(values[metric], metric)} (teacher {human(teacher[metric], metric)})"]
-        for key, word in (("params", "fewer parameters"), ("size_bytes", "smaller on disk"),
-                          ("latency_ms", "faster at batch 1")):
+        for key, better, worse in (("params", "fewer parameters", "more parameters"),
+                                   ("size_bytes", "smaller on disk", "larger on disk"),
+                                   ("latency_ms", "faster at batch 1", "slower at batch 1")):
             if isinstance(values.get(key), (int, float)) and values[key] > 0 and teacher.get(key):
-                parts.append(f"{ratio(teacher[key] / values[key])} {word}")
+                gain = teacher[key] / values[key]
+                parts.append(f"{ratio(gain)} {better}" if gain >= 1 else f"{ratio(1 / gain)} {worse}")
         lines.append(f"<li><b>{esc(arm)}</b>: {esc('; '.join(parts))}</li>")
     return f"<ul>{''.join(lines)}</ul>" if lines else ""
 

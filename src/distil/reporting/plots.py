@@ -129,6 +129,21 @@ def human(value: float, key: str) -> str:
     return f"{value:.4g}"
 
 
+def axis_unit(key: str, values: list[float]) -> tuple[float, str]:
+    """A scale that keeps an axis's tick labels short: bytes in KB/MB/GB, counts in thousands or millions."""
+    top = max((abs(v) for v in values), default=0.0)
+    if key in ("size_bytes", "peak_memory_bytes"):
+        for scale, unit in ((1024**3, "GB"), (1024**2, "MB"), (1024, "KB")):
+            if top >= scale:
+                return float(scale), unit
+        return 1.0, "bytes"
+    if key == "params" or THROUGHPUT_KEY.match(key):
+        for scale, unit in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
+            if top >= scale:
+                return scale, unit
+    return 1.0, ""
+
+
 def ratio(x: float) -> str:
     """A ratio to the reference, e.g. '0.17×' or '5.7×'."""
     if x >= 100:
@@ -172,7 +187,8 @@ def bar_chart(rows: dict[str, dict[str, Any]], keys: list[str], path: Path, *, t
     first = next(iter(rows.values()))
     for ax, key in zip(axes, keys):
         values = [rows[n].get(key) for n in names]
-        heights = [v if isinstance(v, (int, float)) else 0.0 for v in values]
+        scale, unit = axis_unit(key, [v for v in values if isinstance(v, (int, float))])
+        heights = [v / scale if isinstance(v, (int, float)) else 0.0 for v in values]
         bars = ax.bar(range(len(names)), heights, color=[arm_color(n, names) for n in names])
         ref = rows.get(reference, {}).get(key)
         top = max(heights) if heights and max(heights) > 0 else 1.0
@@ -191,8 +207,9 @@ def bar_chart(rows: dict[str, dict[str, Any]], keys: list[str], path: Path, *, t
         ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
         ax.set_title(quantity_title(key, first), fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
-        if key in ("size_bytes", "peak_memory_bytes", "params") or THROUGHPUT_KEY.match(key):
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos, key=key: human(v, key) if v else "0"))
+        if unit:
+            ax.set_ylabel(unit, fontsize=8)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.6g}"))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
