@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import re
 import statistics
 import time
@@ -89,7 +88,8 @@ def _reset_peak_rss() -> bool:
 
 def _trim_heap() -> None:
     # Return freed heap pages to the OS, so that memory freed earlier is not silently reused (and missed) below.
-    gc.collect()
+    # (No gc.collect(): garbage still held is resident before the call too, and a collection takes seconds in a
+    # process holding transformers' many objects.)
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     if libc is not None and hasattr(libc, "malloc_trim"):
@@ -101,9 +101,10 @@ def peak_forward_memory(forward: Callable[[], Any], device: torch.device | str, 
 
     CUDA: `torch.cuda.max_memory_allocated` over the call, less what was allocated before it.
     CPU: the growth of the process's peak resident set size (VmHWM, reset through /proc/self/clear_refs) over the
-    call, after the heap is trimmed. It counts every allocation (torch's, oneDNN's, Python's), which tracemalloc
-    cannot see; it works in-process on Linux, and gives None elsewhere. The median of `repeats` calls, after one
-    untimed call that absorbs one-time costs (kernel selection, lazy initialisation).
+    call, after freed heap pages are returned to the OS (malloc_trim). It counts every allocation (torch's,
+    oneDNN's, Python's), which tracemalloc cannot see; it works in-process on Linux, and gives None elsewhere.
+    The median of `repeats` calls, after one untimed call that absorbs one-time costs (kernel selection, lazy
+    initialisation).
     """
     device = torch.device(device)
     with torch.inference_mode():
