@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ th, td { border: 1px solid #d1d9e0; padding: 0.35rem 0.6rem; text-align: right; 
 th { background: #f6f8fa; } td.text, th.text { text-align: left; white-space: pre-wrap; max-width: 28rem; }
 td .ratio { color: #59636e; font-size: 0.8rem; display: block; }
 pre { background: #f6f8fa; padding: 1rem; border-radius: 6px; overflow-x: auto; font-size: 0.85rem; }
+.gen { max-height: 14em; overflow-y: auto; }
 .ok { color: #1a7f37; } .bad { color: #cf222e; }
 """
 
@@ -77,10 +79,16 @@ def headline(summary: dict[str, Any]) -> str:
     return f"<ul>{''.join(lines)}</ul>" if lines else ""
 
 
+def _generated(text: Any) -> str:
+    # Models early in training repeat newlines; keep paragraphs, drop the runs of blank lines.
+    text = re.sub(r"\n\s*\n(\s*\n)+", "\n\n", str(text or "")).strip()
+    return f'<div class="gen">{esc(text)}</div>'
+
+
 def generations_table(generations: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(k for g in generations for k in g))
     head = "".join(f'<th class="text">{esc(c)}</th>' for c in columns)
-    rows = "".join("<tr>" + "".join(f'<td class="text">{esc(g.get(c, ""))}</td>' for c in columns) + "</tr>"
+    rows = "".join("<tr>" + "".join(f'<td class="text">{_generated(g.get(c))}</td>' for c in columns) + "</tr>"
                    for g in generations)
     return f"<table><tr>{head}</tr>{rows}</table>"
 

@@ -183,7 +183,8 @@ def bar_chart(rows: dict[str, dict[str, Any]], keys: list[str], path: Path, *, t
     if not keys or not rows:
         return None
     names = list(rows)
-    fig, axes = _grid(len(keys), ncols=4, width=3.6, height=3.2)
+    crowded = len(names) > 3  # wider panels, three to a row, so that the bars' labels stay apart
+    fig, axes = _grid(len(keys), ncols=3 if crowded else 4, width=1.2 * len(names) if crowded else 3.6, height=3.2)
     first = next(iter(rows.values()))
     for ax, key in zip(axes, keys):
         values = [rows[n].get(key) for n in names]
@@ -192,6 +193,14 @@ def bar_chart(rows: dict[str, dict[str, Any]], keys: list[str], path: Path, *, t
         bars = ax.bar(range(len(names)), heights, color=[arm_color(n, names) for n in names])
         ref = rows.get(reference, {}).get(key)
         top = max(heights) if heights and max(heights) > 0 else 1.0
+        known = [h for h, v in zip(heights, values) if isinstance(v, (int, float)) and h > 0]
+        # Perplexity is exp(loss): an untrained student can sit orders of magnitude above the rest.
+        log = key == "perplexity" and bool(known) and max(known) / min(known) > 30
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(min(known) / 2, top * 8)
+        else:
+            ax.set_ylim(0, top * 1.35)
         for name, bar, value in zip(names, bars, values):
             if not isinstance(value, (int, float)):
                 label = "n/a"
@@ -201,9 +210,8 @@ def bar_chart(rows: dict[str, dict[str, Any]], keys: list[str], path: Path, *, t
                 label = f"{human(value, key)}\n{ratio(value / ref)} {reference.split(' ')[0]}"
             else:
                 label = human(value, key)
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + top * 0.02, label, ha="center",
-                    va="bottom", fontsize=7.5)
-        ax.set_ylim(0, top * 1.35)
+            y = bar.get_height() * 1.15 if log else bar.get_height() + top * 0.02
+            ax.text(bar.get_x() + bar.get_width() / 2, y, label, ha="center", va="bottom", fontsize=7.5)
         ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
         ax.set_title(quantity_title(key, first), fontsize=9)
         ax.tick_params(axis="y", labelsize=7)
