@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from distil.errors import DistilError
-from distil.reporting import html, plots
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "report"
@@ -34,6 +33,11 @@ def build_report(run_dir: str | Path) -> Path:
     if not summary_file.is_file():
         raise DistilError(f"{run_dir} has no summary.json (the run has not finished); "
                           f"finish it with `distil resume {run_dir}`, then `distil report {run_dir}`")
+    try:
+        from distil.reporting import html, plots  # matplotlib: imported only when a report is drawn
+    except ImportError as exc:
+        raise DistilError(f"the run report needs matplotlib ({exc}); install it with pip install 'distil[report]', "
+                          f"then run `distil report {run_dir}`") from exc
     summary = json.loads(summary_file.read_text())
     out = run_dir / PLOTS_DIR
     curves = plots.training_curves(_read_jsonl(run_dir / "metrics.jsonl"), out / "training_curves.png")
