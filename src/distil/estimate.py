@@ -43,6 +43,10 @@ from distil.config.schema import Recipe, TrainSpec
 from distil.errors import DistilError
 
 
+class EstimateUnavailable(DistilError):
+    """The estimate cannot be made yet (not an error in the recipe)."""
+
+
 @dataclass
 class MemoryItem:
     name: str
@@ -312,6 +316,8 @@ def memory_problems(recipe: Recipe) -> list[str]:
         return []
     try:
         estimate = estimate_memory(recipe)
+    except EstimateUnavailable:
+        return []  # e.g. a model not converted yet: the run goes ahead, `distil estimate` says why
     except DistilError as exc:
         return [str(exc)]
     peak = estimate.peak

@@ -20,7 +20,7 @@ import torch
 
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
 from distil.errors import DistilError
-from distil.estimate import MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes, parameter_bytes, trace_saved
+from distil.estimate import EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes, parameter_bytes, trace_saved
 
 FUSED_CHUNK_BUFFERS = 4  # student logits, teacher logits, their log-probs / the gradient, per chunk (fp32)
 PLAIN_LOGIT_BUFFERS = 5
@@ -33,7 +33,7 @@ def _config_folder(source: str) -> Path:
     if source in hf.BUILTIN_MODELS and hf.BUILTIN_MODELS[source].is_gguf:
         folder = hf.cache_dir() / "models" / source
         if not (folder / "config.json").is_file():
-            raise DistilError(f"the memory estimate needs {source}'s config: it appears after the model's first "
+            raise EstimateUnavailable(f"the memory estimate needs {source}'s config: it appears after the model's first "
                               f"conversion (any `distil run` with it, or `distil student {source} ...`)")
         return folder
     return hf.resolve_model_path(source)

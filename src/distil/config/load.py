@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from distil.config.schema import Recipe
 from distil.errors import ConfigError
 
-DEFAULT_RECIPE = "fashion-mnist-kd"
+DEFAULT_RECIPE = "smollm2-distil"
 
 
 def builtin_recipes() -> dict[str, Path]:

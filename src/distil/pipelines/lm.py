@@ -27,7 +27,7 @@ from distil.evaluate import agreement, generation_speed, greedy_continuations, p
 from distil.models import hf
 from distil.paths import replace_folder
 from distil.pipelines.classification import pick_device
-from distil.report import folder_size, parameter_count, print_summary, write_summary
+from distil.report import folder_size, measure_peak_memory, parameter_count, print_summary, write_summary
 from distil.train.checkpoint import write_json
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
@@ -182,6 +182,10 @@ def _measure(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int, te
     ppl, predictions = perplexity_and_predictions(model, eval_blocks, vocab_size=vocab)
     speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
     speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    batch = eval_blocks[:8].to(device)
+    with torch.inference_mode():
+        peak = measure_peak_memory(model, lambda: model(input_ids=batch, use_cache=False), device)
     info_file = folder / "train.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -193,6 +197,8 @@ def _measure(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int, te
         "tokens_per_s_b1": speed_1,
         "tokens_per_s_b8": speed_8,
         "latency_ms": 1000.0 / speed_1,
+        "peak_memory_bytes": peak,
+        "peak_memory_batch": len(batch),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "train_time_s": info.get("train_time_s"),
         "path": str(folder),
@@ -318,4 +324,7 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
         summary["metrics"].append("response_perplexity")
         summary = write_summary(run_dir, summary)
     print_summary(summary, console)
+    from distil.reporting import build_report
+
+    console.print(f"report: {build_report(run_dir)}")
     return summary
