@@ -168,11 +168,11 @@ def optimizer_bytes(spec: TrainSpec, trainable: int) -> tuple[int, str]:
 
 
 def optimizer_step_bytes(spec: TrainSpec, trainable: int, largest: int, cuda: bool) -> int:
-    """Temporaries of one optimizer step. torch's AdamW on CPU goes parameter by parameter and holds sqrt(v) and
-    sqrt(v) / bias_correction of one parameter at once; on GPU its foreach path holds sqrt(v) of all of them."""
+    """Temporaries of one optimizer step. distil's AdamW uses torch's fused kernel (distil.train.optim), which
+    updates in place and needs no per-parameter temporaries; SGD computes grad + weight_decay * param."""
     if spec.optimizer == "adamw":
-        return trainable if cuda else 2 * largest
-    return largest if spec.weight_decay > 0 else 0  # SGD: grad + weight_decay * param
+        return 0
+    return largest if spec.weight_decay > 0 else 0
 
 # ------------------------------------------------------------------------------------------------- classification
 # (input shape, classes, train examples, test examples) of the built-in datasets, known without loading them.

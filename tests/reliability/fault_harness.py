@@ -26,6 +26,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,9 +144,32 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
         mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:")))
         limit = mapped * 1024 + plan["address_space_mb"] * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    code = distil.cli.main(argv)
+    # The peak of the training stages: VmHWM sampled while the run goes on, until the run's own inference measurements
+    # reset the kernel's mark (/proc/self/clear_refs, seen as VmHWM going down); what follows (measurements, the
+    # report's plotting) is not training memory.
+    peak_kb, done, reset = [0], threading.Event(), threading.Event()
+
+    def sample_peak() -> None:
+        while not done.wait(0.005) and not reset.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    value = int(line.split()[1])
+                    if value < peak_kb[0]:
+                        reset.set()
+                    else:
+                        peak_kb[0] = value
+
+    sampler = threading.Thread(target=sample_peak, daemon=True)
+    sampler.start()
+    try:
+        code = distil.cli.main(argv)
+    finally:
+        done.set()
+        sampler.join()
+    training_peak = peak_kb[0] if reset.is_set() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(result).write_text(json.dumps({
-        "events": injector.events, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "events": injector.events,
+        "maxrss_kb": training_peak,
     }))
     sys.stdout.flush()
     sys.stderr.flush()

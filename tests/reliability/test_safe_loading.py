@@ -69,6 +69,10 @@ def test_every_file_a_run_writes_is_json_yaml_text_or_safetensors(reference):
             [json.loads(line) for line in file.read_text().splitlines()]
         elif file.suffix == ".yaml":
             yaml.safe_load(file.read_text())
+        elif file.suffix == ".png":
+            assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        elif file.suffix == ".html":
+            assert file.read_text().lstrip().lower().startswith("<!doctype html")
         else:
             pytest.fail(f"{file}: a file of unknown format")
 
