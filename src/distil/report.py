@@ -104,7 +104,8 @@ def peak_forward_memory(forward: Callable[[], Any], device: torch.device | str, 
     call, after freed heap pages are returned to the OS (malloc_trim). It counts every allocation (torch's,
     oneDNN's, Python's), which tracemalloc cannot see; it works in-process on Linux, and gives None elsewhere.
     The median of `repeats` calls, after one untimed call that absorbs one-time costs (kernel selection, lazy
-    initialisation).
+    initialisation). In a long-lived process whose heap is fragmented, glibc may serve a large buffer from a freed
+    heap chunk that stays resident after the call, so the CPU figure can exceed a fresh process's by such chunks.
     """
     device = torch.device(device)
     with torch.inference_mode():

@@ -30,13 +30,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import distil.cli  # noqa: F401
 import distil.pipelines  # noqa: F401
+import distil.report  # noqa: F401
+from distil.pipelines import classification
 from distil.train import checkpoint as ckpt
 from distil.train import loop
 from distil.train.metrics import MetricsLog
@@ -139,26 +141,38 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
+    # Free heap pages inherited from the server go back to the OS, so that the run's peak counts what it allocates.
+    distil.report._trim_heap()
     injector = install(plan)
     if plan.get("address_space_mb"):  # a real allocation failure: allow only this much beyond what is mapped now
         mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:")))
         limit = mapped * 1024 + plan["address_space_mb"] * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    # The peak of the training stages: VmHWM sampled while the run goes on, until the run's own inference measurements
-    # reset the kernel's mark (/proc/self/clear_refs, seen as VmHWM going down); what follows (measurements, the
-    # report's plotting) is not training memory.
+    # The peak of the training stages: the maximum of VmHWM, sampled while the run goes on (the kernel's mark can
+    # drop when memory is returned, so one reading at the end could miss it), until training ends: the first
+    # measurement of a trained model (classification's _measure, or any pipeline's peak-RSS reset), patched here to
+    # take a last reading first. What follows (inference measurements, the report's plots) is not training memory.
     peak_kb, done, reset = [0], threading.Event(), threading.Event()
 
-    def sample_peak() -> None:
-        while not done.wait(0.005) and not reset.is_set():
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    value = int(line.split()[1])
-                    if value < peak_kb[0]:
-                        reset.set()
-                    else:
-                        peak_kb[0] = value
+    def record_peak() -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak_kb[0] = max(peak_kb[0], int(line.split()[1]))
 
+    def sample_peak() -> None:
+        while not done.wait(0.002) and not reset.is_set():
+            record_peak()
+
+    def training_ends_before(function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not reset.is_set():
+                record_peak()
+                reset.set()
+            return function(*args, **kwargs)
+        return wrapper
+
+    distil.report._reset_peak_rss = training_ends_before(distil.report._reset_peak_rss)
+    classification._measure = training_ends_before(classification._measure)
     sampler = threading.Thread(target=sample_peak, daemon=True)
     sampler.start()
     try:
@@ -166,7 +180,9 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     finally:
         done.set()
         sampler.join()
-    training_peak = peak_kb[0] if reset.is_set() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not reset.is_set():
+        record_peak()
+    training_peak = peak_kb[0]
     Path(result).write_text(json.dumps({
         "events": injector.events,
         "maxrss_kb": training_peak,
