@@ -11,9 +11,9 @@ from rich.console import Console
 from distil.config.load import recipe_to_yaml, validate_recipe
 from distil.config.schema import Recipe
 from distil.errors import ConfigError, DistilError
-from distil.pipelines import classification, lm
+from distil.pipelines import classification, embedding, lm
 
-PIPELINES = {"classification": classification, "causal_lm": lm}
+PIPELINES = {"classification": classification, "causal_lm": lm, "embedding": embedding}
 
 RECIPE_FILE = "recipe.yaml"
 
