@@ -190,7 +190,7 @@ class FeatureDistiller:
         """The layer mapping and projectors in use, for the run log."""
         lines = []
         for term in self.terms:
-            layers = term.spec.layers
+            layers = term.spec.layers or "uniform"
             how = "" if term.mapping is None else f", {layers if isinstance(layers, str) else 'explicit'} mapping"
             if term.spec.loss == "minilm_relations":
                 how += f", {term.relation_heads} relation heads"
