@@ -8,8 +8,10 @@ synsets are chosen by a seeded shuffle; their words are distinct, and no held-ou
 
 from __future__ import annotations
 
+import functools
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +74,8 @@ def parse_synset(line: str, pos: str) -> Synset | None:
     return Synset(parts[0], pos, word, definition)
 
 
-def read_wordnet(path: str | None = None) -> list[Synset]:
+@functools.lru_cache(maxsize=2)  # the files are static; parsing them takes seconds
+def read_wordnet(path: str | None = None) -> tuple[Synset, ...]:
     folder = Path(path or WORDNET_DIR)
     problems = wordnet_problems(path)
     if problems:
@@ -84,10 +87,10 @@ def read_wordnet(path: str | None = None) -> list[Synset]:
             synsets.extend(s for s in (parse_synset(line, pos) for line in handle) if s is not None)
     if not synsets:
         raise DistilError(f"no synsets could be read from {folder}; the files look damaged: reinstall wordnet-base")
-    return synsets
+    return tuple(synsets)
 
 
-def split_wordnet(synsets: list[Synset], eval_pairs: int, max_train: int, seed: int
+def split_wordnet(synsets: Sequence[Synset], eval_pairs: int, max_train: int, seed: int
                   ) -> tuple[list[Synset], list[Synset]]:
     """(train, eval): eval holds `eval_pairs` synsets with distinct words (compared case-insensitively) and a
     definition of at least three words; train holds up to `max_train` of the rest."""
