@@ -305,7 +305,8 @@ class SelfDistillSpec(Strict):
 class StudentSpec(Strict):
     model: ModelSpec
     freeze_embeddings: bool = Field(
-        False, description="LMs: keep the (inherited) token embeddings and a tied LM head fixed: less compute and memory"
+        False, description="LMs and encoders: keep the (inherited) token embeddings and a tied LM head fixed: less "
+                           "compute and memory"
     )
 
 

@@ -174,6 +174,8 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, teacher: nn.Module, toke
                console: Console) -> None:
     seed_everything(recipe.seed)
     student = _load_folder(run_dir / INIT_FOLDER, device).train()
+    if recipe.student.freeze_embeddings:  # inherited from the teacher; most of a small student's parameters
+        student.get_input_embeddings().weight.requires_grad_(False)
     collate = _collate(corpus, tokenizer, _data(recipe).max_length)
     objective: Any = EmbeddingObjective(student, None if arm == "student_alone" else Teacher(teacher), recipe.loss,
                                         device)

@@ -53,7 +53,9 @@ def feature_distiller(recipe: Recipe, student: nn.Module, teacher: nn.Module, ex
 def preflight_variants(recipe: Recipe, data: ClassificationData, student: nn.Module, teachers: list[nn.Module],
                        example: torch.Tensor) -> None:
     """Pre-flight of the arms: every teacher pairs with the student, feature terms resolve and their shapes agree
-    (wrong module names fail here with close matches), exits can be attached."""
+    (wrong module names fail here with close matches), exits can be attached. Works on the meta device too."""
+    param = next(student.parameters(), None)
+    example = example.to(param.device) if param is not None else example
     for teacher in teachers[1:]:
         check_pair(student, Teacher(teacher), (example,))
     if recipe.loss.features and teachers:
