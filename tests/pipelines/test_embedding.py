@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from distil.config.load import validate_recipe
-from distil.data.sentences import load_sentences, parse_synset, split_wordnet, wordnet_problems
+from distil.data.sentences import load_sentences, parse_index, parse_synset, split_wordnet, wordnet_problems
 from distil.distill.embedding import contrastive_loss, mean_pool, retrieval_top1, similarity_spearman
+from distil.errors import DistilError
 from distil.pipelines import check, run_recipe
 
 LINE = ("01382086 00 s 02 long(a) 0 lengthy 0 005 & 01381820 a 0000 | primarily temporal sense; being or indicating "
@@ -24,6 +25,8 @@ def test_wordnet_line_parsing_and_missing_package(tmp_path):
     assert synset.word == "long" and synset.offset == "01382086"
     assert synset.definition.startswith("primarily temporal sense; being") and '"' not in synset.definition
     assert parse_synset("  1 This software and database is being provided\n", "adj") is None
+    index = "dog n 7 5 @ ~ #m #p %p 7 1 02084071 10114209 10023039 09886220 07676602 03901548 02710044  \n"
+    assert parse_index(index) == ("dog", "02084071", 1)  # the most frequent sense comes first
     (problem,) = wordnet_problems(str(tmp_path))
     assert "wordnet-base" in problem and "data.noun" in problem
 
@@ -36,8 +39,12 @@ def test_held_out_synsets_are_never_trained_on():
     held = set(zip(corpus.eval_words, corpus.eval_definitions))
     assert not held & set(zip(corpus.train_words, corpus.train_texts))
     assert len(corpus.train_words) == 100000  # WordNet has ~117k synsets: max_train of them are trained on
-    train, again = split_wordnet([parse_synset(LINE, "adj")] * 5, 1, 10, 0)
-    assert len(again) == 1 and len(train) == 4
+    synset = parse_synset(LINE, "adj")
+    train, pairs = split_wordnet([synset], [("adj", synset.offset, "long"), ("adj", synset.offset, "lengthy")], 1,
+                                 10, 0)
+    assert len(pairs) == 1 and train == []  # one synset gives one pair, whichever lemma comes first
+    with pytest.raises(DistilError, match="eval_pairs=2 exceeds the 1 usable"):
+        split_wordnet([synset], [("adj", synset.offset, "long"), ("adj", synset.offset, "lengthy")], 2, 10, 0)
 
 
 def test_pooling_and_metrics_against_hand_computation():
