@@ -11,7 +11,8 @@ its gradient with respect to the student's hidden states and LM-head weight:
 Each case runs in a fresh process. Method (CPU): after the inputs exist and a tiny warm-up call has loaded the
 kernels, the process resets its kernel peak-RSS counter (``echo 5 > /proc/self/clear_refs``), records VmRSS, runs
 forward + backward ``--repeats`` times, and reports ``VmHWM - VmRSS`` (the peak resident memory added by the loss
-computation, including the gradients it produces) and the fastest forward + backward wall time. Each case process
+computation, including the gradients it produces), the fastest forward + backward wall time and the CPU time of the
+process over that run (all threads; steadier than wall time on a shared machine). Each case process
 runs under an address-space limit (``--limit-gib``) so that a case too large for the machine fails with "OOM"
 instead of disturbing others.
 
@@ -24,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -73,7 +75,7 @@ def _case(args: argparse.Namespace) -> dict:
                 t_logits = ht @ wt.T
             return fn(s_logits, t_logits, temperature=args.temperature, **params)
     else:
-        from trl import GKDTrainer
+        from trl.experimental.gkd import GKDTrainer
 
         if args.divergence not in ("jsd", "generalized_jsd"):
             raise SystemExit("the trl path computes the generalized JSD only")
@@ -82,8 +84,10 @@ def _case(args: argparse.Namespace) -> dict:
             s_logits = hs @ ws.T
             with torch.no_grad():
                 t_logits = ht @ wt.T
+            # With labels (as GKDTrainer.compute_loss passes them) "batchmean" is the mean over tokens, like ours.
+            labels = torch.zeros(1, s_logits.shape[0], dtype=torch.long)
             return GKDTrainer.generalized_jsd_loss(
-                s_logits[None], t_logits[None], beta=args.beta, temperature=args.temperature
+                s_logits[None], t_logits[None], labels=labels, beta=args.beta, temperature=args.temperature
             )
 
     # Warm-up on a slice: loads kernels and allocator pools without touching the full-size memory.
@@ -93,19 +97,35 @@ def _case(args: argparse.Namespace) -> dict:
 
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
-    times, value = [], None
-    for _ in range(args.repeats):
-        hs.grad = ws.grad = None
-        t0 = time.perf_counter()
-        loss = loss_fn(hs, ws, ht, wt)
-        loss.backward()
-        times.append(time.perf_counter() - t0)
-        value = float(loss.detach())
-        del loss
+    times, cpu_times, value = [], [], None
+    try:
+        for _ in range(args.repeats):
+            hs.grad = ws.grad = None
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = loss_fn(hs, ws, ht, wt)
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+            value = float(loss.detach())
+            del loss
+    except (RuntimeError, MemoryError) as e:
+        # Out of the address-space limit: the case needed at least what it held then plus the allocation refused.
+        # (Read while the traceback still holds the frames' tensors.)
+        held = (_status_kib("VmRSS") - base) / 1024
+        before = (_status_kib("VmHWM") - base) / 1024
+        match = re.search(r"allocate (\d+) bytes", str(e))
+        if match is None:
+            raise
+        return {
+            "error": "OOM",
+            "needs_more_than_mib": max(before, held + int(match.group(1)) / 2**20),
+            "peak_mib_before_oom": before,
+        }
     peak = _status_kib("VmHWM")
     return {
         "peak_mib": (peak - base) / 1024,
         "time_s": min(times),
+        "cpu_s": min(cpu_times),
         "loss": value,
         "grad_w_norm": float(ws.grad.norm()),
         "threads": torch.get_num_threads(),
@@ -126,9 +146,38 @@ def _run_case(python: str, case: dict, limit_gib: float, timeout: float) -> dict
         return {**case, "error": f"timeout > {timeout:.0f} s"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        oom = "can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr
-        return {**case, "error": f"OOM (> {limit_gib:g} GiB address space)" if oom else tail[0]}
-    return {**case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        return {**case, "error": tail[0]}
+    result = {**case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    if result.get("error") == "OOM":
+        result["error"] = f"OOM under a {limit_gib:g} GiB address-space limit"
+    return result
+
+
+def _table(path: str) -> str:
+    """A markdown table from the JSON lines (the last row of each case wins), with ratios to the fused path."""
+    rows: dict[tuple, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        rows[(r["vocab"], r["tokens"], r["path"])] = r
+    out = [
+        "| vocab | tokens | path | peak MiB | fused uses | wall s | CPU s | loss |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for (vocab, tokens, path), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], "fpt".index(kv[0][2][0]))):
+        fused = rows.get((vocab, tokens, "fused"), {}).get("peak_mib")
+        if "peak_mib" in r:
+            peak = f"{r['peak_mib']:,.0f}"
+            ratio = "" if path == "fused" or not fused else f"{r['peak_mib'] / fused:.1f}x less"
+            wall, cpu, loss = f"{r['time_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['loss']:.6f}"
+        elif "needs_more_than_mib" in r:
+            bound = max(r["needs_more_than_mib"], r.get("peak_mib_before_oom", 0.0))
+            peak = f"OOM: > {bound:,.0f}"
+            ratio = "" if not fused else f"> {bound / fused:.1f}x less"
+            wall = cpu = loss = "-"
+        else:
+            peak, ratio, wall, cpu, loss = r.get("error", "?"), "", "-", "-", "-"
+        out.append(f"| {vocab:,} | {tokens:,} | {path} | {peak} | {ratio} | {wall} | {cpu} | {loss} |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -150,8 +199,12 @@ def main() -> None:
     ap.add_argument("--limit-gib", type=float, default=18.0)
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
+    ap.add_argument("--table", default=None, help="print the markdown table of a results file and exit")
     args = ap.parse_args()
 
+    if args.table:
+        print(_table(args.table))
+        return
     if args.case:
         print(json.dumps(_case(args)))
         return
@@ -170,6 +223,7 @@ def main() -> None:
         python = args.trl_python if path == "trl" else sys.executable
         result = _run_case(python, case, args.limit_gib, args.timeout)
         result["date"] = time.strftime("%Y-%m-%d %H:%M")
+        result["load_avg_1min"] = round(os.getloadavg()[0], 2)  # the machine is shared: context for the times
         line = json.dumps(result)
         print(line, flush=True)
         if args.out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -45,8 +46,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     found = check(recipe)
     if found:
         raise ConfigError(found)
-    Console().print(recipe_to_yaml(recipe), markup=False, highlight=False)
+    Console().print(recipe_to_yaml(recipe), markup=False, highlight=False, soft_wrap=True)  # no wrapping: valid YAML
+    from distil.estimate import ESTIMATORS, estimate_memory
+
+    if recipe.task in ESTIMATORS:  # as YAML comments: the output stays a valid recipe
+        Console().print(estimate_memory(recipe).format(prefix="# "), markup=False, highlight=False, soft_wrap=True)
     Console(stderr=True).print("[green]recipe is valid[/green]")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from distil.config.load import load_recipe
+    from distil.estimate import estimate_memory
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    Console().print(estimate_memory(recipe).format(), markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -114,6 +128,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_build(args: argparse.Namespace) -> int:
+    """Run a recipe's teacher once over its data into `teacher.cache.path` (or part i of n with --shard i/n)."""
+    from distil.config.load import load_recipe
+    from distil.data.text import load_corpus
+    from distil.models import hf
+    from distil.pipelines import cached, lm
+    from distil.pipelines.classification import pick_device
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.teacher.cache is None:
+        raise DistilError(f"recipe {recipe.name} has no teacher.cache section; add teacher.cache.path=DIR")
+    try:
+        part, parts = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise DistilError(f"--shard must be i/n, e.g. 0/2; got {args.shard}") from None
+    found = lm.problems(recipe)
+    if found:
+        raise ConfigError(found)
+    hf.quiet_transformers()
+    device = pick_device(recipe.train.device)
+    teacher = lm._as_teacher(lm._load_teacher(recipe, device), recipe, device)
+    source = recipe.teacher.model.source  # type: ignore[union-attr]
+    tokenizer = hf.load_tokenizer(source)
+    corpus = load_corpus(recipe.data, tokenizer)
+    result = cached.build_for_recipe(recipe, teacher, tokenizer, corpus, shard=(part, parts),
+                                     show_progress=not args.quiet)
+    cached.describe(result, Console())
+    if result.complete and not (Path(recipe.teacher.cache.path) / cached.TEACHER_EVAL).exists():
+        row, _ = lm._measure(teacher, hf.resolve_model_path(source), corpus.eval, teacher.config.vocab_size, None,
+                             tokenizer)
+        cached.write_teacher_eval(Path(recipe.teacher.cache.path), row)
+    return 0
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from distil.cache import cache_info, render_cache_info
+
+    Console().print(render_cache_info(cache_info(args.path)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distil", description="Knowledge distillation: teacher -> student.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("estimate", help="estimate a recipe's peak memory (weights, gradients, optimizer, activations)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=cmd_recipes)
@@ -155,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("cache", help="offline teacher caches: build once, train many students")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    c = cache_sub.add_parser("build", help="run a recipe's teacher over its data into teacher.cache.path")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.add_argument("--shard", default="0/1", help="i/n: compute part i of n (one process per part)")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_cache_build)
+    c = cache_sub.add_parser("info", help="size, bytes per token, teacher, coverage and settings of a cache")
+    c.add_argument("path")
+    c.set_defaults(func=cmd_cache_info)
+
     p = sub.add_parser("resume", help="continue an interrupted run")
     p.add_argument("run_dir")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -162,25 +234,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(console: Console, message: str) -> None:
+def _error(console: Console, message: str, kind: str = "error") -> None:
     # markup=False: messages quote user values such as [0, 2], which rich would read as markup.
-    console.print("[red]error:[/red] ", end="")
+    console.print(f"[{'red' if kind == 'error' else 'yellow'}]{kind}:[/] ", end="")
     console.print(message, markup=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distil.train.signals import StopRequested
-
     parser = build_parser()
     # Overrides may come after options (`distil run -q recipe a=1`): collect them from the leftovers.
     args, extra = parser.parse_known_args(argv)
     flags = [e for e in extra if e.startswith("-")]
-    if flags or (extra and args.command not in ("run", "validate", "generate")):
+    if flags or (extra and args.command not in ("run", "validate", "generate", "estimate", "cache")):
         parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
     if extra:
         target = "items" if args.command == "run" else "overrides"
+        if not hasattr(args, target):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, getattr(args, target) + extra)
     err = Console(stderr=True, highlight=False)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: _error(err, str(message), "warning")
+        return _call(args, err)
+
+
+def _call(args: argparse.Namespace, err: Console) -> int:
+    from distil.guards import os_error_message, out_of_memory_message
+    from distil.train.signals import StopRequested
+
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -191,13 +272,25 @@ def main(argv: list[str] | None = None) -> int:
         _error(err, str(exc))
         return EXIT_USAGE
     except StopRequested as exc:
-        run_dir = exc.checkpoint.parents[2] if exc.checkpoint else "RUN_DIR"
-        err.print(f"stopped at step {exc.step} of '{exc.stage}'; checkpoint saved. Continue with: "
-                  f"distil resume {run_dir}", soft_wrap=True)
+        run_dir = exc.run_dir or (exc.checkpoint.parents[2] if exc.checkpoint else "RUN_DIR")
+        saved = "; checkpoint saved" if exc.checkpoint else ""
+        err.print(f"stopped at step {exc.step} of '{exc.stage}'{saved}. Continue with: distil resume {run_dir}",
+                  soft_wrap=True, markup=False)
         return 0
-    except KeyboardInterrupt:
-        err.print("interrupted; the last saved checkpoint is intact (distil resume RUN_DIR continues from it)")
+    except KeyboardInterrupt as exc:
+        run_dir = getattr(exc, "run_dir", None) or "RUN_DIR"
+        err.print(f"interrupted; the last saved checkpoint is intact (distil resume {run_dir} continues from it)",
+                  soft_wrap=True, markup=False)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError and CPU allocator failures are RuntimeErrors
+        message = out_of_memory_message(exc)
+        if message is None:
+            raise
+        _error(err, message)
+        return EXIT_USAGE
+    except OSError as exc:  # disk full, permissions, a path that vanished: the environment, not the recipe
+        _error(err, os_error_message(exc))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -94,6 +94,11 @@ def test_non_contiguous_3d_input():
     torch.testing.assert_close(fv, pv)
     torch.testing.assert_close(fgh, pgh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fgw, pgw, rtol=1e-4, atol=1e-6)
+    # 2-D column-major hidden states (a transposed tensor): the gradient comes back in the same layout.
+    h2 = torch.randn(8, 30, generator=g).T
+    (pv, pgh, _), (fv, fgh, _) = _plain_and_fused("forward_kl", {}, h2, w_s, h_t.reshape(30, 6), w_t, 1.0, None, 7)
+    torch.testing.assert_close(fv, pv)
+    torch.testing.assert_close(fgh, pgh, rtol=1e-4, atol=1e-6)
 
 
 def test_all_masked_gives_zero_and_zero_grad():
@@ -157,6 +162,18 @@ def test_bf16_inputs():
     torch.testing.assert_close(fgw.float(), pgw.float(), rtol=5e-2, atol=2e-3)
 
 
+def test_autocast_keeps_input_dtypes():
+    h_s, w_s, h_t, w_t = _heads(seed=9)
+    want = fused_linear_divergence(h_s, w_s, h_t, w_t, chunk_size=5)
+    hs = h_s.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_divergence(hs, w_s, h_t, w_t, chunk_size=5)
+        ce = fused_linear_cross_entropy(hs, w_s, torch.zeros(2, 13, dtype=torch.long), chunk_size=5)
+    (got + ce).backward()
+    torch.testing.assert_close(got, want)
+    assert hs.grad.dtype == torch.float32 and torch.isfinite(hs.grad).all()
+
+
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
 def test_chunk_kernel_with_neg_inf_logits_matches_autograd(name, params):
     # Matmul logits are finite in practice; the kernel still follows the plain path's -inf rules exactly.
@@ -169,7 +186,7 @@ def test_chunk_kernel_with_neg_inf_logits_matches_autograd(name, params):
     want = DIVERGENCES[name](x, t, temperature=1.7, reduction="sum", **params)
     want.backward()
     fn = DIVERGENCES[name]
-    val, grad = _divergence_value_and_grad(_KERNELS[fn], params, s.clone(), t.clone(), 1.7, True)
+    val, grad = _divergence_value_and_grad(_KERNELS[fn], params, [s.clone(), t.clone()], 1.7, True)
     torch.testing.assert_close(val, want.detach())
     torch.testing.assert_close(grad, x.grad)
     assert torch.isfinite(grad).all()
@@ -198,7 +215,8 @@ def test_tiny_llama_hidden_states_and_head():
     plain = DIVERGENCES["jsd"](student(input_ids=ids).logits[:, :-1], t_logits, beta=0.5, mask=mask)
     torch.testing.assert_close(fused, plain)
     ce = fused_linear_cross_entropy(s_hidden, student.lm_head.weight, labels[:, 1:], chunk_size=6)
-    torch.testing.assert_close(ce, F.cross_entropy(student(input_ids=ids).logits[:, :-1].transpose(1, 2), labels[:, 1:]))
+    logits = student(input_ids=ids).logits[:, :-1]
+    torch.testing.assert_close(ce, F.cross_entropy(logits.transpose(1, 2), labels[:, 1:]))
 
 
 # ------------------------------------------------------------------------------------------- cross-entropy

@@ -66,7 +66,8 @@ def _reference(name, s, t, temperature=1.0, mask=None, reduction="mean"):
 
 def _pair(*shape, seed=0, scale=2.0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=dtype) * scale, torch.randn(*shape, generator=g, dtype=dtype) * scale)
+    s = torch.randn(*shape, generator=g, dtype=dtype) * scale
+    return s, torch.randn(*shape, generator=g, dtype=dtype) * scale
 
 
 def _call(name, s, t, **kw):
@@ -114,7 +115,8 @@ def test_forward_kl_matches_torch_kl_div_batchmean():
 
 def _dkd_reference(s, t, labels, alpha, beta, temperature, ignore_index=-100):
     total, count = 0.0, 0
-    for srow, trow, y in zip(s.reshape(-1, s.shape[-1]).numpy(), t.reshape(-1, t.shape[-1]).numpy(), labels.reshape(-1)):
+    rows_s, rows_t = s.reshape(-1, s.shape[-1]).numpy(), t.reshape(-1, t.shape[-1]).numpy()
+    for srow, trow, y in zip(rows_s, rows_t, labels.reshape(-1)):
         if int(y) == ignore_index:
             continue
         ps, pt = _softmax(srow, temperature), _softmax(trow, temperature)
@@ -232,7 +234,8 @@ def test_zero_for_identical_and_non_negative(name):
 def test_invariant_to_constant_shift(name):
     s, t = _pair(2, 3, 8, seed=13)
     shift_s, shift_t = _pair(2, 3, 1, seed=14, scale=50.0)
-    torch.testing.assert_close(_call(name, s + shift_s, t + shift_t, temperature=1.5), _call(name, s, t, temperature=1.5))
+    shifted = _call(name, s + shift_s, t + shift_t, temperature=1.5)
+    torch.testing.assert_close(shifted, _call(name, s, t, temperature=1.5))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -44,6 +44,8 @@ def read_recipe_file(recipe: str | None) -> tuple[dict[str, Any], str]:
         raise ConfigError([f"{path}: not valid YAML: {str(exc).splitlines()[0]}"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot be read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not a text file (a recipe is UTF-8 YAML)"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: a recipe must be a YAML mapping of keys to values"])
     return data, str(path)

@@ -249,8 +249,20 @@ class GenerateSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------------------------- parties
+class CacheSpec(Strict):
+    """An offline teacher cache: built once by `distil cache build` (or the first run), then read instead of the teacher."""
+
+    path: str = Field(min_length=1)
+    mode: Literal["topk", "sample"] = Field("topk", description="top-k ids + log-probs + tail mass, or sampled ids")
+    k: int = Field(64, gt=0, description="topk: ids kept per position")
+    num_draws: int = Field(64, gt=0, description="sample: draws per position (Sparse Logit Sampling)")
+    shard_size: int = Field(1024, gt=0, description="samples per shard file")
+    batch_size: int = Field(8, gt=0, description="teacher batch size while building")
+
+
 class TeacherSpec(Strict):
     model: ModelSpec
+    cache: CacheSpec | None = Field(None, description="causal_lm: train from an offline cache of this teacher's outputs")
     checkpoint: str | None = Field(
         None, description="teacher weights (.safetensors); trained by the recipe's teacher stage when missing"
     )
@@ -384,6 +396,17 @@ class Recipe(Strict):
             raise ValueError("method response needs a generate section (prompts, max_new_tokens, ...)")
         if self.method == "response" and self.onpolicy is not None:
             raise ValueError("onpolicy applies to method logits, not response")
+        if self.teacher.cache is not None:
+            if classic or self.method != "logits" or self.onpolicy is not None:
+                raise ValueError("teacher.cache applies to off-policy logit distillation of causal LMs "
+                                 "(task causal_lm, method logits, no onpolicy section)")
+            if self.loss.divergence not in ("forward_kl", "reverse_kl", "generalized_jsd", "jsd"):
+                raise ValueError(f"loss.divergence {self.loss.divergence} has no sparse form for cached targets; "
+                                 "use forward_kl, reverse_kl or generalized_jsd")
+            if self.teacher.cache.mode == "sample" and self.loss.divergence != "forward_kl":
+                raise ValueError("teacher.cache.mode sample supports loss.divergence forward_kl only")
+            if self.loss.features:
+                raise ValueError("loss.features read the live teacher's layers; remove teacher.cache to use them")
         if not classic and self.loss.divergence == "dkd":
             raise ValueError("loss.divergence dkd is for classifiers; language models use forward_kl, jsd, ...")
         if self.onpolicy and isinstance(self.data, TextData):

@@ -50,13 +50,20 @@ def fashion_mnist_problems(path: str | None) -> list[str]:
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (the MNIST format): magic, dims as big-endian int32, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # not gzip, or cut short
+        raise DistilError(f"{path}: not a readable gzip file ({exc}); re-install dataset-fashion-mnist") from None
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
+        raise DistilError(f"{path}: not an IDX file of bytes (the MNIST format); re-install dataset-fashion-mnist")
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DistilError(f"{path}: truncated IDX file ({data.size} values, expected {int(np.prod(dims))})")
+    if data.size == 0:
+        raise DistilError(f"{path}: the dataset is empty (no examples); point data.path at the complete files")
     return data.reshape(tuple(int(d) for d in dims))
 
 

@@ -4,8 +4,9 @@ For a 128k vocabulary and 4k tokens the fp32 logits of ONE model take 2 GiB, and
 tensors of that size alive at once (logits, softened logits, log-probabilities, their gradients). Here positions are
 processed ``chunk_size`` tokens at a time: the student's logits for the chunk, the teacher's under no-grad, the
 chunk's summed loss and, in the same pass, the gradient with respect to the chunk's logits, which is folded straight
-into the gradients of the student's hidden states and LM-head weight. Only those (hidden-sized) gradients are kept
-for backward, which merely scales them by the incoming gradient. Peak memory is a few ``chunk_size x vocab`` tensors.
+into the gradients of the student's hidden states and LM-head weight. Only those two gradients are kept for
+backward, which merely scales them by the incoming gradient. Peak memory: about six ``chunk_size x vocab`` tensors
+plus the weight gradient.
 
 The divergences are those of :mod:`distil.losses.logits` (same values, same conventions: no T**2 factor inside,
 mean over kept positions, teacher treated as a constant). ``torch.autograd.gradcheck`` passes; double backward is not
@@ -37,11 +38,12 @@ from distil.losses.logits import (
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "fused_linear_cross_entropy", "fused_linear_divergence"]
 
-# Default chunk: about this many logits per chunk (64 MiB in fp32), e.g. 130 tokens at a 128k vocabulary. Measured on
-# CPU (benchmarks/fused_memory.md): smaller chunks cost memory nothing and time little; larger ones only add memory.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Default chunk: about this many logits per chunk (128 MiB in fp32): 261 tokens at a 128k vocabulary, 682 at 49k,
+# 1,024 at 32k. Larger chunks run the matmuls a little faster and cost memory (benchmarks/fused_memory.md).
+DEFAULT_CHUNK_ELEMENTS = 1 << 25
 
-# A chunk step: (student logits of the chunk, start, end, want gradient) -> (summed loss, d loss / d logits or None).
+# A chunk step: (student hidden rows of the chunk, start, end, want gradient) -> (summed loss, d loss / d logits or
+# None). It computes the chunk's logits itself, so that nothing outside it keeps them alive.
 _ChunkStep = Callable[[torch.Tensor, int, int, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
@@ -60,13 +62,13 @@ def _run_chunks(
     need_h, need_w = grads
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=hidden.device)
-    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None  # row-major
     # The weight gradient sums over every token: accumulate it in fp32 even for bf16 weights.
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     for start in range(0, hidden.shape[0], chunk):
         end = min(start + chunk, hidden.shape[0])
         h = hidden[start:end]
-        loss, g = step(F.linear(h, weight), start, end, need_h or need_w)
+        loss, g = step(h, start, end, need_h or need_w)
         total += loss
         if g is None:
             continue
@@ -87,17 +89,32 @@ class _Fused(torch.autograd.Function):
             grad_h.mul_(scale)
         if grad_w is not None:
             grad_w = grad_w.mul_(scale).to(weight.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.grads = (grad_h, grad_w)  # intermediate results, not inputs or outputs: held on ctx directly
         return total * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        # A new tensor, not the saved one scaled in place: backward may run again (retain_graph, gradcheck).
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
-        grad_w = None if grad_w is None else grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None
+        grad_h, grad_w = ctx.grads
+        if _graph_is_kept():  # backward may run again (retain_graph=True, gradcheck): leave the stored grads intact
+            return _scaled(grad_h, grad_out), _scaled(grad_w, grad_out), None, None, None, None, None
+        # Last use: scale in place and hand the tensors over; autograd adopts them as .grad without a copy, which
+        # spares one weight-sized tensor at the peak.
+        ctx.grads = None
+        return _scaled(grad_h, grad_out, True), _scaled(grad_w, grad_out, True), None, None, None, None, None
+
+
+def _scaled(grad: torch.Tensor | None, by: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
+    if grad is None:
+        return None
+    by = by.to(grad.dtype)
+    return grad.mul_(by) if in_place else grad * by
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True when torch cannot tell."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
 
 
 def _apply(hidden: torch.Tensor, weight: torch.Tensor, chunk: int, step: _ChunkStep, reduction: str) -> torch.Tensor:
@@ -109,77 +126,75 @@ def _apply(hidden: torch.Tensor, weight: torch.Tensor, chunk: int, step: _ChunkS
     scale = 1.0 / max(hidden.shape[0], 1) if reduction == "mean" else 1.0
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
-    if not (need_h or need_w):  # evaluation: no gradient work at all
-        with torch.no_grad():
-            return _run_chunks(hidden, weight, chunk, step, (False, False))[0] * scale
-    return _Fused.apply(hidden, weight, chunk, step, scale, need_h, need_w)
+    # Under autocast the chunk matmuls keep the inputs' own dtypes: the in-place and out= accumulations need them.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if not (need_h or need_w):  # evaluation: no gradient work at all
+            with torch.no_grad():
+                return _run_chunks(hidden, weight, chunk, step, (False, False))[0] * scale
+        return _Fused.apply(hidden, weight, chunk, step, scale, need_h, need_w)
 
 
 # ------------------------------------------------------------------------------- per-chunk values and gradients
-# Each kernel takes the floored log-probabilities lp_s, lp_t ([C, V], the compute dtype) and returns the per-row
-# divergence and g = d(divergence) / d(lp_s). The chain rule through log_softmax is applied once, in _divergence_step.
-# These are the analytic derivatives of the formulas in distil.losses.logits; the tests check them against autograd.
-def _kernel_forward_kl(lp_s, lp_t):
-    p_t = lp_t.exp()
+# Each kernel takes the floored log-probabilities lp_s, lp_t and the probabilities p_s, p_t ([C, V], compute dtype)
+# and returns the per-row divergence and g = d(divergence) / d(lp_s); the chain rule through log_softmax is applied
+# once, in _divergence_value_and_grad. These are the analytic derivatives of the formulas in distil.losses.logits;
+# the tests check them against autograd on the plain path. Mixtures are formed from probabilities (one log instead
+# of a logaddexp), floored at the smallest normal number so that 0 * log(0) never appears.
+def _log_mix(p_a: torch.Tensor, p_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * p_a + (1 - w) * p_b)."""
+    return torch.lerp(p_b, p_a, w).clamp_min_(torch.finfo(p_a.dtype).tiny).log_()
+
+
+def _kernel_forward_kl(lp_s, lp_t, p_s, p_t):
     values = (lp_t - lp_s).mul_(p_t).sum(-1)
-    return values, p_t.neg_()
+    return values, p_t.neg_()  # p_t is not used after the kernel
 
 
-def _kernel_reverse_kl(lp_s, lp_t):
-    p_s = lp_s.exp()
+def _kernel_reverse_kl(lp_s, lp_t, p_s, p_t):
     r = lp_s - lp_t
     values = (p_s * r).sum(-1)
     return values, r.add_(1.0).mul_(p_s)
 
 
-def _mix(lp_a, lp_b, w):
-    return torch.logaddexp(lp_a + math.log(w), lp_b + math.log1p(-w))
-
-
-def _kernel_jsd(lp_s, lp_t, beta):
+def _kernel_jsd(lp_s, lp_t, p_s, p_t, beta):
     if beta == 0.0:
-        return _kernel_forward_kl(lp_s, lp_t)
+        return _kernel_forward_kl(lp_s, lp_t, p_s, p_t)
     if beta == 1.0:
-        return _kernel_reverse_kl(lp_s, lp_t)
-    lp_m = _mix(lp_t, lp_s, beta)
-    values = beta * (lp_t - lp_m).mul_(lp_t.exp()).sum(-1)
-    d_s = lp_s - lp_m
-    del lp_m
-    p_s = lp_s.exp()
+        return _kernel_reverse_kl(lp_s, lp_t, p_s, p_t)
+    lp_m = _log_mix(p_t, p_s, beta)
+    values = beta * (lp_t - lp_m).mul_(p_t).sum(-1)
+    d_s = lp_m.neg_().add_(lp_s)  # lp_s - lp_m, in place
     values += (1.0 - beta) * (d_s * p_s).sum(-1)
-    # d/d lp_s of (1 - beta) KL(p_s || m) + beta KL(p_t || m): the terms through m cancel, leaving this.
+    # d/d lp_s of beta KL(p_t || m) + (1 - beta) KL(p_s || m): the terms through m cancel, leaving this.
     return values, d_s.mul_(p_s).mul_(1.0 - beta)
 
 
-def _kernel_skew_kl(lp_s, lp_t, alpha):
+def _kernel_skew_kl(lp_s, lp_t, p_s, p_t, alpha):
     if alpha == 0.0:
-        return _kernel_forward_kl(lp_s, lp_t)
+        return _kernel_forward_kl(lp_s, lp_t, p_s, p_t)
     if alpha == 1.0:
         return lp_s.new_zeros(lp_s.shape[0]), torch.zeros_like(lp_s)
-    lp_m = _mix(lp_t, lp_s, alpha)
-    p_t = lp_t.exp()
+    lp_m = _log_mix(p_t, p_s, alpha)
     values = (lp_t - lp_m).mul_(p_t).sum(-1)
     # g = -(1 - alpha) p_t p_s / m
-    return values, (lp_s - lp_m).exp_().mul_(p_t).mul_(alpha - 1.0)
+    return values, lp_m.neg_().add_(lp_s).exp_().mul_(p_t).mul_(alpha - 1.0)
 
 
-def _kernel_skew_reverse_kl(lp_s, lp_t, alpha):
+def _kernel_skew_reverse_kl(lp_s, lp_t, p_s, p_t, alpha):
     if alpha == 0.0:
-        return _kernel_reverse_kl(lp_s, lp_t)
+        return _kernel_reverse_kl(lp_s, lp_t, p_s, p_t)
     if alpha == 1.0:
         return lp_s.new_zeros(lp_s.shape[0]), torch.zeros_like(lp_s)
-    lp_m = _mix(lp_s, lp_t, alpha)
-    p_s = lp_s.exp()
+    lp_m = _log_mix(p_s, p_t, alpha)
     d = lp_s - lp_m
     values = (d * p_s).sum(-1)
     # g = p_s * (log(p_s / m) + (1 - alpha) p_t / m)
-    g = (lp_t - lp_m).exp_().mul_(1.0 - alpha).add_(d)
+    g = lp_m.neg_().add_(lp_t).exp_().mul_(1.0 - alpha).add_(d)
     return values, g.mul_(p_s)
 
 
-def _kernel_tvd(lp_s, lp_t):
-    p_s = lp_s.exp()
-    diff = lp_t.exp().sub_(p_s)
+def _kernel_tvd(lp_s, lp_t, p_s, p_t):
+    diff = p_t - p_s
     values = 0.5 * diff.abs().sum(-1)
     return values, diff.sign_().mul_(p_s).mul_(-0.5)
 
@@ -213,19 +228,21 @@ def _floor_(lp: torch.Tensor) -> torch.Tensor | None:
     return where
 
 
-def _divergence_value_and_grad(kernel, params, s_logits, t_logits, temperature, want_grad):
-    """Summed divergence of a chunk and its gradient with respect to the student's logits (or None)."""
-    acc = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
-    lp_s = _log_probs(s_logits, temperature, acc)
-    lp_t = _log_probs(t_logits, temperature, acc)
+def _divergence_value_and_grad(kernel, params, logits: list[torch.Tensor], temperature, want_grad):
+    """Summed divergence of a chunk and its gradient with respect to the student's logits (or None).
+
+    ``logits`` is ``[student, teacher]``; the list is emptied so that the raw logits are freed once converted."""
+    acc = torch.float64 if logits[0].dtype == torch.float64 else torch.float32
+    lp_t = _log_probs(logits.pop(), temperature, acc)
+    lp_s = _log_probs(logits.pop(), temperature, acc)
     excluded = _floor_(lp_s)  # student -inf logits: floored, and they get no gradient (as in the plain path)
     _floor_(lp_t)
-    values, g = kernel(lp_s, lp_t, **params)
+    p_s, p_t = lp_s.exp(), lp_t.exp()
+    values, g = kernel(lp_s, lp_t, p_s, p_t, **params)
     if not want_grad:
         return values.sum(), None
-    del lp_t
+    del lp_s, lp_t, p_t
     # Through lp_s = log_softmax(z / T): dz = (g - softmax(z / T) * sum(g)) / T.
-    p_s = lp_s.exp_()
     if excluded is not None:
         g.masked_fill_(excluded, 0.0)
         p_s.masked_fill_(excluded, 0.0)
@@ -288,7 +305,7 @@ def fused_linear_divergence(
         divergence: a name in ``DIVERGENCES`` (forward_kl, reverse_kl, generalized_jsd / jsd, skew_kl,
             skew_reverse_kl, tvd); ``divergence_params`` its parameters (``beta``, ``alpha``).
         mask: bool, the leading shape; only kept positions count (dropped before any matmul).
-        chunk_size: tokens per chunk; None picks ``DEFAULT_CHUNK_ELEMENTS // vocab`` (about 64 MiB of fp32 logits).
+        chunk_size: tokens per chunk; None picks ``DEFAULT_CHUNK_ELEMENTS // vocab`` (128 MiB of fp32 logits).
         reduction: "mean" over kept positions (0 with a zero gradient when none is kept) or "sum".
         vocab_size: compare over the first ``vocab_size`` rows of both heads only, for vocabularies that differ by
             padding rows (e.g. 151,936 vs 152,064); required when the two heads differ in size.
@@ -340,9 +357,10 @@ def fused_linear_divergence(
 
     kernel = _KERNELS[fn]
 
-    def step(s_logits: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        t_logits = F.linear(ht[start:end], wt)  # grad mode is off here (no_grad or inside _Fused.forward)
-        return _divergence_value_and_grad(kernel, divergence_params, s_logits, t_logits, temperature, want_grad)
+    def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Grad mode is off here (no_grad or inside _Fused.forward): these matmuls build no graph.
+        logits = [F.linear(h, ws), F.linear(ht[start:end], wt)]
+        return _divergence_value_and_grad(kernel, divergence_params, logits, temperature, want_grad)
 
     return _apply(hs, ws, _chunk_tokens(chunk_size, vocab_size), step, reduction)
 
@@ -381,8 +399,8 @@ def fused_linear_cross_entropy(
         )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
-    def step(logits: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = logits.to(acc)
+    def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = F.linear(h, weight).to(acc)
         y = targets[start:end].unsqueeze(-1)
         lse = z.logsumexp(-1, keepdim=True)
         loss = (lse - z.gather(-1, y)).sum()

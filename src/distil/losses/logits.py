@@ -68,7 +68,8 @@ def _flatten_pair(
     if student_logits.shape != teacher_logits.shape:
         raise DistilError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
-            "shape; both need the same leading dimensions and vocabulary (slice the larger vocabulary to the shared one)"
+            "shape; both need the same leading dimensions and vocabulary (slice the larger vocabulary to the shared "
+            "one)"
         )
     if student_logits.dim() == 0:
         raise DistilError("logits need at least one dimension (the classes / vocabulary, last)")

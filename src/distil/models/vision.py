@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from distil.config.schema import CNNSpec, MLPSpec
@@ -16,7 +16,7 @@ from distil.errors import DistilError
 class MLP(nn.Sequential):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden_sizes: list[int], dropout: float = 0.0):
         layers: list[nn.Module] = [nn.Flatten()]
-        width = int(torch.tensor(input_shape).prod())
+        width = math.prod(input_shape)  # math, not torch: also works under `with torch.device("meta")`
         for hidden in hidden_sizes:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
             if dropout:
@@ -73,9 +73,19 @@ def load_classifier(folder: str | Path) -> nn.Module:
 
     from distil.config.schema import ModelSpec
 
+    from distil.train.checkpoint import load_tensors
+
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    spec = TypeAdapter(ModelSpec).validate_python(config["spec"])
-    model = build_classifier(spec, tuple(config["input_shape"]), config["num_classes"])
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        spec = TypeAdapter(ModelSpec).validate_python(config["spec"])
+        model = build_classifier(spec, tuple(config["input_shape"]), config["num_classes"])
+    except (ValueError, KeyError, TypeError) as exc:  # ValidationError and JSONDecodeError are ValueErrors
+        raise DistilError(f"{folder / 'config.json'} does not describe a distil classifier ({type(exc).__name__}); "
+                          "point teacher.checkpoint at a folder a distil run wrote") from None
+    try:
+        model.load_state_dict(load_tensors(folder / "model.safetensors"))
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3]) or str(exc)
+        raise DistilError(f"{folder / 'model.safetensors'} does not match {folder / 'config.json'}: {detail}") from None
     return model.eval()

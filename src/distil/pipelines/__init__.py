@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from distil.config.load import recipe_to_yaml, validate_recipe
 from distil.config.schema import Recipe
 from distil.errors import ConfigError, DistilError
 from distil.pipelines import classification, embedding, lm
+from distil.train.signals import StopRequested, stop_signals
 
 PIPELINES = {"classification": classification, "causal_lm": lm, "embedding": embedding}
 
@@ -20,7 +22,9 @@ RECIPE_FILE = "recipe.yaml"
 
 def problems(recipe: Recipe) -> list[str]:
     """Everything that can be checked before loading data or models, one line per problem."""
-    return PIPELINES[recipe.task].problems(recipe)
+    from distil.estimate import memory_problems
+
+    return PIPELINES[recipe.task].problems(recipe) + memory_problems(recipe)
 
 
 def check(recipe: Recipe) -> list[str]:
@@ -43,9 +47,11 @@ def run_recipe(recipe: Recipe, *, show_progress: bool = True, console: Console |
                           "or choose another output_dir=PATH")
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
-    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    tmp = run_dir / f".{RECIPE_FILE}.tmp"  # written whole or not at all: a killed start leaves no half recipe
+    tmp.write_text(recipe_to_yaml(recipe))
+    os.replace(tmp, run_dir / RECIPE_FILE)
     (console or Console()).print(f"run directory: {run_dir}")
-    return PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
+    return _run(recipe, run_dir, show_progress, console)
 
 
 def resume_run(run_dir: Path, *, show_progress: bool = True, console: Console | None = None) -> dict:
@@ -54,4 +60,14 @@ def resume_run(run_dir: Path, *, show_progress: bool = True, console: Console | 
     if not path.is_file():
         raise DistilError(f"{run_dir} is not a run directory (no {RECIPE_FILE}); start one with `distil run`")
     recipe = validate_recipe(yaml.safe_load(path.read_text()))
-    return PIPELINES[recipe.task].run(recipe, Path(run_dir), show_progress=show_progress, console=console)
+    return _run(recipe, Path(run_dir), show_progress, console)
+
+
+def _run(recipe: Recipe, run_dir: Path, show_progress: bool, console: Console | None) -> dict:
+    # One stop listener for the whole run: a SIGTERM or Ctrl-C between stages stops before the next stage starts.
+    with stop_signals():
+        try:
+            return PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
+        except (StopRequested, KeyboardInterrupt) as exc:  # the CLI's message says which folder to resume
+            exc.run_dir = run_dir  # type: ignore[union-attr]
+            raise

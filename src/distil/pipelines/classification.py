@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +69,15 @@ def preflight(recipe: Recipe, data: ClassificationData) -> None:
         if available < spec.batch_size:
             raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {available} training examples; "
                               f"lower {name}.batch_size or raise {name}.subset")
-    student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
-    teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
-    check_pair(student, Teacher(teacher), (data.train_x[:2],))
     from distil.pipelines.variants import preflight_variants, teacher_specs
 
-    teachers = [build_classifier(spec.model, data.input_shape, data.num_classes) for spec in teacher_specs(recipe)]
-    preflight_variants(recipe, data, student, teachers, data.train_x[:2])
+    # On the meta device: shapes are checked without allocating (or initialising) any weight.
+    with torch.device("meta"):
+        student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
+        teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
+        teachers = [build_classifier(spec.model, data.input_shape, data.num_classes) for spec in teacher_specs(recipe)]
+    check_pair(student, Teacher(teacher), (data.train_x[:2].to("meta"),))
+    preflight_variants(recipe, data, student, teachers, data.train_x[:2].to("meta"))
 
 
 def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
@@ -100,7 +101,8 @@ def _is_model_folder(folder: Path) -> bool:
 def save_model_folder(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
     """Write weights + config (+ training info) to a temporary folder, then move it into place."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
     tmp.mkdir(parents=True)
     save_tensors(tmp / "model.safetensors", model.state_dict())
     write_json(tmp / "config.json", config)
@@ -118,7 +120,8 @@ def _train_classifier(
     recipe: Recipe, run_dir: Path, metrics: MetricsLog, device: torch.device, show_progress: bool,
     objective: Any = None,
 ) -> float:
-    """Train one arm (or the teacher) and return the seconds spent, including any earlier interrupted part.
+    """Train one arm (or the teacher); returns the seconds its training took, summed over resumed runs (the work a
+    killed run did after its last checkpoint is redone and counted once).
 
     `objective` replaces the default ClassifierObjective(model, teacher, loss) (variants: features, EMA, exits)."""
     indices = subset_indices(len(data.train_y), spec.subset, recipe.seed)
@@ -127,16 +130,10 @@ def _train_classifier(
     test_x, test_y = _eval_split(recipe, data)
     objective = objective or ClassifierObjective(model, teacher, loss, device)
     stage = Stage(name, objective, stream, spec, run_dir / "checkpoints" / name, metrics, device,
-                  evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, device)})
-    timer_file = run_dir / "checkpoints" / name / "elapsed.json"
-    before = json.loads(timer_file.read_text())["seconds"] if timer_file.exists() else 0.0
-    start = time.perf_counter()
-    try:
-        train(stage, show_progress=show_progress)
-    finally:
-        timer_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(timer_file, {"seconds": before + time.perf_counter() - start})
-    return before + time.perf_counter() - start
+                  evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, device)},
+                  recipe=recipe.model_dump(mode="json"))
+    train(stage, show_progress=show_progress)
+    return stage.elapsed_s
 
 
 def _eval_split(recipe: Recipe, data: ClassificationData) -> tuple[torch.Tensor, torch.Tensor]:

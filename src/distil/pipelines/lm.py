@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +100,10 @@ def _preflight_student(recipe: Recipe, teacher: Any) -> Any:
 
 
 def _check_context(recipe: Recipe, teacher_path: Path) -> None:
+    from distil.guards import check_sequence_length
+
     config = json.loads((teacher_path / "config.json").read_text())
-    limit = config.get("max_position_embeddings")
-    if limit and recipe.data.seq_len > limit:
-        raise DistilError(f"data.seq_len={recipe.data.seq_len} is longer than the teacher's context ({limit} tokens); "
-                          f"lower data.seq_len")
+    check_sequence_length(recipe.data.seq_len, {"teacher": config}, key="data.seq_len")
 
 
 def _check_sizes(recipe: Recipe, corpus: TextCorpus) -> None:
@@ -122,7 +120,8 @@ def _is_model_folder(folder: Path) -> bool:
 def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any] | None = None) -> None:
     """save_pretrained (weights + config) and the tokenizer into a temporary folder, then move it into place."""
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_json(tmp / "train.json", info or {})
@@ -135,7 +134,8 @@ def load_student_folder(folder: Path, device: torch.device) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
 
 
-def _build_init(recipe: Recipe, teacher: Any, tokenizer: Any, corpus: TextCorpus, folder: Path, console: Console) -> None:
+def _build_init(recipe: Recipe, teacher: Any, teacher_vocab: int, tokenizer: Any, corpus: TextCorpus, folder: Path,
+                console: Console) -> None:
     spec = recipe.student.model
     if isinstance(spec, FromTeacherSpec):
         from distil.students import make_student
@@ -155,12 +155,12 @@ def _build_init(recipe: Recipe, teacher: Any, tokenizer: Any, corpus: TextCorpus
     else:
         assert isinstance(spec, HFModelSpec)
         student, s_tok = hf.load_causal_lm(spec.source, dtype="float32", trust_remote_code=spec.trust_remote_code)
-        hf.shared_vocab_size(s_tok, tokenizer, student.config.vocab_size, teacher.config.vocab_size)
+        hf.shared_vocab_size(s_tok, tokenizer, student.config.vocab_size, teacher_vocab)
     save_hf_folder(folder, student.float(), tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------- training
-def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Teacher, tokenizer: Any,
+def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Teacher | None, cache: Any, tokenizer: Any,
                batches: Any, size: int, eval_blocks: torch.Tensor, vocab: int, metrics: MetricsLog,
                device: torch.device, show_progress: bool) -> None:
     seed_everything(recipe.seed)
@@ -170,10 +170,17 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Tea
         for head in (student.get_input_embeddings(), student.get_output_embeddings()):
             head.weight.requires_grad_(False)
     distilled = arm == "distilled"  # logit_kd: plain off-policy logit KD, the baseline of the recipe's variant
-    objective: Any = CausalLMObjective(
-        student, teacher if arm in ("distilled", "logit_kd") else None, recipe.loss, vocab_size=vocab, device=device,
-        onpolicy=recipe.onpolicy if distilled else None, pad_token_id=tokenizer.pad_token_id,
-    )
+    kd = arm in ("distilled", "logit_kd")
+    objective: Any
+    if kd and cache is not None:
+        from distil.pipelines.cached import CachedLMObjective
+
+        objective = CachedLMObjective(student, cache, recipe.loss, device=device)
+    else:
+        objective = CausalLMObjective(
+            student, teacher if kd else None, recipe.loss, vocab_size=vocab, device=device,
+            onpolicy=recipe.onpolicy if distilled else None, pad_token_id=tokenizer.pad_token_id,
+        )
     if distilled and recipe.loss.features and teacher is not None:
         from distil.distill.feature_objective import FeatureObjective
 
@@ -183,18 +190,12 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Tea
     stream = BatchStream(size, recipe.train.batch_size, batches, seed=recipe.seed)
     quick_eval = eval_blocks[: max(1, min(len(eval_blocks), 8))]
     stage = Stage(arm, objective, stream, recipe.train, run_dir / "checkpoints" / arm, metrics, device,
-                  evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval, vocab_size=vocab)[0]})
-    timer = run_dir / "checkpoints" / arm / "elapsed.json"
-    before = json.loads(timer.read_text())["seconds"] if timer.exists() else 0.0
-    start = time.perf_counter()
-    try:
-        train(stage, show_progress=show_progress)
-    finally:
-        timer.parent.mkdir(parents=True, exist_ok=True)
-        write_json(timer, {"seconds": before + time.perf_counter() - start})
+                  evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval, vocab_size=vocab)[0]},
+                  recipe=recipe.model_dump(mode="json"))
+    train(stage, show_progress=show_progress)
     student.config.use_cache = True
     save_hf_folder(run_dir / ARM_FOLDERS[arm], student, tokenizer,
-                   {"train_time_s": before + time.perf_counter() - start, "steps": recipe.train.steps})
+                   {"train_time_s": stage.elapsed_s, "steps": recipe.train.steps})
 
 
 def lm_feature_distiller(recipe: Recipe, student: Any, teacher: Any, batch: dict[str, Any], device: torch.device) -> Any:
@@ -239,7 +240,21 @@ def _prompts_for_samples(corpus: TextCorpus, count: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------ run
+def _load_teacher(recipe: Recipe, device: torch.device) -> Any:
+    t_spec = recipe.teacher.model
+    assert isinstance(t_spec, HFModelSpec)
+    model, _ = hf.load_causal_lm(t_spec.source, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
+    return model
+
+
+def _as_teacher(model: Any, recipe: Recipe, device: torch.device) -> Any:
+    dtype = recipe.teacher.model.dtype  # type: ignore[union-attr]
+    return (model.to(getattr(torch, dtype)) if dtype else model).to(device).eval()
+
+
 def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: Console | None = None) -> dict:
+    from distil.pipelines import cached
+
     console = console or Console()
     hf.quiet_transformers()
     device = pick_device(recipe.train.device)
@@ -250,46 +265,71 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
     assert isinstance(t_spec, HFModelSpec)
     teacher_path = hf.resolve_model_path(t_spec.source)
     _check_context(recipe, teacher_path)
-    console.print(f"[bold]teacher[/bold]: {t_spec.source} ({teacher_path})")
-    teacher_model, tokenizer = hf.load_causal_lm(teacher_path, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
+    tokenizer = hf.load_tokenizer(teacher_path, trust_remote_code=t_spec.trust_remote_code)
     corpus = load_corpus(recipe.data, tokenizer)
     _check_sizes(recipe, corpus)
     console.print(f"data: {len(corpus.train)} training blocks and {len(corpus.eval)} held-out blocks of "
                   f"{recipe.data.seq_len} tokens")
-
     init = run_dir / INIT_FOLDER
+    cache_spec = recipe.teacher.cache
+    # With a complete cache and an initial student, the teacher's weights are never loaded.
+    builds_from_teacher = isinstance(recipe.student.model, FromTeacherSpec) and not _is_model_folder(init)
+    need_teacher = cache_spec is None or not cached.cache_is_complete(Path(cache_spec.path)) or builds_from_teacher
+    teacher_model = None
+    if need_teacher:
+        console.print(f"[bold]teacher[/bold]: {t_spec.source} ({teacher_path})")
+        teacher_model = _load_teacher(recipe, device)
     if not _is_model_folder(init):
         seed_everything(recipe.seed)
-        _build_init(recipe, teacher_model, tokenizer, corpus, init, console)
-    vocab = min(teacher_model.config.vocab_size, load_student_folder(init, torch.device("cpu")).config.vocab_size)
-    if t_spec.dtype:
-        teacher_model = teacher_model.to(getattr(torch, t_spec.dtype))
-    teacher_model = teacher_model.to(device)
-    teacher = Teacher(teacher_model)
+        teacher_vocab = json.loads((teacher_path / "config.json").read_text())["vocab_size"]
+        _build_init(recipe, teacher_model, teacher_vocab, tokenizer, corpus, init, console)
+    student_vocab = load_student_folder(init, torch.device("cpu")).config.vocab_size
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    cache = None
+    if cache_spec is not None:
+        if not cached.cache_is_complete(Path(cache_spec.path)):
+            teacher_model = _as_teacher(teacher_model, recipe, device)
+            result = cached.build_for_recipe(recipe, teacher_model, tokenizer, corpus, show_progress=show_progress)
+            cached.describe(result, console)
+            vocab = min(teacher_model.config.vocab_size, student_vocab)
+            row, _ = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer)
+            cached.write_teacher_eval(Path(cache_spec.path), row)
+        teacher_model = None  # training and evaluation read the cache, not the teacher
+        cache = cached.open_cache(recipe, tokenizer, corpus)
+        vocab = min(cache.vocab_size, student_vocab)
+        console.print(f"[bold]teacher[/bold]: read from the cache {cache_spec.path} (the teacher is not run)")
+    else:
+        teacher_model = _as_teacher(teacher_model, recipe, device)
+        vocab = min(teacher_model.config.vocab_size, student_vocab)
 
     if recipe.method == "response":
         from distil.pipelines.response import response_batches
 
         arm_data = response_batches(recipe, run_dir, teacher_model, tokenizer, corpus, console, show_progress)
     else:
-        train_blocks = corpus.train
-        arm_data = {arm: ((lambda i: lm_batch(train_blocks[i])), len(train_blocks)) for arm in recipe.arms}
+        blocks = corpus.train
+        arm_data = {arm: ((lambda i: {"id": i, **lm_batch(blocks[i])}), len(blocks)) for arm in recipe.arms}
 
     for arm in recipe.arms:
         if _is_model_folder(run_dir / ARM_FOLDERS[arm]):
             console.print(f"[bold]{arm}[/bold]: already trained")
             continue
         # Response distillation is supervised fine-tuning on the teacher's answers: no live teacher in the loss.
-        live_teacher = teacher if recipe.method == "logits" else None
+        live = Teacher(teacher_model) if teacher_model is not None and recipe.method == "logits" else None
         batches, size = arm_data[arm]
-        _train_arm(arm, recipe, run_dir, init, live_teacher, tokenizer, batches, size, corpus.eval, vocab, metrics,
+        _train_arm(arm, recipe, run_dir, init, live, cache, tokenizer, batches, size, corpus.eval, vocab, metrics,
                    device, show_progress)
 
     console.print("evaluating teacher and students on held-out text ...")
     arms: dict[str, Any] = {}
-    arms["teacher"], teacher_predictions = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer)
-    models = {"teacher": teacher_model}
+    models: dict[str, Any] = {}
+    if teacher_model is not None:
+        arms["teacher"], teacher_predictions = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer)
+        models["teacher"] = teacher_model
+    else:
+        arms["teacher"] = {**cached.read_teacher_eval(Path(cache_spec.path)), "from_cache": True}  # type: ignore[union-attr]
+        teacher_predictions = cached.eval_predictions(cache, len(corpus.eval), recipe.data.seq_len)
     for arm, folder in [("student_init", init)] + [(a, run_dir / ARM_FOLDERS[a]) for a in recipe.arms]:
         model = load_student_folder(folder, device)
         arms[arm], _ = _measure(model, folder, corpus.eval, vocab, teacher_predictions, tokenizer)
@@ -303,6 +343,7 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
         "recipe": recipe.name, "task": recipe.task, "method": recipe.method, "metrics": ["perplexity", "agreement"],
         "arms": arms, "generations": generations, "device": str(device), "torch_threads": torch.get_num_threads(),
         "eval_tokens": int(corpus.eval.numel()), "vocab_compared": vocab,
+        "teacher_source": "cache" if cache is not None else "live",
     })
     if recipe.method == "response":
         from distil.pipelines.response import response_perplexities

@@ -3,7 +3,8 @@
 A checkpoint is a folder `step-00000100/` holding safetensors (weights, optimizer tensors, RNG state) and JSON
 (everything else), written under a temporary name, fsynced, renamed into place, and sealed by a `COMPLETE` file
 written last with the sha256 of every file. A folder without a valid seal is never loaded: the loader warns, naming
-the damaged file, and falls back to the previous checkpoint.
+the damaged file, and falls back to the previous checkpoint. `state.json` also records the library versions and
+(when the stage carries it) the resolved recipe, so a resume can say what changed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from distil.errors import DistilError
 
 SEAL = "COMPLETE"
 PREFIX = "step-"
@@ -53,9 +57,32 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    # safetensors refuses shared or non-contiguous storage; clone to plain contiguous CPU tensors.
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # safetensors writes straight from each tensor's memory but refuses tensors that share storage (tied weights):
+    # only those are cloned, so a checkpoint of a large model does not need a second copy of it in memory.
+    plain, storages = {}, set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if storage in storages or storage == 0:
+            value = value.clone()
+        storages.add(storage)
+        plain[key] = value
     save_file(plain, str(path), metadata=metadata)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; anything else (a pickle, a damaged file) is refused with a DistilError.
+
+    distil never unpickles: a pickle can run arbitrary code while it loads."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80" or head == b"PK":  # a pickle protocol header, or torch.save's zip of pickles
+            raise DistilError(f"{path} is a pickle (or torch.save) file, not safetensors; distil never loads pickles "
+                              "because unpickling can run code; convert it with safetensors.torch.save_file")
+        return load_file(path)
+    except SafetensorError as exc:
+        raise DistilError(f"{path} is not a valid safetensors file ({exc}); replace it or delete it") from None
 
 
 # ----------------------------------------------------------------------------------------------- state flattening
@@ -133,12 +160,14 @@ def save_checkpoint(
     """Write `folder/step-<step>/` atomically and keep only the newest `keep` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
+    for stale in folder.glob(f".{PREFIX}*.tmp-*"):  # left by a process killed while writing; never loaded
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
     save_tensors(tmp / "modules.safetensors", weights)
     state = dict(state, step=step)
+    state.setdefault("versions", _versions())
     if optimizer is not None:
         opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
         save_tensors(tmp / "optimizer.safetensors", opt_tensors)
@@ -203,12 +232,39 @@ def load_checkpoint(path: Path) -> Checkpoint:
     state = json.loads((path / "state.json").read_text())
     optimizer = None
     if (path / "optimizer.safetensors").exists() and "optimizer" in state:
-        optimizer = unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
+        optimizer = unflatten_optimizer(load_tensors(path / "optimizer.safetensors"), state["optimizer"])
     return Checkpoint(
         path=path,
         step=int(state["step"]),
-        modules=load_file(path / "modules.safetensors"),
+        modules=load_tensors(path / "modules.safetensors"),
         optimizer=optimizer,
-        rng_tensors=load_file(path / "rng.safetensors"),
+        rng_tensors=load_tensors(path / "rng.safetensors"),
         state=state,
     )
+
+
+_VERSIONS: dict[str, str] = {}
+
+
+def _versions() -> dict[str, str]:
+    if not _VERSIONS:
+        from distil.paths import library_versions
+
+        _VERSIONS.update(library_versions())
+    return dict(_VERSIONS)
+
+
+def resume_warnings(checkpoint: Checkpoint, recipe: dict[str, Any] | None) -> list[str]:
+    """What differs between the run that wrote `checkpoint` and this one: exact resume needs neither to differ."""
+    found = []
+    saved = checkpoint.state.get("versions", {})
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in _versions().items() if k in saved and saved[k] != v]
+    if changed:
+        found.append(f"{checkpoint.path} was written with other library versions ({', '.join(changed)}); "
+                     "the resumed run may not match an uninterrupted one bit for bit")
+    before = checkpoint.state.get("recipe")
+    if recipe is not None and before is not None and before != recipe:
+        keys = sorted(k for k in set(before) | set(recipe) if before.get(k) != recipe.get(k))
+        found.append(f"{checkpoint.path} was written by a different recipe (changed: {', '.join(keys)}); "
+                     "continuing with the current one")
+    return found

@@ -8,6 +8,7 @@ graceful stop and the non-finite guard.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ class Stage:
     device: torch.device
     evaluate: Callable[[], dict[str, float]] | None = None
     extra_state: Callable[[], dict[str, Any]] | None = None  # JSON-able state saved with each checkpoint
+    recipe: dict[str, Any] | None = None  # the resolved recipe, recorded in each checkpoint
+    elapsed_s: float = 0.0  # set by train(): seconds spent training, summed over the runs that resumed it
 
 
 def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
@@ -67,10 +70,12 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
         raise DistilError(f"stage '{stage.name}': nothing to train (no parameter requires grad)")
     optimizer = build_optimizer(spec, params)
     scheduler = build_scheduler(spec, optimizer)
-    step, last_saved = 0, None
+    step, last_saved, elapsed_before = 0, None, 0.0
 
     resumed = ckpt.load_latest(stage.checkpoint_dir)
     if resumed is not None:
+        for message in ckpt.resume_warnings(resumed, stage.recipe):
+            warnings.warn(message, stacklevel=2)
         for name, module in objective.modules.items():
             module.load_state_dict(resumed.module_state(name))
         if resumed.optimizer is not None:
@@ -79,12 +84,21 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
         stream.load_state_dict(resumed.state["stream"])
         ckpt.set_rng_state(resumed.rng_tensors, resumed.state["rng"])
         step, last_saved = resumed.step, resumed.path
-        stage.metrics.truncate(stage.name, step)
+        elapsed_before = float(resumed.state.get("elapsed_s", 0.0))
+        del resumed  # its weights now live in the modules: do not hold a second copy while training
+    # Records past the checkpoint (all of the stage's, when there is none) come from a run that died before saving
+    # again: this run writes them again, exactly as they were.
+    stage.metrics.truncate(stage.name, step)
+    started = time.perf_counter()
 
     def save() -> Path:
-        state = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "stage": stage.name}
+        stage.elapsed_s = elapsed_before + time.perf_counter() - started
+        state = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "stage": stage.name,
+                 "elapsed_s": stage.elapsed_s}
         if stage.extra_state is not None:
             state["extra"] = stage.extra_state()
+        if stage.recipe is not None:
+            state["recipe"] = stage.recipe
         return ckpt.save_checkpoint(
             stage.checkpoint_dir, step, modules=objective.modules, optimizer=optimizer, state=state,
             keep=spec.keep_checkpoints,
@@ -96,6 +110,8 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
     window_units, window_start, skipped_in_a_row = 0, time.perf_counter(), 0
     evaluation: dict[str, float] = {}
     with stop_signals() as stop, _progress(stage.name, spec.steps, step, show_progress) as advance:
+        if stop.requested and step < spec.steps:  # asked to stop before this stage began (e.g. between stages)
+            raise StopRequested(stage.name, step, last_saved)
         while step < spec.steps:
             # Fetch all micro-batches first so each can be weighted by its share of the step's units (tokens or
             # examples): 4 x 2 accumulation then equals one batch of 8 exactly, whatever the padding.
@@ -123,8 +139,10 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
                 skipped_in_a_row += 1
                 if skipped_in_a_row > spec.max_nonfinite_skips:
                     where = f"last good checkpoint: {last_saved}" if last_saved else "no checkpoint was written yet"
+                    term = next((k for k in bad if k != "loss"), bad[0])  # name the term, not only the total
+                    what = {"grad_norm": "gradient norm", "loss": "loss"}.get(term, f"loss term '{term}'")
                     raise DistilError(
-                        f"stage '{stage.name}': non-finite {bad[0]} ({logged.get(bad[0], float(grad_norm))}) at step "
+                        f"stage '{stage.name}': non-finite {what} ({logged.get(term, float(grad_norm))}) at step "
                         f"{step + 1}; {where}. Lower train.lr, enable train.clip_grad_norm, or set "
                         "train.max_nonfinite_skips=N to skip such steps"
                     )
@@ -145,7 +163,9 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
                 record[f"{objective.unit}_per_s"] = window_units / elapsed if elapsed > 0 else 0.0
                 stage.metrics.write(record)
                 window_units, window_start = 0, time.perf_counter()
-            if stage.evaluate is not None and spec.eval_every and (step % spec.eval_every == 0 or step == spec.steps):
+            # The final evaluation comes before the final checkpoint, like every other record: a run killed after
+            # that checkpoint never writes it twice.
+            if stage.evaluate is not None and (step == spec.steps or (spec.eval_every and step % spec.eval_every == 0)):
                 evaluation = _evaluate(stage, step)
             if (spec.save_every and step % spec.save_every == 0) or step == spec.steps:
                 last_saved = save()
@@ -153,12 +173,13 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
                 last_saved = save()
             if stop.requested and step < spec.steps:
                 raise StopRequested(stage.name, step, last_saved)
-    if stage.evaluate is not None and not evaluation:
-        evaluation = _evaluate(stage, step)
+    if stage.evaluate is not None and not evaluation:  # resumed from the final checkpoint: already logged
+        evaluation = _evaluate(stage, step, log=False)
+    stage.elapsed_s = elapsed_before + time.perf_counter() - started
     return evaluation
 
 
-def _evaluate(stage: Stage, step: int) -> dict[str, float]:
+def _evaluate(stage: Stage, step: int, *, log: bool = True) -> dict[str, float]:
     modes = {name: m.training for name, m in stage.objective.modules.items()}
     for m in stage.objective.modules.values():
         m.eval()
@@ -170,7 +191,8 @@ def _evaluate(stage: Stage, step: int) -> dict[str, float]:
         torch.set_rng_state(rng)
         for name, m in stage.objective.modules.items():
             m.train(modes[name])
-    stage.metrics.write({"arm": stage.name, "step": step, **{f"eval/{k}": v for k, v in result.items()}})
+    if log:
+        stage.metrics.write({"arm": stage.name, "step": step, **{f"eval/{k}": v for k, v in result.items()}})
     return result
 
 

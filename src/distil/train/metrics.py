@@ -16,6 +16,7 @@ class MetricsLog:
     def __init__(self, path: Path, *, tensorboard: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_torn_tail()
         self._tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -28,10 +29,25 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(f"{arm}/{key}", value, record["step"])
 
+    def _drop_torn_tail(self) -> None:
+        """A process killed inside `write` can leave half a line; cut it so the next record starts on its own line."""
+        if not self.path.is_file():
+            return
+        with open(self.path, "r+b") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line torn by a killed process; the resumed stage writes it again
+                continue
+        return records
 
     def truncate(self, arm: str, after_step: int) -> None:
         """Drop an arm's records past `after_step`: a resumed run rewrites them exactly as they were."""

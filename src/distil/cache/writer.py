@@ -1,0 +1,172 @@
+"""Turning teacher log-probabilities into sparse targets, and writing shards atomically.
+
+The targets are computed in float32 (whatever the teacher's dtype) and stored in the dtypes of ``format``. A shard is
+written to a temporary name, flushed with fsync and renamed into place, then its record (checksum, size, sample ids)
+is written the same way: a reader or a resumed build never sees a partial shard, and a shard without its record is
+simply computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save as st_save
+
+from distil.cache import format as fmt
+
+_ROW_CHUNK = 1024  # rows of [rows, V] processed at once: bounds the extra memory of the exact tail computation
+
+
+# ------------------------------------------------------------------------------------------------ target maths
+def topk_targets(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids, their log-probabilities and the exact log tail mass of rows of normalised log-probs ``[T, V]``.
+
+    The tail is the sum of the probabilities of the tokens outside the top k (not ``1 - sum`` of the top k, which
+    loses all precision when the top k hold nearly all the mass); it is ``-inf`` when ``k`` equals the vocabulary.
+    """
+    k = min(k, logprobs.shape[-1])
+    ids, vals, tails = [], [], []
+    for rows in logprobs.split(_ROW_CHUNK):
+        v, i = rows.topk(k, dim=-1)
+        # Probabilities are <= 1: summing exp directly is safe, and faster than logsumexp over a masked copy.
+        tails.append(rows.exp().scatter_(-1, i, 0.0).sum(-1).log())
+        ids.append(i)
+        vals.append(v)
+    if not ids:
+        empty = logprobs.new_zeros((0, k))
+        return empty.long(), empty, logprobs.new_zeros(0)
+    return torch.cat(ids), torch.cat(vals), torch.cat(tails)
+
+
+def draw_seed(seed: int, sample_id: int) -> int:
+    """A per-sample seed, so that draws do not depend on batching, sharding or resumption."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_targets(
+    logprobs: torch.Tensor, num_draws: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``num_draws`` tokens with replacement from each row's distribution; return the distinct tokens.
+
+    Returns ``(row_counts [T], ids [E], counts [E], entropy [T])``: row t's distinct ids are the next
+    ``row_counts[t]`` entries of ``ids``, drawn ``counts`` times each. ``counts / num_draws`` has expectation equal to
+    the teacher's probability of each token, which makes the sparse cross-entropy unbiased.
+    """
+    probs = logprobs.exp()
+    # -inf log-probs (probability 0) are clamped so that they contribute 0, not NaN; faster than special.entr.
+    entropy = -(probs * logprobs.clamp_min(torch.finfo(logprobs.dtype).min)).sum(-1)
+    if probs.shape[0] == 0:
+        z = torch.zeros(0, dtype=torch.long, device=probs.device)
+        return z, z, z, entropy
+    draws = torch.multinomial(probs, num_draws, replacement=True, generator=generator).sort(-1).values
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    row_counts = new.sum(-1)
+    ids = draws[new]
+    starts = torch.nonzero(new.reshape(-1)).squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([draws.numel()])])
+    return row_counts, ids, ends - starts, entropy
+
+
+# ---------------------------------------------------------------------------------------------- shard contents
+@dataclass
+class ShardBuffer:
+    """Targets of the samples of one shard, gathered sample by sample, then encoded as one safetensors file."""
+
+    mode: str
+    vocab_size: int
+    num_draws: int | None = None
+    layout: str = "sequence"
+    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def _put(self, name: str, value: np.ndarray) -> None:
+        self.parts.setdefault(name, []).append(value)
+
+    def add(self, sample_id: int, keep: np.ndarray, **targets: torch.Tensor) -> None:
+        """Add one sample: its kept positions and its targets (float32/int64 tensors, rows = kept positions)."""
+        self._put("sample_ids", np.array([sample_id], dtype=np.int64))
+        self._put("lengths", np.array([len(keep)], dtype=np.int32))
+        self._put("keep", np.asarray(keep, dtype=np.bool_))
+        ids_t = fmt.id_dtype(self.vocab_size)
+        for name, t in targets.items():
+            a = t.detach().cpu().numpy()
+            if name in ("ids",):
+                a = a.astype(ids_t)
+            elif name in ("logprobs", "tail_logmass"):
+                a = a.astype(np.float16)
+            elif name in ("row_counts", "counts"):
+                a = a.astype(fmt.count_dtype(self.num_draws or 1))
+            elif name == "entropy":
+                a = a.astype(np.float32)
+            else:
+                raise ValueError(f"unknown target array {name}")
+            self._put(name, a)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.parts.get("sample_ids", []))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(chunks) for name, chunks in self.parts.items()}
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one, never a part."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_shard(root: Path, index: int, buffer: ShardBuffer, fingerprint: str) -> fmt.ShardRecord:
+    """Encode, checksum and atomically write shard ``index`` and then its record; return the record."""
+    arrays = buffer.arrays()
+    # One metadata key: safetensors writes several in a random order, and shards must be byte-reproducible.
+    data = st_save(arrays, metadata={"distil": f"{fmt.FORMAT} v{fmt.VERSION} {buffer.mode}"})
+    name = fmt.shard_file(index)
+    atomic_write(root / name, data)
+    lengths = arrays["lengths"]
+    record = fmt.ShardRecord(
+        index=index,
+        file=name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        bytes=len(data),
+        num_samples=len(arrays["sample_ids"]),
+        num_positions=int(arrays["keep"].sum()),
+        num_entries=int(arrays["ids"].size if "ids" in arrays else arrays["logprobs"].size),
+        vocab_size=buffer.vocab_size,
+        layout=buffer.layout,  # type: ignore[arg-type]
+        max_length=int(lengths.max()) if len(lengths) else 0,
+        fingerprint=fingerprint,
+        sample_ids=fmt.ids_to_ranges(arrays["sample_ids"]),
+    )
+    atomic_write(root / fmt.shard_record_file(index), fmt.dump_model(record))
+    return record

@@ -1,0 +1,135 @@
+"""Causal-LM distillation from an offline teacher cache: build it once, then train students without the teacher.
+
+The cache holds every training block (sample id = block index) and every held-out block (id EVAL_ID_OFFSET + j),
+so held-out top-1 agreement needs no teacher either. The teacher's own evaluation (perplexity, speed, size) is
+measured when the cache is built and kept beside it in `teacher_eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from distil.cache import BuildResult, TeacherCache, build_cache, dataset_fingerprint, tokenizer_hash, weights_hash
+from distil.config.schema import LossSpec, Recipe
+from distil.data.text import TextCorpus
+from distil.distill.lm import IGNORE, next_token_targets
+from distil.errors import DistilError
+from distil.losses import cached_divergence
+from distil.train.checkpoint import write_json
+
+EVAL_ID_OFFSET = 1_000_000_000
+TEACHER_EVAL = "teacher_eval.json"
+MANIFEST = "manifest.json"
+
+
+def cache_is_complete(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file() and (Path(path) / TEACHER_EVAL).is_file()
+
+
+def cache_samples(corpus: TextCorpus) -> list[dict[str, Any]]:
+    """Training blocks, then held-out blocks; labels = input ids, so each position's target is the next token's."""
+    train = [{"id": i, "input_ids": b, "labels": b} for i, b in enumerate(corpus.train)]
+    held_out = [{"id": EVAL_ID_OFFSET + j, "input_ids": b, "labels": b} for j, b in enumerate(corpus.eval)]
+    return train + held_out
+
+
+def build_for_recipe(recipe: Recipe, teacher: nn.Module, tokenizer: Any, corpus: TextCorpus, *,
+                     shard: tuple[int, int] = (0, 1), show_progress: bool = True) -> BuildResult:
+    """Run the teacher once over the recipe's training and held-out text (part `shard` of a split build)."""
+    spec = recipe.teacher.cache
+    assert spec is not None
+    device = next(teacher.parameters()).device
+    vocab = teacher.config.vocab_size
+
+    @torch.no_grad()
+    def teacher_logits(batch: dict[str, Any]) -> torch.Tensor:
+        out = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      use_cache=False)
+        return out.logits[..., :vocab].float()
+
+    samples = cache_samples(corpus)
+    fields = {
+        "teacher": recipe.teacher.model.source,  # type: ignore[union-attr]
+        "teacher_hash": weights_hash(teacher.state_dict()),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "dataset_fingerprint": dataset_fingerprint(samples),
+        "seq_len": recipe.data.seq_len,
+    }
+    return build_cache(
+        spec.path, samples, teacher_logits, mode=spec.mode, k=spec.k, num_draws=spec.num_draws,
+        temperature=recipe.loss.temperature, manifest_fields=fields, shard_size=spec.shard_size, shard=shard,
+        batch_size=spec.batch_size, seed=recipe.seed, progress=show_progress,
+    )
+
+
+def write_teacher_eval(path: Path, row: dict[str, Any]) -> None:
+    write_json(Path(path) / TEACHER_EVAL, row)
+
+
+def read_teacher_eval(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / TEACHER_EVAL).read_text())
+
+
+def open_cache(recipe: Recipe, tokenizer: Any, corpus: TextCorpus) -> TeacherCache:
+    """Open the recipe's cache and refuse it when it was built for other text, tokenizer, length or temperature."""
+    spec = recipe.teacher.cache
+    assert spec is not None
+    cache = TeacherCache(spec.path)
+    cache.check_compatible(
+        tokenizer_hash=tokenizer_hash(tokenizer), dataset_fingerprint=dataset_fingerprint(cache_samples(corpus)),
+        seq_len=recipe.data.seq_len, temperature=recipe.loss.temperature, mode=spec.mode,
+        k=spec.k if spec.mode == "topk" else None,
+    )
+    return cache
+
+
+def eval_predictions(cache: TeacherCache, num_blocks: int, seq_len: int) -> torch.Tensor:
+    """The teacher's top-1 next token at every held-out position [N, L-1], read from the cache."""
+    if cache.mode != "topk":
+        raise DistilError("held-out agreement needs a top-k cache (its first id is the teacher's top-1)")
+    ids = torch.arange(EVAL_ID_OFFSET, EVAL_ID_OFFSET + num_blocks)
+    return cache.targets(ids, seq_len)["ids"][:, :-1, 0]
+
+
+class CachedLMObjective:
+    """Like CausalLMObjective, with the teacher's soft targets read from a cache by sample id (batch['id'])."""
+
+    unit = "tokens"
+
+    def __init__(self, student: nn.Module, cache: TeacherCache, spec: LossSpec, *, device: torch.device):
+        self.student, self.cache, self.spec, self.device = student, cache, spec, device
+        self.modules = {"student": student}
+        self.divergence = {"generalized_jsd": "jsd"}.get(spec.divergence, spec.divergence)
+
+    def weight(self, batch: dict[str, Any]) -> int:
+        return int(next_token_targets(batch["labels"])[1].sum())
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"].to(self.device)
+        logits = self.student(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device),
+                              use_cache=False).logits
+        targets, keep = next_token_targets(batch["labels"].to(self.device))
+        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        cached = self.cache.targets(batch["id"], ids.shape[1])
+        vocab = self.cache.vocab_size
+        # Position t of the cache holds the teacher's distribution of token t+1, as logits position t does.
+        kd = cached_divergence(logits[:, :-1, :vocab], {k: (v[:, :-1] if v.dim() > 0 else v) for k, v in cached.items()},
+                               divergence=self.divergence, beta=self.spec.beta, temperature=self.spec.temperature,
+                               mask=keep)
+        T = self.spec.temperature
+        kd = kd * (T * T) if self.spec.scale_by_t2 else kd
+        return {"loss": self.spec.alpha * kd + (1 - self.spec.alpha) * ce, "ce": ce, "kd": kd}
+
+
+def describe(result: BuildResult, console: Console) -> None:
+    state = "complete" if result.complete else "waiting for other parts"
+    console.print(f"teacher cache {result.path}: {result.shards_written} shards written, {result.shards_skipped} "
+                  f"already there or another part's, {result.positions_written:,} positions in "
+                  f"{result.seconds:.1f} s ({state})")

@@ -1,0 +1,91 @@
+"""Training from an offline teacher cache: a split build, then students trained with the teacher never loaded."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distil.cli import main
+from distil.config.load import validate_recipe
+from distil.errors import DistilError
+from distil.pipelines import cached, lm, run_recipe
+from distil.students import make_student
+
+
+def cache_recipe(tiny_lm, tmp_path, student_source=None, **cache):
+    student = {"arch": "hf", "source": str(student_source)} if student_source else {"arch": "from_teacher",
+                                                                                    "num_layers": 2}
+    return {
+        "name": "tiny-cache", "task": "causal_lm",
+        "data": {"kind": "text", "train": ["sonnets_gut"], "eval": ["phoenix_and_the_turtle_gut"], "seq_len": 32,
+                 "max_train_tokens": 2500, "eval_tokens": 128},
+        "teacher": {"model": {"arch": "hf", "source": str(tiny_lm)},
+                    "cache": {"path": str(tmp_path / "cache"), "k": 16, "shard_size": 16, **cache}},
+        "student": {"model": student},
+        "loss": {"alpha": 0.5, "temperature": 1.0},
+        "train": {"steps": 3, "batch_size": 4, "log_every": 1},
+        "output_dir": str(tmp_path / "run"), "generations_shown": 1,
+    }
+
+
+def test_split_build_then_training_never_loads_the_teacher(tiny_lm, tmp_path, monkeypatch):
+    import yaml
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    student_dir = tmp_path / "student"
+    make_student(teacher, num_layers=2).save_pretrained(student_dir)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(student_dir)
+    data = cache_recipe(tiny_lm, tmp_path, student_source=student_dir)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert main(["cache", "build", str(tmp_path / "r.yaml"), "--shard", "1/2", "-q"]) == 0
+    assert not cached.cache_is_complete(tmp_path / "cache")  # part 0 is missing
+    assert main(["cache", "build", str(tmp_path / "r.yaml"), "--shard", "0/2", "-q"]) == 0
+    assert cached.cache_is_complete(tmp_path / "cache")
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(lm, "_load_teacher", no_teacher)
+    summary = run_recipe(validate_recipe(data), show_progress=False)
+    assert summary["teacher_source"] == "cache" and summary["arms"]["teacher"]["from_cache"]
+    assert 0 <= summary["arms"]["distilled"]["agreement"] <= 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/kd" in r for r in records if r["arm"] == "distilled")
+
+
+def test_cached_kd_with_full_k_equals_live_kd(tiny_lm, tmp_path):
+    """k = vocabulary: the cache-fed loss equals the live teacher's forward KL (fp16 storage tolerance)."""
+    from distil.cache import TeacherCache
+    from distil.config.schema import LossSpec
+    from distil.data.text import lm_batch, load_corpus
+    from distil.distill.lm import CausalLMObjective
+    from distil.distill.pair import Teacher
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    recipe = validate_recipe(cache_recipe(tiny_lm, tmp_path, k=teacher.config.vocab_size))
+    corpus = load_corpus(recipe.data, tokenizer)
+    cached.build_for_recipe(recipe, teacher, tokenizer, corpus, show_progress=False)
+    student = make_student(teacher, num_layers=2)
+    batch = {"id": torch.arange(4), **lm_batch(corpus.train[:4])}
+    spec = LossSpec(alpha=0.5, temperature=1.0, fused=False)
+    cpu = torch.device("cpu")
+    from_cache = cached.CachedLMObjective(student, TeacherCache(tmp_path / "cache"), spec, device=cpu).loss(batch)
+    live = CausalLMObjective(student, Teacher(teacher), spec, vocab_size=teacher.config.vocab_size, device=cpu).loss(batch)
+    torch.testing.assert_close(from_cache["kd"], live["kd"], rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(from_cache["ce"], live["ce"])
+
+
+def test_a_cache_for_other_text_is_refused(tiny_lm, tmp_path):
+    data = cache_recipe(tiny_lm, tmp_path)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    from distil.data.text import load_corpus
+
+    recipe = validate_recipe(data)
+    cached.build_for_recipe(recipe, teacher, tokenizer, load_corpus(recipe.data, tokenizer), show_progress=False)
+    data["data"]["max_train_tokens"] = 2000
+    other = validate_recipe(data)
+    with pytest.raises(DistilError, match="dataset_fingerprint"):
+        cached.open_cache(other, tokenizer, load_corpus(other.data, tokenizer))

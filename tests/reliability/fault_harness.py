@@ -1,0 +1,229 @@
+"""Running the real CLI in child processes, with faults injected at chosen moments.
+
+Children are forked from a multiprocessing forkserver that has already imported torch (with torch._dynamo, which
+the first AdamW imports), distil and scikit-learn: a child starts in milliseconds instead of the ~3 s of CPU an
+interpreter start costs, so a test can afford many processes. Each child runs `distil.cli.main(argv)` -- what
+`python -m distil` runs -- with its own environment, stdout and stderr going to a log file.
+
+Faults are placed by *events*: calls of the functions that matter for durability (each optimizer step, metric write,
+checkpoint tensor or JSON write, fsync, rename, folder removal) and the start of each training stage. A plan says
+what to do just before event number N: `kill_at` (a real SIGKILL sent by the process to itself: no handler, no
+`finally`, no flush runs) or `pause_at` (write a marker file, then wait until a release file appears, so a test can
+send signals from outside while the run is at a known point). `record` writes the list of events when the run ends.
+`address_space_mb` caps the child's address space that far above what it maps at start, so a large allocation fails
+for real (RLIMIT_AS: refused up front, never touching the machine's memory).
+
+`python -m distil` subprocesses get the same injection through tests/reliability/inject/sitecustomize.py when
+DISTIL_TEST_FAULTS holds a JSON plan.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import distil.cli  # noqa: F401
+import distil.pipelines  # noqa: F401
+from distil.train import checkpoint as ckpt
+from distil.train import loop
+from distil.train.metrics import MetricsLog
+
+try:  # imported on first use by torch.optim; preloading it saves every child ~1 s
+    import torch._dynamo  # noqa: F401
+except ImportError:
+    pass
+try:
+    import sklearn.datasets  # noqa: F401
+except ImportError:
+    pass
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+class _Injector:
+    def __init__(self, plan: dict[str, Any]):
+        self.plan, self.count, self.stage, self.events = plan, 0, "-", []
+
+    def event(self, kind: str, detail: str = "") -> None:
+        self.count += 1
+        if self.plan.get("record"):
+            self.events.append([self.count, kind, detail, self.stage])
+        if self.count == self.plan.get("kill_at"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.count == self.plan.get("pause_at"):
+            Path(self.plan["marker"]).write_text(f"{kind} {detail} {self.stage}")
+            deadline = time.monotonic() + 60
+            while not Path(self.plan["release"]).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)  # signal handlers run here (a second Ctrl-C raises out of this sleep)
+
+
+_injector: _Injector | None = None
+
+
+def _replace_everywhere(original: Any, replacement: Any) -> None:
+    """Rebind `original` wherever a loaded module holds it (modules that did `from x import f` hold their own name)."""
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not namespace or not (getattr(module, "__name__", "").startswith(("distil", "os", "shutil", "posix"))):
+            continue
+        for name, value in list(namespace.items()):
+            if value is original:
+                setattr(module, name, replacement)
+
+
+def install(plan: dict[str, Any]) -> _Injector:
+    """Wrap the durability-relevant functions so each call is an event of `plan`."""
+    global _injector
+    injector = _injector = _Injector(plan)
+
+    def wrap(function: Any, kind: str, describe: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            injector.event(kind, describe(*args, **kwargs))
+            return function(*args, **kwargs)
+
+        wrapped.__wrapped__ = function
+        return wrapped
+
+    path_of = lambda *a, **k: str(a[0]) if a else ""  # noqa: E731
+    for function, kind, describe in [
+        (os.replace, "replace", lambda src, dst, *a, **k: f"{src} -> {dst}"),
+        (os.fsync, "fsync", lambda *a, **k: ""),
+        (shutil.rmtree, "rmtree", path_of),
+        (ckpt.save_tensors, "save_tensors", path_of),
+        (ckpt.write_json, "write_json", path_of),
+    ]:
+        _replace_everywhere(function, wrap(function, kind, describe))
+
+    original_train = loop.train
+
+    def train(stage: loop.Stage, **kwargs: Any) -> Any:
+        injector.stage = stage.name
+        injector.event("stage", stage.name)
+        return original_train(stage, **kwargs)
+
+    _replace_everywhere(original_train, train)
+    original_write = MetricsLog.write
+
+    def write(self: MetricsLog, record: dict[str, Any]) -> None:
+        injector.event("metrics", f"{record.get('arm')} {record.get('step')}")
+        original_write(self, record)
+
+    MetricsLog.write = write  # type: ignore[method-assign]
+    register_optimizer_step_post_hook(lambda *a: injector.event("step"))
+    return injector
+
+
+def install_from_env() -> None:
+    plan = os.environ.get("DISTIL_TEST_FAULTS")
+    if plan:
+        install(json.loads(plan))
+
+
+# ------------------------------------------------------------------------------------------------ child processes
+def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any], result: str) -> None:
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    injector = install(plan)
+    if plan.get("address_space_mb"):  # a real allocation failure: allow only this much beyond what is mapped now
+        mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:")))
+        limit = mapped * 1024 + plan["address_space_mb"] * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    code = distil.cli.main(argv)
+    Path(result).write_text(json.dumps({
+        "events": injector.events, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_context: Any = None
+
+
+def _forkserver() -> Any:
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload([__name__])
+    return _context
+
+
+@dataclass
+class Child:
+    process: Any
+    log: Path
+    result: Path
+
+    def wait(self, timeout: float = 120) -> int:
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+            raise TimeoutError(f"child did not finish within {timeout} s; log:\n{self.output()}")
+        return self.process.exitcode
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def outcome(self) -> dict[str, Any]:
+        return json.loads(self.result.read_text()) if self.result.exists() else {}
+
+
+_counter = 0
+
+
+def start(argv: list[str], *, env: dict[str, str], logs: Path, plan: dict[str, Any] | None = None) -> Child:
+    """Start `distil <argv>` in a forked child; its output goes to a fresh log file under `logs`."""
+    global _counter
+    _counter += 1
+    logs.mkdir(parents=True, exist_ok=True)
+    log, result = logs / f"child-{_counter}.log", logs / f"child-{_counter}.json"
+    # The forkserver, started on first use, inherits the environment: single-threaded kernels (the same arithmetic
+    # in every child, and kind to a shared CI machine), and a PYTHONPATH that finds this module to preload it
+    # (Python 3.11's forkserver ignores the parent's sys.path).
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")}
+    os.environ.update({k: "1" for k in saved if k != "PYTHONPATH"})
+    os.environ["PYTHONPATH"] = subprocess_env()["PYTHONPATH"]
+    try:
+        process = _forkserver().Process(target=_child, args=(argv, env, str(log), plan or {}, str(result)))
+        process.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return Child(process, log, result)
+
+
+def run(argv: list[str], *, env: dict[str, str], logs: Path, plan: dict[str, Any] | None = None,
+        timeout: float = 120) -> tuple[int, Child]:
+    child = start(argv, env=env, logs=logs, plan=plan)
+    return child.wait(timeout), child
+
+
+def subprocess_env(plan: dict[str, Any] | None = None, **extra: str) -> dict[str, str]:
+    """Environment for a real `python -m distil` subprocess, with the injector loaded by sitecustomize."""
+    inject = Path(__file__).resolve().parent / "inject"
+    paths = [str(inject), str(Path(__file__).resolve().parent), str(SRC), os.environ.get("PYTHONPATH", "")]
+    paths = list(dict.fromkeys(p for part in paths for p in part.split(os.pathsep) if p))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", **extra}
+    if plan:
+        env["DISTIL_TEST_FAULTS"] = json.dumps(plan)
+    return env
