@@ -89,6 +89,19 @@ class TextData(Strict):
     eval_tokens: int = Field(8192, gt=0, description="held-out tokens used for perplexity and agreement")
 
 
+class SentenceData(Strict):
+    """Sentences for embedding models: WordNet glosses (Debian package wordnet-base) or Shakespeare lines.
+
+    Evaluation is always on WordNet: held-out synsets give (word, definition) pairs for retrieval, never trained on."""
+
+    kind: Literal["sentences"]
+    source: Literal["wordnet", "shakespeare"] = Field("wordnet", description="where the training sentences come from")
+    path: str | None = Field(None, description="WordNet folder (default /usr/share/wordnet)")
+    max_train: int = Field(20000, gt=0, description="at most this many training synsets (or Shakespeare lines)")
+    eval_pairs: int = Field(1000, gt=1, description="held-out (word, definition) pairs for retrieval")
+    max_length: int = Field(64, gt=2, description="tokens per sentence (longer ones are truncated)")
+
+
 def _data_kind(value: object) -> str:
     # `kind` may be left out of a vision dataset: it is the default.
     if isinstance(value, dict):
@@ -97,7 +110,9 @@ def _data_kind(value: object) -> str:
 
 
 DataSpec = Annotated[
-    Union[Annotated[VisionData, Tag("vision")], Annotated[TextData, Tag("text")]], Discriminator(_data_kind)
+    Union[Annotated[VisionData, Tag("vision")], Annotated[TextData, Tag("text")],
+          Annotated[SentenceData, Tag("sentences")]],
+    Discriminator(_data_kind),
 ]
 
 
@@ -134,6 +149,51 @@ class TrainSpec(Strict):
 
 
 # ------------------------------------------------------------------------------------------------------------- loss
+FeatureLossName = Literal[
+    "mse", "cosine", "fitnets", "at", "attention_kl", "minilm_relations", "rkd_distance", "rkd_angle"
+]
+PROJECTED_LOSSES = ("mse", "cosine", "fitnets")
+ATTENTION_LOSSES = ("attention_kl", "minilm_relations")
+
+
+class FeatureTermSpec(Strict):
+    """One intermediate-layer term of the `distilled` arm: weight * loss(student module, teacher module).
+
+    `student` / `teacher` are module names from `model.named_modules()` or glob patterns (`*` within one dotted
+    component, `**` across), paired in order. A name with `{}` is a layer template (`encoder.layer.{}`): its layers
+    are paired by `layers` (uniform, last_of_block, or explicit [student, teacher] pairs). Attention terms name
+    attention modules (`model.layers.{}.self_attn`, `encoder.layer.{}.attention.self`)."""
+
+    student: str = Field(min_length=1)
+    teacher: str = Field(min_length=1)
+    loss: FeatureLossName
+    weight: float = Field(1.0, ge=0.0)
+    layers: Literal["uniform", "last_of_block"] | list[tuple[int, int]] | None = Field(
+        None, description="layer templates only: the student-to-teacher layer mapping (default uniform)")
+    projector: Literal["auto", "always", "never"] | None = Field(
+        None, description="mse/cosine/fitnets: auto (when shapes differ; fitnets: always), always or never")
+    capture: Literal["output", "input"] = "output"
+    p: float = Field(2.0, gt=0, description="at: the exponent of the attention map")
+    head_map: Literal["average", "per_head"] = Field("average", description="attention_kl: how heads are matched")
+    num_relation_heads: int | None = Field(None, gt=0, description="minilm_relations: default the student's heads")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureTermSpec:
+        templates = (self.student.count("{}"), self.teacher.count("{}"))
+        if templates not in ((0, 0), (1, 1)):
+            raise ValueError(f"student and teacher must both be layer templates with one '{{}}' or both plain names, "
+                             f"got {self.student!r} and {self.teacher!r}")
+        if self.layers is not None and templates == (0, 0):
+            raise ValueError("layers applies to layer templates only: write the names with '{}', e.g. encoder.layer.{}")
+        if self.projector is not None and self.loss not in PROJECTED_LOSSES:
+            raise ValueError(f"projector applies to {', '.join(PROJECTED_LOSSES)} only, not {self.loss}")
+        if self.num_relation_heads is not None and self.loss != "minilm_relations":
+            raise ValueError("num_relation_heads applies to minilm_relations only")
+        if self.capture == "input" and self.loss in ATTENTION_LOSSES:
+            raise ValueError(f"{self.loss} reads attention modules' projections; capture: input does not apply")
+        return self
+
+
 class LossSpec(Strict):
     """How the student learns from the teacher.
 
@@ -153,6 +213,10 @@ class LossSpec(Strict):
     dkd_beta: float = Field(8.0, ge=0.0, description="DKD non-target-class weight")
     fused: bool = Field(True, description="LMs: chunked LM-head losses, never materialising [tokens, vocab] logits")
     chunk_size: int | None = Field(None, gt=0, description="LMs: tokens per chunk of the fused path; None = auto")
+    features: list[FeatureTermSpec] = Field(
+        default=[], description="feature / attention / relation terms added to the `distilled` arm's loss")
+    embedding: Literal["cosine", "mse"] = Field(
+        "cosine", description="task embedding: the output term between the pooled, L2-normalised sentence embeddings")
 
 
 class OnPolicySpec(Strict):
@@ -203,16 +267,67 @@ class TeacherSpec(Strict):
         None, description="teacher weights (.safetensors); trained by the recipe's teacher stage when missing"
     )
     train: TrainSpec | None = Field(None, description="budget of the teacher stage (needed when no checkpoint exists)")
+    seed: int | None = Field(None, description="seed of the teacher stage; None = the recipe's seed")
+
+
+class MultiTeacherSpec(Strict):
+    """Several teachers for the `distilled` arm: `teacher` (teacher 0, the one feature terms read) plus these."""
+
+    teachers: list[TeacherSpec] = Field(min_length=1)
+    combine: Literal["mixture", "per_teacher"] = Field(
+        "mixture", description="mixture: one target, the weighted average of the teachers' softened probabilities; "
+                               "per_teacher: one soft term per teacher, weighted")
+    weights: list[Annotated[float, Field(ge=0)]] | None = Field(None, description="one per teacher; None = equal")
+
+
+class BornAgainSpec(Strict):
+    """Born-again networks (Furlanello et al. 2018): generation k learns from generation k-1, same architecture.
+
+    Generation 0 is the student trained alone (the `student_alone` arm when the recipe has it)."""
+
+    generations: int = Field(2, ge=1, description="generations distilled after generation 0")
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="None = loss.alpha")
+    temperature: float | None = Field(None, gt=0.0, description="None = loss.temperature")
+
+
+class DeepSupervisionSpec(Strict):
+    """Be Your Own Teacher (Zhang et al. 2019): exits on shallower blocks learn from the deepest exit."""
+
+    exits: list[str] | None = Field(None, description="module names whose outputs get an exit; None = every block "
+                                                      "but the last")
+    alpha: float = Field(0.3, ge=0.0, le=1.0, description="shallow exits: weight of the deepest exit's soft term")
+    temperature: float = Field(3.0, gt=0.0)
+    feature_weight: float = Field(0.03, ge=0.0, description="shallow exits: weight of the hint to the deepest features")
+
+
+class EMASpec(Strict):
+    """Mean teacher: an exponential moving average of the student's weights teaches the student."""
+
+    decay: float = Field(0.99, ge=0.0, lt=1.0)
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="None = loss.alpha")
+    temperature: float | None = Field(None, gt=0.0, description="None = loss.temperature")
+
+
+class SelfDistillSpec(Strict):
+    born_again: BornAgainSpec = BornAgainSpec()
+    deep_supervision: DeepSupervisionSpec = DeepSupervisionSpec()
+    ema: EMASpec = EMASpec()
 
 
 class StudentSpec(Strict):
     model: ModelSpec
     freeze_embeddings: bool = Field(
-        False, description="LMs: keep the (inherited) token embeddings and a tied LM head fixed: less compute and memory"
+        False, description="LMs and encoders: keep the (inherited) token embeddings and a tied LM head fixed: less "
+                           "compute and memory"
     )
 
 
-Arm = Literal["student_alone", "distilled"]
+Arm = Literal["student_alone", "logit_kd", "distilled", "born_again", "deep_supervision", "ema"]
+# student_alone: hard labels only (task embedding: contrastive word-definition pairs). logit_kd: the loss section's
+# logit term only (task embedding: the sentence-embedding term only). distilled: the recipe's whole loss -- logit term,
+# feature terms, every teacher of multi_teacher. The rest are self-distillation (classification only).
+SELF_DISTILL_ARMS = ("born_again", "deep_supervision", "ema")
+TEACHER_ARMS = ("logit_kd", "distilled")
 
 
 class Recipe(Strict):
@@ -220,7 +335,7 @@ class Recipe(Strict):
 
     name: str = Field(min_length=1)
     description: str = ""
-    task: Literal["classification", "causal_lm"]
+    task: Literal["classification", "causal_lm", "embedding"]
     method: Literal["logits", "response"] = Field(
         "logits", description="causal_lm: token-level logit KD (optionally on-policy), or response distillation"
     )
@@ -233,6 +348,8 @@ class Recipe(Strict):
     train: TrainSpec
     onpolicy: OnPolicySpec | None = None
     generate: GenerateSpec | None = None
+    multi_teacher: MultiTeacherSpec | None = None
+    self_distill: SelfDistillSpec = SelfDistillSpec()
     arms: list[Arm] = Field(default=["student_alone", "distilled"], min_length=1)
     latency_runs: int = Field(30, gt=0, description="timed forward passes per latency measurement")
     generations_shown: int = Field(3, ge=0, description="causal_lm: held-out prompts generated side by side")
@@ -242,7 +359,8 @@ class Recipe(Strict):
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms has duplicates: {self.arms}")
         classic = self.task == "classification"
-        wants = ("vision", ("mlp", "cnn")) if classic else ("text", ("hf", "from_teacher"))
+        wants = {"classification": ("vision", ("mlp", "cnn")), "causal_lm": ("text", ("hf", "from_teacher")),
+                 "embedding": ("sentences", ("hf", "from_teacher"))}[self.task]
         if self.data.kind != wants[0]:
             raise ValueError(f"task {self.task} needs data.kind: {wants[0]} (got {self.data.kind})")
         for who, model in (("teacher", self.teacher.model), ("student", self.student.model)):
@@ -250,8 +368,30 @@ class Recipe(Strict):
                 raise ValueError(f"task {self.task}: {who}.model.arch must be one of {list(wants[1])}, got {model.arch}")
         if self.teacher.model.arch == "from_teacher":
             raise ValueError("teacher.model.arch cannot be from_teacher; use arch: hf with a source")
-        if classic and (self.method != "logits" or self.onpolicy or self.generate):
+        if self.task != "causal_lm" and (self.method != "logits" or self.onpolicy or self.generate):
             raise ValueError("method, onpolicy and generate apply to task causal_lm only")
+        if not classic:
+            odd = [a for a in self.arms if a in SELF_DISTILL_ARMS]
+            if odd:
+                raise ValueError(f"arms {odd} are for task classification; task {self.task} has student_alone, "
+                                 "logit_kd and distilled")
+            if self.multi_teacher is not None:
+                raise ValueError("multi_teacher is for task classification")
+        if self.method == "response" and [a for a in self.arms if a == "logit_kd"]:
+            raise ValueError("method response has arms student_alone and distilled")
+        if self.loss.features and "distilled" not in self.arms:
+            raise ValueError("loss.features apply to the distilled arm; add distilled to arms")
+        if self.multi_teacher is not None:
+            n = 1 + len(self.multi_teacher.teachers)
+            if self.multi_teacher.weights is not None and len(self.multi_teacher.weights) != n:
+                raise ValueError(f"multi_teacher.weights needs {n} weights (teacher, then each of multi_teacher."
+                                 f"teachers), got {len(self.multi_teacher.weights)}")
+            if "distilled" not in self.arms:
+                raise ValueError("multi_teacher applies to the distilled arm; add distilled to arms")
+        if self.task == "embedding" and isinstance(self.data, SentenceData) and self.data.source != "wordnet" \
+                and "student_alone" in self.arms:
+            raise ValueError("task embedding: arm student_alone trains on WordNet (word, definition) pairs; "
+                             "use data.source: wordnet or drop the arm")
         if self.method == "response" and self.generate is None:
             raise ValueError("method response needs a generate section (prompts, max_new_tokens, ...)")
         if self.method == "response" and self.onpolicy is not None:
@@ -265,6 +405,8 @@ class Recipe(Strict):
                                  "use forward_kl, reverse_kl or generalized_jsd")
             if self.teacher.cache.mode == "sample" and self.loss.divergence != "forward_kl":
                 raise ValueError("teacher.cache.mode sample supports loss.divergence forward_kl only")
+            if self.loss.features:
+                raise ValueError("loss.features read the live teacher's layers; remove teacher.cache to use them")
         if not classic and self.loss.divergence == "dkd":
             raise ValueError("loss.divergence dkd is for classifiers; language models use forward_kl, jsd, ...")
         if self.onpolicy and isinstance(self.data, TextData):

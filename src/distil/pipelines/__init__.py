@@ -12,10 +12,10 @@ from rich.console import Console
 from distil.config.load import recipe_to_yaml, validate_recipe
 from distil.config.schema import Recipe
 from distil.errors import ConfigError, DistilError
-from distil.pipelines import classification, lm
+from distil.pipelines import classification, embedding, lm
 from distil.train.signals import StopRequested, stop_signals
 
-PIPELINES = {"classification": classification, "causal_lm": lm}
+PIPELINES = {"classification": classification, "causal_lm": lm, "embedding": embedding}
 
 RECIPE_FILE = "recipe.yaml"
 

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from distil.config.schema import LossSpec, Recipe, TrainSpec
+from distil.config.schema import LossSpec, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.data.vision import ClassificationData, load_vision, vision_problems
 from distil.distill.objectives import ClassifierObjective
@@ -29,7 +29,8 @@ from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
 from distil.train.seed import seed_everything
 
-ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone"}
+ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone", "logit_kd": "logit_kd",
+               "born_again": "born_again", "deep_supervision": "deep_supervision", "ema": "ema"}
 THROUGHPUT_BATCH = 256  # the larger batch at which throughput and peak inference memory are measured
 
 
@@ -41,12 +42,16 @@ def pick_device(name: str) -> torch.device:
 
 def problems(recipe: Recipe) -> list[str]:
     """Pre-flight checks that need no data loaded and no model built."""
+    from distil.pipelines.variants import teacher_specs
+
     found = vision_problems(recipe.data.name, recipe.data.path)
-    folder = teacher_folder(recipe)
-    if not _is_model_folder(folder) and recipe.teacher.train is None:
-        where = "teacher.checkpoint" if recipe.teacher.checkpoint else "the teacher cache"
-        found.append(f"teacher: no weights in {where} ({folder}) and no teacher.train budget to train them; "
-                     "set teacher.checkpoint=DIR or add teacher.train")
+    for i, spec in enumerate(teacher_specs(recipe)):
+        key = "teacher" if i == 0 else f"multi_teacher.teachers[{i - 1}]"
+        folder = teacher_folder(recipe, spec)
+        if not _is_model_folder(folder) and spec.train is None:
+            where = f"{key}.checkpoint" if spec.checkpoint else "the teacher cache"
+            found.append(f"{key}: no weights in {where} ({folder}) and no {key}.train budget to train them; "
+                         f"set {key}.checkpoint=DIR or add {key}.train")
     return found
 
 
@@ -67,22 +72,29 @@ def preflight(recipe: Recipe, data: ClassificationData) -> None:
         if available < spec.batch_size:
             raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {available} training examples; "
                               f"lower {name}.batch_size or raise {name}.subset")
+    from distil.pipelines.variants import preflight_variants, teacher_specs
+
     # On the meta device: shapes are checked without allocating (or initialising) any weight.
     with torch.device("meta"):
         student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
         teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
+        teachers = [build_classifier(spec.model, data.input_shape, data.num_classes) for spec in teacher_specs(recipe)]
     check_pair(student, Teacher(teacher), (data.train_x[:2].to("meta"),))
+    preflight_variants(recipe, data, student, teachers, data.train_x[:2].to("meta"))
 
 
-def teacher_folder(recipe: Recipe) -> Path:
-    """Where the teacher's weights live: `teacher.checkpoint`, or a cache folder keyed by everything that shapes them."""
-    if recipe.teacher.checkpoint:
-        return Path(recipe.teacher.checkpoint).expanduser()
-    key = json.dumps(
-        [recipe.data.model_dump(mode="json"), recipe.teacher.model_dump(mode="json"), recipe.seed], sort_keys=True
-    )
+def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
+    """Where a teacher's weights live: its `checkpoint`, or a cache folder keyed by everything that shapes them."""
+    spec = spec or recipe.teacher
+    if spec.checkpoint:
+        return Path(spec.checkpoint).expanduser()
+    dumped = spec.model_dump(mode="json")
+    if dumped.get("seed") is None:  # keys written before teachers had a seed of their own stay valid
+        dumped.pop("seed", None)
+    seed = recipe.seed if spec.seed is None else spec.seed
+    key = json.dumps([recipe.data.model_dump(mode="json"), dumped, seed], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir() / "teachers" / f"{recipe.data.name}-{recipe.teacher.model.arch}-{digest}"
+    return cache_dir() / "teachers" / f"{recipe.data.name}-{spec.model.arch}-{digest}"
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -109,14 +121,17 @@ def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:
 def _train_classifier(
     name: str, model: nn.Module, teacher: Teacher | None, loss: LossSpec, spec: TrainSpec, data: ClassificationData,
     recipe: Recipe, run_dir: Path, metrics: MetricsLog, device: torch.device, show_progress: bool,
+    objective: Any = None,
 ) -> float:
     """Train one arm (or the teacher); returns the seconds its training took, summed over resumed runs (the work a
-    killed run did after its last checkpoint is redone and counted once)."""
+    killed run did after its last checkpoint is redone and counted once).
+
+    `objective` replaces the default ClassifierObjective(model, teacher, loss) (variants: features, EMA, exits)."""
     indices = subset_indices(len(data.train_y), spec.subset, recipe.seed)
     x, y = data.train_x[indices], data.train_y[indices]
     stream = BatchStream(len(y), spec.batch_size, lambda i: (x[i], y[i]), seed=recipe.seed)
     test_x, test_y = _eval_split(recipe, data)
-    objective = ClassifierObjective(model, teacher, loss, device)
+    objective = objective or ClassifierObjective(model, teacher, loss, device)
     stage = Stage(name, objective, stream, spec, run_dir / "checkpoints" / name, metrics, device,
                   evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, device)},
                   recipe=recipe.model_dump(mode="json"))
@@ -157,6 +172,7 @@ def _measure(model: nn.Module, folder: Path, recipe: Recipe, data: Classificatio
         "peak_memory_batch": len(batch),
         "train_time_s": info.get("train_time_s"),
         "path": str(folder),
+        **info.get("report", {}),  # per-exit, per-generation, EMA accuracies of self-distillation arms
     }
 
 
@@ -171,34 +187,34 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     config = lambda spec: classifier_config(spec, data.input_shape, data.num_classes)  # noqa: E731
 
-    # Stage 1: the teacher, reused when an earlier run (of any recipe with the same teacher and data) trained it.
-    t_folder = teacher_folder(recipe)
-    if not _is_model_folder(t_folder):
-        console.print(f"[bold]teacher[/bold]: training {recipe.teacher.model.arch} (weights go to {t_folder})")
-        seed_everything(recipe.seed)
-        model = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes).to(device)
-        assert recipe.teacher.train is not None  # guaranteed by problems()
-        seconds = _train_classifier("teacher", model, None, recipe.loss, recipe.teacher.train, data, recipe, run_dir,
-                                    metrics, device, show_progress)
-        save_model_folder(t_folder, model, config(recipe.teacher.model), {"train_time_s": seconds})
-    else:
-        console.print(f"[bold]teacher[/bold]: reusing {t_folder}")
-    teacher_model = load_classifier(t_folder).to(device)
-    teacher = Teacher(teacher_model)
+    # Stage 1: the teachers, reused when an earlier run (of any recipe with the same teacher and data) trained them.
+    from distil.pipelines.variants import print_extras, teacher_specs, train_arm
+
+    teachers, t_folders = [], []
+    for index, spec in enumerate(teacher_specs(recipe)):
+        t_folder = teacher_folder(recipe, spec)
+        name = "teacher" if index == 0 else f"teacher{index}"
+        if not _is_model_folder(t_folder):
+            console.print(f"[bold]{name}[/bold]: training {spec.model.arch} (weights go to {t_folder})")
+            t_recipe = recipe if spec.seed is None else recipe.model_copy(update={"seed": spec.seed})
+            seed_everything(t_recipe.seed)
+            model = build_classifier(spec.model, data.input_shape, data.num_classes).to(device)
+            assert spec.train is not None  # guaranteed by problems()
+            seconds = _train_classifier(name, model, None, recipe.loss, spec.train, data, t_recipe, run_dir,
+                                        metrics, device, show_progress)
+            save_model_folder(t_folder, model, config(spec.model), {"train_time_s": seconds})
+        else:
+            console.print(f"[bold]{name}[/bold]: reusing {t_folder}")
+        teachers.append(load_classifier(t_folder).to(device))
+        t_folders.append(t_folder)
 
     # Stage 2: each arm trains the same student (same seed, same data order, same budget).
     for arm in recipe.arms:
-        folder = run_dir / ARM_FOLDERS[arm]
-        if _is_model_folder(folder):
-            console.print(f"[bold]{arm}[/bold]: already trained ({folder})")
-            continue
-        seed_everything(recipe.seed)
-        model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
-        seconds = _train_classifier(arm, model, teacher if arm == "distilled" else None, recipe.loss, recipe.train,
-                                    data, recipe, run_dir, metrics, device, show_progress)
-        save_model_folder(folder, model, config(recipe.student.model), {"train_time_s": seconds})
+        train_arm(arm, recipe, data, teachers, run_dir, metrics, device, show_progress, console)
 
-    arms = {"teacher": _measure(teacher_model, t_folder, recipe, data, device)}
+    arms = {}
+    for index, (teacher_model, t_folder) in enumerate(zip(teachers, t_folders)):
+        arms["teacher" if index == 0 else f"teacher{index}"] = _measure(teacher_model, t_folder, recipe, data, device)
     for arm in recipe.arms:
         folder = run_dir / ARM_FOLDERS[arm]
         arms[arm] = _measure(load_classifier(folder).to(device), folder, recipe, data, device)
@@ -208,6 +224,7 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
         "device": str(device), "torch_threads": torch.get_num_threads(),
     })
     print_summary(summary, console)
+    print_extras(summary, console)
     report = build_report(run_dir)
     console.print(f"report: {report}")
     return summary

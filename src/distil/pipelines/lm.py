@@ -33,7 +33,7 @@ from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
 from distil.train.seed import seed_everything
 
-ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone"}
+ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone", "logit_kd": "logit_kd"}
 INIT_FOLDER = "student_init"
 
 
@@ -78,9 +78,25 @@ def deep_problems(recipe: Recipe) -> list[str]:
         _check_context(recipe, hf.resolve_model_path(teacher_spec.source))
         corpus = load_corpus(recipe.data, tokenizer)
         _check_sizes(recipe, corpus)
+        if recipe.loss.features:  # module names, shapes and relation heads, on the real pair
+            teacher, _ = hf.load_causal_lm(teacher_spec.source, dtype="float32")
+            student = _preflight_student(recipe, teacher)
+            lm_feature_distiller(recipe, student, teacher, lm_batch(corpus.train[:2]), torch.device("cpu"))
     except DistilError as exc:
         return [str(exc)]
     return []
+
+
+def _preflight_student(recipe: Recipe, teacher: Any) -> Any:
+    spec = recipe.student.model
+    if isinstance(spec, FromTeacherSpec):
+        from distil.students import make_student
+
+        return make_student(teacher, layers=spec.layers, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+                            intermediate_size=spec.intermediate_size, num_attention_heads=spec.num_attention_heads,
+                            num_key_value_heads=spec.num_key_value_heads)
+    assert isinstance(spec, HFModelSpec)
+    return hf.load_causal_lm(spec.source, dtype="float32")[0]
 
 
 def _check_context(recipe: Recipe, teacher_path: Path) -> None:
@@ -153,17 +169,24 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Tea
     if recipe.student.freeze_embeddings:
         for head in (student.get_input_embeddings(), student.get_output_embeddings()):
             head.weight.requires_grad_(False)
-    distilled = arm == "distilled"
+    distilled = arm == "distilled"  # logit_kd: plain off-policy logit KD, the baseline of the recipe's variant
+    kd = arm in ("distilled", "logit_kd")
     objective: Any
-    if distilled and cache is not None:
+    if kd and cache is not None:
         from distil.pipelines.cached import CachedLMObjective
 
         objective = CachedLMObjective(student, cache, recipe.loss, device=device)
     else:
         objective = CausalLMObjective(
-            student, teacher if distilled else None, recipe.loss, vocab_size=vocab, device=device,
+            student, teacher if kd else None, recipe.loss, vocab_size=vocab, device=device,
             onpolicy=recipe.onpolicy if distilled else None, pad_token_id=tokenizer.pad_token_id,
         )
+    if distilled and recipe.loss.features and teacher is not None:
+        from distil.distill.feature_objective import FeatureObjective
+
+        distiller = lm_feature_distiller(recipe, student, teacher.model, batches(torch.arange(2)), device)
+        print(distiller.describe())
+        objective = FeatureObjective(objective, distiller, mask=lambda b: b["attention_mask"])
     stream = BatchStream(size, recipe.train.batch_size, batches, seed=recipe.seed)
     quick_eval = eval_blocks[: max(1, min(len(eval_blocks), 8))]
     stage = Stage(arm, objective, stream, recipe.train, run_dir / "checkpoints" / arm, metrics, device,
@@ -173,6 +196,17 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Tea
     student.config.use_cache = True
     save_hf_folder(run_dir / ARM_FOLDERS[arm], student, tokenizer,
                    {"train_time_s": stage.elapsed_s, "steps": recipe.train.steps})
+
+
+def lm_feature_distiller(recipe: Recipe, student: Any, teacher: Any, batch: dict[str, Any], device: torch.device) -> Any:
+    """loss.features on a causal-LM pair, checked on one real batch (names, shapes, relation heads)."""
+    from distil.distill.feature_objective import FeatureDistiller
+
+    distiller = FeatureDistiller(recipe.loss.features, student, teacher)
+    call = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+            "use_cache": False}
+    distiller.build(lambda: student(**call), lambda: teacher(**call), seed=recipe.seed)
+    return distiller
 
 
 # --------------------------------------------------------------------------------------------------- evaluation

@@ -1,0 +1,103 @@
+"""Sentence-embedding distillation: mean pooling + L2 norm (as sentence-transformers' all-MiniLM-L6-v2 does), the
+objectives of the embedding arms, and the evaluation (word-to-definition retrieval, similarity rank correlation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distil.config.schema import LossSpec
+from distil.distill.pair import Teacher
+from distil.losses.features import hidden_cosine, hidden_mse
+
+CONTRASTIVE_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default (cosine similarity x 20)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states [B, S, H] over the real tokens of `mask` [B, S], L2-normalised -> [B, H]."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    summed = (hidden * weights).sum(dim=1)
+    pooled = summed / weights.sum(dim=1).clamp_min(1e-9)
+    return F.normalize(pooled.float(), p=2, dim=-1)
+
+
+def encode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return mean_pool(out.last_hidden_state, attention_mask)
+
+
+def contrastive_loss(queries: torch.Tensor, documents: torch.Tensor, scale: float = CONTRASTIVE_SCALE) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE over normalised embeddings: query i's positive is document i, the rest negatives."""
+    logits = scale * queries @ documents.t()
+    target = torch.arange(len(queries), device=queries.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class EmbeddingObjective:
+    """With a teacher: the sentence-embedding term (`loss.embedding`: 1 - cosine, or MSE) between the pooled,
+    normalised embeddings. Without one (the student alone): in-batch contrastive learning on the batch's
+    (word, definition) pairs -- the first `pairs` rows are words, the next `pairs` their definitions."""
+
+    unit = "samples"
+
+    def __init__(self, student: nn.Module, teacher: Teacher | None, spec: LossSpec, device: torch.device) -> None:
+        self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
+        self.modules = {"student": student}
+
+    def weight(self, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].shape[0])
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        student = encode(self.student, ids, mask)
+        if self.teacher is None:
+            n = int(batch["pairs"])
+            value = contrastive_loss(student[:n], student[n : 2 * n])
+            return {"loss": value, "contrastive": value}
+        teacher = encode(self.teacher, ids, mask)
+        fn = hidden_cosine if self.spec.embedding == "cosine" else hidden_mse
+        value = fn(student, teacher)
+        return {"loss": value, "embedding": value}
+
+
+@torch.inference_mode()
+def embed_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], device: torch.device, *,
+                max_length: int, batch_size: int = 128) -> torch.Tensor:
+    """Normalised embeddings [N, H] (float32, on the CPU) of `texts`, in order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        out.append(encode(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def retrieval_top1(queries: torch.Tensor, documents: torch.Tensor) -> float:
+    """Share of queries whose most similar document is their own (row i <-> row i)."""
+    best = (queries @ documents.t()).argmax(dim=1)
+    return float((best == torch.arange(len(queries))).float().mean())
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[x.argsort()] = torch.arange(len(x), dtype=torch.float64)
+    return ranks
+
+
+def similarity_spearman(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Spearman correlation between the two models' cosine similarities over all pairs of texts (i < j).
+    (Ties, which continuous similarities practically never have, get arbitrary distinct ranks.)"""
+    n = len(student)
+    rows, cols = torch.triu_indices(n, n, offset=1)
+    a = _ranks((student @ student.t())[rows, cols])
+    b = _ranks((teacher @ teacher.t())[rows, cols])
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))

@@ -1,0 +1,135 @@
+"""Self-distillation objectives: the student teaches itself.
+
+- Mean teacher (`EMAObjective`): an exponential moving average of the student's weights is the teacher.
+- Deep supervision (`DeepSupervisionObjective`, "Be Your Own Teacher", Zhang et al. 2019): exits on shallower blocks
+  learn from the labels, from the deepest classifier's softened outputs and from its features.
+- Born-again networks need no objective of their own: generation k is a ClassifierObjective whose teacher is
+  generation k-1 (see `born_again_loss`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distil.config.schema import BornAgainSpec, DeepSupervisionSpec, EMASpec, LossSpec
+from distil.distill.objectives import soft_term
+from distil.losses import forward_kl
+from distil.models.exits import Exits, exit_outputs
+
+
+def born_again_loss(loss: LossSpec, spec: BornAgainSpec) -> LossSpec:
+    """The recipe's logit loss with the born-again section's alpha and temperature, where given."""
+    changes = {k: v for k, v in (("alpha", spec.alpha), ("temperature", spec.temperature)) if v is not None}
+    return loss.model_copy(update=changes)
+
+
+class EMATeacher(nn.Module):
+    """A frozen copy of the student whose weights follow theirs: ema <- d * ema + (1 - d) * student.
+
+    The effective decay warms up as min(decay, (1 + n) / (10 + n)) over the first updates (n = updates so far), so
+    the early, fast-changing student is not averaged with its random initialisation for long. Floating-point buffers
+    (batch-norm statistics) are averaged the same way; others (counters) are copied. `updates` is a buffer, so the
+    whole state is in `state_dict()` and a checkpoint restores it exactly. Always in eval mode, never builds a graph.
+    """
+
+    def __init__(self, student: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(student)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        n = int(self.updates)
+        d = min(self.decay, (1 + n) / (10 + n))
+        for ema, new in zip(self.model.parameters(), student.parameters()):
+            ema.lerp_(new.detach(), 1.0 - d)
+        for ema, new in zip(self.model.buffers(), student.buffers()):
+            if ema.dtype.is_floating_point:
+                ema.lerp_(new, 1.0 - d)
+            else:
+                ema.copy_(new)
+        self.updates += 1
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+
+class EMAObjective:
+    """alpha * [T^2] * divergence(student, EMA teacher) + (1 - alpha) * CE.
+
+    The loop has no post-step hook, so the average is updated at the first micro-batch of each step, from the weights
+    the previous optimizer step produced (`prepare` runs once per micro-batch, `grad_accum` times per step). A
+    checkpoint is written at a step boundary, so the EMA it holds is exactly the one the next step starts from."""
+
+    unit = "samples"
+
+    def __init__(self, student: nn.Module, spec: EMASpec, loss: LossSpec, device: torch.device,
+                 grad_accum: int = 1) -> None:
+        self.student, self.device, self.grad_accum = student, device, grad_accum
+        self.loss_spec = loss.model_copy(update={k: v for k, v in (("alpha", spec.alpha),
+                                                                  ("temperature", spec.temperature)) if v is not None})
+        self.ema = EMATeacher(student, spec.decay).to(device)
+        self.modules = {"student": student, "ema": self.ema}
+        self._micro = 0
+
+    def weight(self, batch: Any) -> int:
+        return int(batch[1].shape[0])
+
+    def prepare(self, batch: Any) -> Any:
+        if self._micro % self.grad_accum == 0:
+            self.ema.update(self.student)
+        self._micro += 1
+        return batch
+
+    def loss(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        logits = self.student(x)
+        ce = F.cross_entropy(logits.float(), y)
+        soft = soft_term(logits, self.ema(x), y, self.loss_spec)
+        alpha = self.loss_spec.alpha
+        return {"loss": alpha * soft + (1 - alpha) * ce, "ce": ce, "kd": soft}
+
+
+class DeepSupervisionObjective:
+    """BYOT: CE on the deepest classifier; every shallower exit i adds
+    (1 - alpha) * CE(q_i, y) + alpha * T^2 * KL(q_deepest^T || q_i^T) + feature_weight * ||F_i - F_deepest||^2.
+
+    The deepest outputs and features are targets (detached): the exits learn from them, not the reverse."""
+
+    unit = "samples"
+
+    def __init__(self, student: nn.Module, exits: Exits, spec: DeepSupervisionSpec, device: torch.device) -> None:
+        self.student, self.exits, self.spec, self.device = student, exits, spec, device
+        self.modules = {"student": student, "exits": exits}
+
+    def weight(self, batch: Any) -> int:
+        return int(batch[1].shape[0])
+
+    def loss(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        logits, deepest, outs = exit_outputs(self.student, self.exits, x)
+        ce = F.cross_entropy(logits.float(), y)
+        target, features = logits.detach(), deepest.detach()
+        T, a = self.spec.temperature, self.spec.alpha
+        exit_ce = exit_kd = exit_hint = torch.zeros((), device=logits.device)
+        for exit_features, exit_logits in outs:
+            exit_ce = exit_ce + F.cross_entropy(exit_logits.float(), y)
+            exit_kd = exit_kd + forward_kl(exit_logits, target, temperature=T) * (T * T)
+            exit_hint = exit_hint + (exit_features.float() - features.float()).pow(2).mean()
+        total = ce + (1 - a) * exit_ce + a * exit_kd + self.spec.feature_weight * exit_hint
+        n = len(outs)
+        return {"loss": total, "ce": ce, "exit_ce": exit_ce / n, "exit_kd": exit_kd / n, "exit_hint": exit_hint / n}
