@@ -22,6 +22,7 @@ from distil.errors import DistilError
 from distil.models.vision import build_classifier, classifier_config, load_classifier
 from distil.paths import cache_dir, replace_folder
 from distil.report import folder_size, measure_latency, parameter_count, print_summary, write_summary
+from distil.train import distributed
 from distil.train.checkpoint import save_tensors, write_json
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
@@ -33,7 +34,7 @@ ARM_FOLDERS = {"distilled": "student", "student_alone": "student_alone"}
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DistilError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
-    return torch.device("cuda" if name in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    return distributed.device_for("cuda" if name in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
 
 
 def problems(recipe: Recipe) -> list[str]:
@@ -83,19 +84,26 @@ def teacher_folder(recipe: Recipe) -> Path:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    """Whether the folder holds a model; with several processes, rank 0's answer (all must branch alike)."""
+    return distributed.agree((folder / "model.safetensors").is_file() and (folder / "config.json").is_file())
 
 
 def save_model_folder(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
-    """Write weights + config (+ training info) to a temporary folder, then move it into place."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
-    tmp.mkdir(parents=True)
-    save_tensors(tmp / "model.safetensors", model.state_dict())
-    write_json(tmp / "config.json", config)
-    write_json(tmp / "train.json", info)
-    replace_folder(tmp, folder)
+    """Write weights + config (+ training info) to a temporary folder, then move it into place (rank 0 only; under
+    FSDP every process first helps gather the weights)."""
+    weights = distributed.full_state_dict(model)
+
+    def write() -> None:
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
+        tmp.mkdir(parents=True)
+        save_tensors(tmp / "model.safetensors", weights)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "train.json", info)
+        replace_folder(tmp, folder)
+
+    distributed.on_main(write)
 
 
 def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:
@@ -191,6 +199,10 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
                                     data, recipe, run_dir, metrics, device, show_progress)
         save_model_folder(folder, model, config(recipe.student.model), {"train_time_s": seconds})
 
+    if not distributed.is_main():  # the report is rank 0's, from the saved folders
+        return {}
+    if distributed.is_sharded(teacher_model):
+        teacher_model = load_classifier(t_folder).to(device)
     arms = {"teacher": _measure(teacher_model, t_folder, recipe, data, device)}
     for arm in recipe.arms:
         folder = run_dir / ARM_FOLDERS[arm]
