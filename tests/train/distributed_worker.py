@@ -139,13 +139,21 @@ def run(name: str, out: Path, tiny_lm: Path | None, world: int) -> None:
         teacher = "replicate" if strategy == "ddp" else "shard"
         stage, model = classifier_stage(folder, strategy, world=world, precision=precision, teacher=teacher)
         train(stage, show_progress=False)
+    # What this rank holds of the student and the teacher (FSDP: its shards), before gathering for the save.
+    teacher = getattr(stage.objective.teacher, "model", None)
+    held = {"student": _local_numel(model), "student_full": sum(p.numel() for p in model.parameters()),
+            "teacher": _local_numel(teacher), "teacher_full": sum(p.numel() for p in teacher.parameters())}
     weights = dist.full_state_dict(model)
     if kind in ("resume", "straight"):
         save_tensors(out / f"{name}-rng-rank{dist.rank()}.safetensors", {"torch": torch.get_rng_state()})
     if dist.is_main():
         save_tensors(out / f"{name}.safetensors", weights)
-        (out / f"{name}.json").write_text(json.dumps({"placement": "see log", "world": world}))
+        (out / f"{name}.json").write_text(json.dumps({"world": world, "rank0_holds": held}))
     dist.barrier()
+
+
+def _local_numel(model: nn.Module) -> int:
+    return sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in model.parameters())
 
 
 def main() -> None:

@@ -80,9 +80,11 @@ def _run(recipe: Recipe, run_dir: Path, show_progress: bool, console: Console | 
     # One stop listener for the whole run: a SIGTERM or Ctrl-C between stages stops before the next stage starts.
     with stop_signals():
         try:
-            return PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
+            summary = PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
         except (StopRequested, KeyboardInterrupt) as exc:  # the CLI's message says which folder to resume
             exc.run_dir = run_dir  # type: ignore[union-attr]
+            if isinstance(exc, StopRequested):  # every rank stopped after the same step
+                distributed.shutdown()
             raise
-        finally:
-            distributed.shutdown()
+    distributed.shutdown()  # ranks > 0 wait here while rank 0 writes the report
+    return summary

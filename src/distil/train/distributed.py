@@ -52,9 +52,11 @@ def init_from_env(device: str = "auto") -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group if init_from_env created it."""
+    """Leave the process group if init_from_env created it, once every rank is done with it (a rank that leaves
+    while another still talks to it can abort that one). After an error, call nothing: the launcher ends the job."""
     global _owned
     if _owned and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     _owned = False
 
