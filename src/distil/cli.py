@@ -282,10 +282,14 @@ def _call(args: argparse.Namespace, err: Console) -> int:
         _error(err, str(exc))
         return EXIT_USAGE
     except StopRequested as exc:
+        from distil.train import distributed
+
         run_dir = exc.run_dir or (exc.checkpoint.parents[2] if exc.checkpoint else "RUN_DIR")
         saved = "; checkpoint saved" if exc.checkpoint else ""
-        err.print(f"stopped at step {exc.step} of '{exc.stage}'{saved}. Continue with: distil resume {run_dir}",
-                  soft_wrap=True, markup=False)
+        launcher = "torchrun --nproc_per_node N -m " if distributed.launched() else ""
+        if distributed.rank_from_env() == 0:  # every rank stopped after the same step; one says so
+            err.print(f"stopped at step {exc.step} of '{exc.stage}'{saved}. Continue with: {launcher}distil resume "
+                      f"{run_dir}", soft_wrap=True, markup=False)
         return 0
     except KeyboardInterrupt as exc:
         run_dir = getattr(exc, "run_dir", None) or "RUN_DIR"

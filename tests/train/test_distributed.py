@@ -43,7 +43,8 @@ def torchrun(args: list[str], *, nproc: int = 2, env: dict[str, str] | None = No
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "HF_HUB_OFFLINE": "1",
                 "OMP_NUM_THREADS": "1", **env}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
 
 
 def explain(proc: subprocess.CompletedProcess) -> str:

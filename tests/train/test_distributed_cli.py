@@ -11,13 +11,19 @@ under FSDP ~2e-6.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import explain, torchrun
+from test_distributed import SRC, explain, torchrun
 from distil.cli import main as cli_main
 from distil.train.checkpoint import list_checkpoints, verify
 from distil.train.metrics import TIMING_KEYS
@@ -149,3 +155,53 @@ def test_cache_build_splits_shards_by_rank(tmp_path, tiny_lm):
     for name in [*shards, "manifest.json"]:  # the same bytes, whichever process computed them
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert (tmp_path / "two" / "teacher_eval.json").is_file()
+
+
+def test_accelerate_launch_runs_the_same_job(digits, tmp_path):
+    """`accelerate launch --multi_gpu` starts torch.distributed.run itself: the same environment, the same result.
+    (On CPU, `accelerate launch --cpu` runs one process unless an MPI hostfile is given: nothing to test there.)"""
+    pytest.importorskip("accelerate", reason="accelerate (pip install distil[llm]) provides `accelerate launch`")
+    root, _ = digits
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "DISTIL_CACHE": str(root / "cache"), "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
+    args = ["-m", "distil", "run", "digits-kd", *DIGITS, "train.batch_size=8", f"output_dir={tmp_path / 'run'}", "-q"]
+    proc = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, explain(proc)
+    assert "DDP over 2 processes" in proc.stderr + proc.stdout
+    for arm in ("student", "student_alone"):
+        a, b = _arm_weights(tmp_path / "run", arm), _arm_weights(root / "two", arm)
+        assert all(torch.equal(a[k], b[k]) for k in b), arm
+
+
+def test_sigterm_stops_every_rank_after_the_same_step(digits, tmp_path):
+    """torchrun forwards SIGTERM to every rank; they agree on the step to stop after, rank 0 saves a sealed
+    checkpoint with every rank's RNG, and one line says how to resume. (torchrun itself then exits non-zero.)"""
+    root, _ = digits
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "DISTIL_CACHE": str(root / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distil",
+               "run", "digits-kd", "teacher.train.steps=20", "train.steps=100000", "train.log_every=1",
+               "train.batch_size=8", f"output_dir={run}", "-q"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # wait until both ranks are training
+            log = run / "metrics.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stopped = re.findall(r"stopped at step (\d+) of 'student_alone'; checkpoint saved\. Continue with: torchrun "
+                         r"--nproc_per_node N -m distil resume", out + err)
+    assert len(stopped) == 1, out[-2000:] + err[-4000:]
+    latest = list_checkpoints(run / "checkpoints" / "student_alone")[-1]
+    assert latest.name == f"step-{int(stopped[0]):08d}" and verify(latest) is None
+    assert (latest / "rng-rank1.safetensors").is_file()

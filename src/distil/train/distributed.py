@@ -61,6 +61,11 @@ def shutdown() -> None:
     _owned = False
 
 
+def rank_from_env() -> int:
+    """This process's rank as the launcher set it (0 without a launcher), whether or not the group is still up."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
