@@ -136,29 +136,38 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     from distil.pipelines import cached, lm
     from distil.pipelines.classification import pick_device
 
+    from distil.train import distributed
+
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.teacher.cache is None:
         raise DistilError(f"recipe {recipe.name} has no teacher.cache section; add teacher.cache.path=DIR")
-    try:
-        part, parts = (int(x) for x in args.shard.split("/"))
-    except ValueError:
-        raise DistilError(f"--shard must be i/n, e.g. 0/2; got {args.shard}") from None
+    shard = None  # under torchrun: part rank of world size, and the manifest once every part is done
+    if args.shard is not None:
+        try:
+            part, parts = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            raise DistilError(f"--shard must be i/n, e.g. 0/2; got {args.shard}") from None
+        shard = (part, parts)
     found = lm.problems(recipe)
     if found:
         raise ConfigError(found)
+    if shard is None:
+        distributed.init_from_env(recipe.train.device)
     hf.quiet_transformers()
     device = pick_device(recipe.train.device)
     teacher = lm._as_teacher(lm._load_teacher(recipe, device), recipe, device)
     source = recipe.teacher.model.source  # type: ignore[union-attr]
     tokenizer = hf.load_tokenizer(source)
     corpus = load_corpus(recipe.data, tokenizer)
-    result = cached.build_for_recipe(recipe, teacher, tokenizer, corpus, shard=(part, parts),
-                                     show_progress=not args.quiet)
-    cached.describe(result, Console())
-    if result.complete and not (Path(recipe.teacher.cache.path) / cached.TEACHER_EVAL).exists():
+    result = cached.build_for_recipe(recipe, teacher, tokenizer, corpus, shard=shard,
+                                     show_progress=not args.quiet and distributed.is_main())
+    if distributed.is_main():
+        cached.describe(result, Console())
+    if result.complete and distributed.is_main() and not (Path(recipe.teacher.cache.path) / cached.TEACHER_EVAL).exists():
         row, _ = lm._measure(teacher, hf.resolve_model_path(source), corpus.eval, teacher.config.vocab_size, None,
                              tokenizer)
         cached.write_teacher_eval(Path(recipe.teacher.cache.path), row)
+    distributed.shutdown()
     return 0
 
 
@@ -234,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = cache_sub.add_parser("build", help="run a recipe's teacher over its data into teacher.cache.path")
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*", metavar="key=value")
-    c.add_argument("--shard", default="0/1", help="i/n: compute part i of n (one process per part)")
+    c.add_argument("--shard", default=None,
+                   help="i/n: compute part i of n (one process per part); under torchrun: rank/world, automatic")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_cache_build)
     c = cache_sub.add_parser("info", help="size, bytes per token, teacher, coverage and settings of a cache")
@@ -298,10 +308,14 @@ def _call(args: argparse.Namespace, err: Console) -> int:
         _error(err, str(exc))
         return EXIT_USAGE
     except StopRequested as exc:
+        from distil.train import distributed
+
         run_dir = exc.run_dir or (exc.checkpoint.parents[2] if exc.checkpoint else "RUN_DIR")
         saved = "; checkpoint saved" if exc.checkpoint else ""
-        err.print(f"stopped at step {exc.step} of '{exc.stage}'{saved}. Continue with: distil resume {run_dir}",
-                  soft_wrap=True, markup=False)
+        launcher = "torchrun --nproc_per_node N -m " if distributed.launched() else ""
+        if distributed.rank_from_env() == 0:  # every rank stopped after the same step; one says so
+            err.print(f"stopped at step {exc.step} of '{exc.stage}'{saved}. Continue with: {launcher}distil resume "
+                      f"{run_dir}", soft_wrap=True, markup=False)
         return 0
     except KeyboardInterrupt as exc:
         run_dir = getattr(exc, "run_dir", None) or "RUN_DIR"

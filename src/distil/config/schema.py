@@ -248,6 +248,23 @@ class GenerateSpec(Strict):
     chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template when it has one")
 
 
+# ------------------------------------------------------------------------------------------------------ distributed
+class DistributedSpec(Strict):
+    """How a run launched by torchrun (or accelerate launch) spreads over its processes; ignored in one process.
+
+    train.batch_size is per process: N processes with batch b train like one process with batch N*b."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="the student: replicated with DDP, or its parameters, gradients and optimizer state "
+        "sharded with FSDP2 (fully_shard)")
+    teacher: Literal["replicate", "shard", "cpu_offload"] = Field(
+        "replicate", description="a full frozen copy on every device; sharded across the processes (FSDP2, gathered "
+        "layer by layer while it runs); or sharded and kept in CPU memory between uses")
+    mixed_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="FSDP-sharded models: compute and gather parameters in bf16, reduce gradients in fp32")
+    find_unused_parameters: bool = Field(False, description="DDP: allow trained parameters that get no gradient")
+
+
 # ---------------------------------------------------------------------------------------------------------- parties
 class CacheSpec(Strict):
     """An offline teacher cache: built once by `distil cache build` (or the first run), then read instead of the teacher."""
@@ -353,6 +370,7 @@ class Recipe(Strict):
     arms: list[Arm] = Field(default=["student_alone", "distilled"], min_length=1)
     latency_runs: int = Field(30, gt=0, description="timed forward passes per latency measurement")
     generations_shown: int = Field(3, ge=0, description="causal_lm: held-out prompts generated side by side")
+    distributed: DistributedSpec = DistributedSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -407,6 +425,13 @@ class Recipe(Strict):
                 raise ValueError("teacher.cache.mode sample supports loss.divergence forward_kl only")
             if self.loss.features:
                 raise ValueError("loss.features read the live teacher's layers; remove teacher.cache to use them")
+        dist = self.distributed
+        if dist.mixed_precision == "bf16" and dist.strategy == "ddp" and dist.teacher == "replicate":
+            raise ValueError("distributed.mixed_precision applies to FSDP-sharded models (strategy fsdp, or teacher "
+                             "shard/cpu_offload); with ddp use train.precision: bf16 (autocast)")
+        if self.onpolicy is not None and dist.strategy == "fsdp":
+            raise ValueError("onpolicy sampling is not supported with distributed.strategy fsdp (each process samples "
+                             "on its own, but sharded models need every process in each forward); use ddp")
         if not classic and self.loss.divergence == "dkd":
             raise ValueError("loss.divergence dkd is for classifiers; language models use forward_kl, jsd, ...")
         if self.onpolicy and isinstance(self.data, TextData):

@@ -13,6 +13,7 @@ from distil.config.load import recipe_to_yaml, validate_recipe
 from distil.config.schema import Recipe
 from distil.errors import ConfigError, DistilError
 from distil.pipelines import classification, embedding, lm
+from distil.train import distributed
 from distil.train.signals import StopRequested, stop_signals
 
 PIPELINES = {"classification": classification, "causal_lm": lm, "embedding": embedding}
@@ -37,10 +38,20 @@ def default_run_dir(recipe: Recipe) -> Path:
 
 
 def run_recipe(recipe: Recipe, *, show_progress: bool = True, console: Console | None = None) -> dict:
-    """Start a new run in `recipe.output_dir` (refusing to overwrite another run's directory)."""
+    """Start a new run in `recipe.output_dir` (refusing to overwrite another run's directory).
+
+    Under torchrun every process calls this: they join one process group and rank 0 alone creates the directory."""
+    distributed.init_from_env(recipe.train.device)
     found = problems(recipe)
     if found:
         raise ConfigError(found)
+    run_dir = distributed.on_main(_start, recipe)
+    if distributed.is_main():
+        (console or Console()).print(f"run directory: {run_dir}")
+    return _run(recipe.model_copy(update={"output_dir": str(run_dir)}), run_dir, show_progress, console)
+
+
+def _start(recipe: Recipe) -> Path:
     run_dir = Path(recipe.output_dir) if recipe.output_dir else default_run_dir(recipe)
     if (run_dir / RECIPE_FILE).exists():
         raise DistilError(f"{run_dir} already holds a run; continue it with `distil resume {run_dir}` "
@@ -50,8 +61,7 @@ def run_recipe(recipe: Recipe, *, show_progress: bool = True, console: Console |
     tmp = run_dir / f".{RECIPE_FILE}.tmp"  # written whole or not at all: a killed start leaves no half recipe
     tmp.write_text(recipe_to_yaml(recipe))
     os.replace(tmp, run_dir / RECIPE_FILE)
-    (console or Console()).print(f"run directory: {run_dir}")
-    return _run(recipe, run_dir, show_progress, console)
+    return run_dir
 
 
 def resume_run(run_dir: Path, *, show_progress: bool = True, console: Console | None = None) -> dict:
@@ -60,14 +70,21 @@ def resume_run(run_dir: Path, *, show_progress: bool = True, console: Console | 
     if not path.is_file():
         raise DistilError(f"{run_dir} is not a run directory (no {RECIPE_FILE}); start one with `distil run`")
     recipe = validate_recipe(yaml.safe_load(path.read_text()))
+    distributed.init_from_env(recipe.train.device)
     return _run(recipe, Path(run_dir), show_progress, console)
 
 
 def _run(recipe: Recipe, run_dir: Path, show_progress: bool, console: Console | None) -> dict:
+    if not distributed.is_main():  # one log: rank 0 speaks for the job
+        console, show_progress = Console(quiet=True), False
     # One stop listener for the whole run: a SIGTERM or Ctrl-C between stages stops before the next stage starts.
     with stop_signals():
         try:
-            return PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
+            summary = PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
         except (StopRequested, KeyboardInterrupt) as exc:  # the CLI's message says which folder to resume
             exc.run_dir = run_dir  # type: ignore[union-attr]
+            if isinstance(exc, StopRequested):  # every rank stopped after the same step
+                distributed.shutdown()
             raise
+    distributed.shutdown()  # ranks > 0 wait here while rank 0 writes the report
+    return summary

@@ -7,6 +7,7 @@ measured when the cache is built and kept beside it in `teacher_eval.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,13 @@ from rich.console import Console
 from torch import nn
 
 from distil.cache import BuildResult, TeacherCache, build_cache, dataset_fingerprint, tokenizer_hash, weights_hash
+from distil.cache.build import finalize_cache
 from distil.config.schema import LossSpec, Recipe
 from distil.data.text import TextCorpus
 from distil.distill.lm import IGNORE, next_token_targets
 from distil.errors import DistilError
 from distil.losses import cached_divergence
+from distil.train import distributed
 from distil.train.checkpoint import write_json
 
 EVAL_ID_OFFSET = 1_000_000_000
@@ -30,7 +33,8 @@ MANIFEST = "manifest.json"
 
 
 def cache_is_complete(path: Path) -> bool:
-    return (Path(path) / MANIFEST).is_file() and (Path(path) / TEACHER_EVAL).is_file()
+    """Whether the cache is built; with several processes, rank 0's answer (all must branch alike)."""
+    return distributed.agree((Path(path) / MANIFEST).is_file() and (Path(path) / TEACHER_EVAL).is_file())
 
 
 def cache_samples(corpus: TextCorpus) -> list[dict[str, Any]]:
@@ -41,8 +45,22 @@ def cache_samples(corpus: TextCorpus) -> list[dict[str, Any]]:
 
 
 def build_for_recipe(recipe: Recipe, teacher: nn.Module, tokenizer: Any, corpus: TextCorpus, *,
-                     shard: tuple[int, int] = (0, 1), show_progress: bool = True) -> BuildResult:
-    """Run the teacher once over the recipe's training and held-out text (part `shard` of a split build)."""
+                     shard: tuple[int, int] | None = None, show_progress: bool = True) -> BuildResult:
+    """Run the teacher once over the recipe's training and held-out text (part `shard` of a split build).
+
+    Without `shard`, each process of a torchrun job computes its own part (rank of world size); the manifest is
+    written by rank 0 after all parts finished, so it never describes a partial cache."""
+    if shard is None and distributed.active():
+        result = _build(recipe, teacher, tokenizer, corpus, (distributed.rank(), distributed.world_size()),
+                        show_progress)
+        distributed.barrier()  # every part's shards are on disk
+        manifest = distributed.on_main(finalize_cache, result.path)  # idempotent: the last part may have written it
+        return dataclasses.replace(result, complete=True, manifest=manifest)
+    return _build(recipe, teacher, tokenizer, corpus, shard or (0, 1), show_progress)
+
+
+def _build(recipe: Recipe, teacher: nn.Module, tokenizer: Any, corpus: TextCorpus, shard: tuple[int, int],
+           show_progress: bool) -> BuildResult:
     spec = recipe.teacher.cache
     assert spec is not None
     device = next(teacher.parameters()).device

@@ -24,6 +24,7 @@ from distil.paths import cache_dir, replace_folder
 from distil.report import (folder_size, measure_latency, measure_peak_memory, measure_throughput, parameter_count,
                            print_summary, write_summary)
 from distil.reporting import build_report
+from distil.train import distributed
 from distil.train.checkpoint import save_tensors, write_json
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
@@ -37,7 +38,7 @@ THROUGHPUT_BATCH = 256  # the larger batch at which throughput and peak inferenc
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DistilError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
-    return torch.device("cuda" if name in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    return distributed.device_for("cuda" if name in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
 
 
 def problems(recipe: Recipe) -> list[str]:
@@ -98,19 +99,26 @@ def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    """Whether the folder holds a model; with several processes, rank 0's answer (all must branch alike)."""
+    return distributed.agree((folder / "model.safetensors").is_file() and (folder / "config.json").is_file())
 
 
 def save_model_folder(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
-    """Write weights + config (+ training info) to a temporary folder, then move it into place."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
-    tmp.mkdir(parents=True)
-    save_tensors(tmp / "model.safetensors", model.state_dict())
-    write_json(tmp / "config.json", config)
-    write_json(tmp / "train.json", info)
-    replace_folder(tmp, folder)
+    """Write weights + config (+ training info) to a temporary folder, then move it into place (rank 0 only; under
+    FSDP every process first helps gather the weights)."""
+    weights = distributed.full_state_dict(model)
+
+    def write() -> None:
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
+        tmp.mkdir(parents=True)
+        save_tensors(tmp / "model.safetensors", weights)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "train.json", info)
+        replace_folder(tmp, folder)
+
+    distributed.on_main(write)
 
 
 def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:
@@ -212,8 +220,12 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
     for arm in recipe.arms:
         train_arm(arm, recipe, data, teachers, run_dir, metrics, device, show_progress, console)
 
+    if not distributed.is_main():  # the report is rank 0's, from the saved folders
+        return {}
     arms = {}
     for index, (teacher_model, t_folder) in enumerate(zip(teachers, t_folders)):
+        if distributed.is_sharded(teacher_model):
+            teacher_model = load_classifier(t_folder).to(device)
         arms["teacher" if index == 0 else f"teacher{index}"] = _measure(teacher_model, t_folder, recipe, data, device)
     for arm in recipe.arms:
         folder = run_dir / ARM_FOLDERS[arm]

@@ -28,6 +28,7 @@ from distil.models import hf
 from distil.paths import replace_folder
 from distil.pipelines.classification import pick_device
 from distil.report import folder_size, measure_peak_memory, parameter_count, print_summary, write_summary
+from distil.train import distributed
 from distil.train.checkpoint import write_json
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
@@ -114,18 +115,31 @@ def _check_sizes(recipe: Recipe, corpus: TextCorpus) -> None:
 
 # ------------------------------------------------------------------------------------------------- model folders
 def _is_model_folder(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    """Whether the folder holds a model; with several processes, rank 0's answer (all must branch alike)."""
+    return distributed.agree((folder / "config.json").is_file() and any(folder.glob("*.safetensors")))
 
 
 def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any] | None = None) -> None:
-    """save_pretrained (weights + config) and the tokenizer into a temporary folder, then move it into place."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(tmp / "train.json", info or {})
-    replace_folder(tmp, folder)
+    """save_pretrained (weights + config) and the tokenizer into a temporary folder, then move it into place (rank 0
+    only; under FSDP every process first helps gather the weights)."""
+    weights = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    if weights is not None:  # gathered copies no longer share storage: name each tied weight once, as HF does
+        seen: set[int] = set()
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                weights.pop(name, None)
+            seen.add(id(param))
+
+    def write() -> None:
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
+        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train.json", info or {})
+        replace_folder(tmp, folder)
+
+    distributed.on_main(write)
 
 
 def load_student_folder(folder: Path, device: torch.device) -> Any:
@@ -299,14 +313,20 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
             result = cached.build_for_recipe(recipe, teacher_model, tokenizer, corpus, show_progress=show_progress)
             cached.describe(result, console)
             vocab = min(teacher_model.config.vocab_size, student_vocab)
-            row, _ = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer)
-            cached.write_teacher_eval(Path(cache_spec.path), row)
+
+            def teacher_eval() -> None:
+                row, _ = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer)
+                cached.write_teacher_eval(Path(cache_spec.path), row)
+
+            distributed.on_main(teacher_eval)
         teacher_model = None  # training and evaluation read the cache, not the teacher
         cache = cached.open_cache(recipe, tokenizer, corpus)
         vocab = min(cache.vocab_size, student_vocab)
         console.print(f"[bold]teacher[/bold]: read from the cache {cache_spec.path} (the teacher is not run)")
     else:
-        teacher_model = _as_teacher(teacher_model, recipe, device)
+        # A teacher to be sharded stays in CPU memory until the loop shards it: no device ever holds all of it.
+        placed = recipe.distributed.teacher != "replicate" and distributed.active() and recipe.method == "logits"
+        teacher_model = _as_teacher(teacher_model, recipe, torch.device("cpu") if placed else device)
         vocab = min(teacher_model.config.vocab_size, student_vocab)
 
     if recipe.method == "response":
@@ -327,6 +347,10 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
         _train_arm(arm, recipe, run_dir, init, live, cache, tokenizer, batches, size, corpus.eval, vocab, metrics,
                    device, show_progress)
 
+    if not distributed.is_main():  # the report is rank 0's, from the saved folders
+        return {}
+    if teacher_model is not None and distributed.is_sharded(teacher_model):
+        teacher_model = _as_teacher(_load_teacher(recipe, device), recipe, device)
     console.print("evaluating teacher and students on held-out text ...")
     arms: dict[str, Any] = {}
     models: dict[str, Any] = {}

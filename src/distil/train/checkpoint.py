@@ -147,6 +147,17 @@ class Checkpoint:
         prefix = name + "."
         return {k[len(prefix) :]: v for k, v in self.modules.items() if k.startswith(prefix)}
 
+    @property
+    def world_size(self) -> int:
+        """How many processes wrote this checkpoint (each saved its own RNG state)."""
+        return int(self.state.get("world_size", 1))
+
+    def rank_rng(self, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The RNG state rank `rank` saved (rank 0's is the one a single process saves)."""
+        if rank == 0:
+            return self.rng_tensors, self.state["rng"]
+        return load_tensors(self.path / f"rng-rank{rank}.safetensors"), self.state["rng_ranks"][str(rank)]
+
 
 def save_checkpoint(
     folder: Path,
@@ -158,23 +169,45 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write `folder/step-<step>/` atomically and keep only the newest `keep` checkpoints."""
+    weights = {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
+    return write_checkpoint(folder, step, weights=weights, optimizer=optimizer, state=state, keep=keep)
+
+
+def write_checkpoint(
+    folder: Path,
+    step: int,
+    *,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
+    state: dict[str, Any],
+    keep: int = 2,
+    rank_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+) -> Path:
+    """`save_checkpoint` from gathered pieces: weights named `<module>.<key>`, an optimizer or its (index-keyed)
+    state dict, and, with several processes, every rank's RNG state (rank r > 0 in `rng-rank<r>.safetensors`)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     for stale in folder.glob(f".{PREFIX}*.tmp-*"):  # left by a process killed while writing; never loaded
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
-    weights = {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
     save_tensors(tmp / "modules.safetensors", weights)
     state = dict(state, step=step)
     state.setdefault("versions", _versions())
     if optimizer is not None:
-        opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
+        opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        opt_tensors, opt_rest = flatten_optimizer(opt_state)
         save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         state["optimizer"] = opt_rest
-    rng_tensors, rng_rest = rng_state()
+    rng_tensors, rng_rest = rank_rng[0] if rank_rng else rng_state()
     save_tensors(tmp / "rng.safetensors", rng_tensors)
     state["rng"] = rng_rest
+    if rank_rng and len(rank_rng) > 1:
+        state["world_size"] = len(rank_rng)
+        state["rng_ranks"] = {}
+        for r, (tensors, rest) in enumerate(rank_rng[1:], start=1):
+            save_tensors(tmp / f"rng-rank{r}.safetensors", tensors)
+            state["rng_ranks"][str(r)] = rest
     write_json(tmp / "state.json", state)
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
@@ -219,12 +252,18 @@ def verify(path: Path) -> str | None:
 
 def load_latest(folder: Path) -> Checkpoint | None:
     """The newest intact checkpoint in `folder`, warning about (and skipping) damaged newer ones."""
+    path = latest_intact(folder)
+    return None if path is None else load_checkpoint(path)
+
+
+def latest_intact(folder: Path) -> Path | None:
+    """The newest checkpoint folder whose seal verifies, warning about (and skipping) damaged newer ones."""
     for path in reversed(list_checkpoints(folder)):
         problem = verify(path)
         if problem:
-            warnings.warn(f"skipping checkpoint {path.name}: {problem}; using the previous one", stacklevel=2)
+            warnings.warn(f"skipping checkpoint {path.name}: {problem}; using the previous one", stacklevel=3)
             continue
-        return load_checkpoint(path)
+        return path
     return None
 
 

@@ -2,7 +2,8 @@
 
 It knows nothing about teachers or losses: an `Objective` turns a batch into named loss terms. The loop does
 accumulation, clipping, the optimizer and schedule, mixed precision, logging, evaluation, checkpoints, exact resume,
-graceful stop and the non-finite guard.
+graceful stop and the non-finite guard. Under torchrun it trains across processes (DDP or FSDP2) through a
+`Parallel` (distil.train.parallel), whose methods are the plain single-process operations in one process.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from distil.config.schema import TrainSpec
+from distil.config.schema import DistributedSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.errors import DistilError
 from distil.train import checkpoint as ckpt
+from distil.train import distributed as dist
 from distil.train.metrics import MetricsLog
 from distil.train.optim import build_optimizer, build_scheduler
+from distil.train.parallel import Parallel
 from distil.train.signals import StopRequested, stop_signals
 
 
@@ -60,32 +63,40 @@ class Stage:
     extra_state: Callable[[], dict[str, Any]] | None = None  # JSON-able state saved with each checkpoint
     recipe: dict[str, Any] | None = None  # the resolved recipe, recorded in each checkpoint
     elapsed_s: float = 0.0  # set by train(): seconds spent training, summed over the runs that resumed it
+    distributed: DistributedSpec | None = None  # None: the recipe's `distributed` section, else the defaults
 
 
 def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
     """Train `stage` to `spec.steps`, resuming from its newest intact checkpoint if one exists."""
     spec, objective, stream = stage.spec, stage.objective, stage.stream
-    params = [p for m in objective.modules.values() for p in m.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for m in objective.modules.values() for p in m.parameters()):
         raise DistilError(f"stage '{stage.name}': nothing to train (no parameter requires grad)")
+    par = Parallel(objective, stage.distributed or _distributed_spec(stage.recipe), stage.device)
+    par.shard(stream)  # this rank's slice of every global batch
+    params = par.params
     optimizer = build_optimizer(spec, params)
     scheduler = build_scheduler(spec, optimizer)
     step, last_saved, elapsed_before = 0, None, 0.0
+    if par.strategy is not None and dist.is_main():
+        _say(f"[bold]{stage.name}[/bold]: {par.describe()}")
 
-    resumed = ckpt.load_latest(stage.checkpoint_dir)
+    resumed = par.latest(stage.checkpoint_dir)
     if resumed is not None:
-        for message in ckpt.resume_warnings(resumed, stage.recipe):
+        for message in ckpt.resume_warnings(resumed, stage.recipe) if dist.is_main() else []:
             warnings.warn(message, stacklevel=2)
-        for name, module in objective.modules.items():
-            module.load_state_dict(resumed.module_state(name))
-        if resumed.optimizer is not None:
-            optimizer.load_state_dict(resumed.optimizer)
+        if resumed.world_size != par.world and dist.is_main():
+            warnings.warn(f"{resumed.path} was written by {resumed.world_size} processes and this run has {par.world}: "
+                          "the data continues from the same position, but the run will not match an uninterrupted "
+                          "one bit for bit", stacklevel=2)
+        par.load(resumed, optimizer)
         scheduler.load_state_dict(resumed.state["scheduler"])
         stream.load_state_dict(resumed.state["stream"])
-        ckpt.set_rng_state(resumed.rng_tensors, resumed.state["rng"])
+        ckpt.set_rng_state(*par.rng_of(resumed))  # each rank its own
         step, last_saved = resumed.step, resumed.path
         elapsed_before = float(resumed.state.get("elapsed_s", 0.0))
         del resumed  # its weights now live in the modules: do not hold a second copy while training
+    else:
+        par.seed_ranks()
     # Records past the checkpoint (all of the stage's, when there is none) come from a run that died before saving
     # again: this run writes them again, exactly as they were.
     stage.metrics.truncate(stage.name, step)
@@ -99,16 +110,14 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
             state["extra"] = stage.extra_state()
         if stage.recipe is not None:
             state["recipe"] = stage.recipe
-        return ckpt.save_checkpoint(
-            stage.checkpoint_dir, step, modules=objective.modules, optimizer=optimizer, state=state,
-            keep=spec.keep_checkpoints,
-        )
+        return par.save(stage.checkpoint_dir, step, optimizer, state, spec.keep_checkpoints)
 
     autocast = torch.autocast(stage.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
     for module in objective.modules.values():
         module.train()
     window_units, window_start, skipped_in_a_row = 0, time.perf_counter(), 0
     evaluation: dict[str, float] = {}
+    show_progress = show_progress and dist.is_main()  # one bar, on rank 0
     with stop_signals() as stop, _progress(stage.name, spec.steps, step, show_progress) as advance:
         if stop.requested and step < spec.steps:  # asked to stop before this stage began (e.g. between stages)
             raise StopRequested(stage.name, step, last_saved)
@@ -120,20 +129,22 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
             if prepare is not None:
                 micro_batches = [prepare(b) for b in micro_batches]
             weights = [objective.weight(b) for b in micro_batches]
-            total_units = sum(weights)
+            total_units = par.global_units(sum(weights))  # over all ranks: N ranks x batch b == 1 x batch N*b
             if total_units == 0:
                 raise DistilError(f"stage '{stage.name}': step {step + 1} has no positions that count (every label "
                                   "is masked); check the data, e.g. prompts longer than data.seq_len")
             optimizer.zero_grad(set_to_none=True)
             logged: dict[str, float] = {}
-            for batch, units in zip(micro_batches, weights):
+            for i, (batch, units) in enumerate(zip(micro_batches, weights)):
                 share = units / total_units if total_units else 0.0
-                with autocast:
-                    terms = objective.loss(batch)
-                (terms["loss"] * share).backward()
+                with par.accumulating(sync=i == len(micro_batches) - 1):
+                    with autocast:
+                        terms = par.loss(batch)
+                    (terms["loss"] * (share * par.loss_scale)).backward()
                 for key, value in terms.items():
                     logged[key] = logged.get(key, 0.0) + float(value.detach()) * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip_grad_norm or float("inf"))
+            logged = par.reduce(logged)  # summed over ranks: every rank decides the same below
+            grad_norm = par.clip(spec.clip_grad_norm)
             bad = [k for k, v in logged.items() if not _finite(v)] or ([] if _finite(float(grad_norm)) else ["grad_norm"])
             if bad:
                 skipped_in_a_row += 1
@@ -166,27 +177,28 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
             # The final evaluation comes before the final checkpoint, like every other record: a run killed after
             # that checkpoint never writes it twice.
             if stage.evaluate is not None and (step == spec.steps or (spec.eval_every and step % spec.eval_every == 0)):
-                evaluation = _evaluate(stage, step)
+                evaluation = _evaluate(stage, step, par)
+            stopping = par.stopping(stop.requested)  # any rank's signal stops all of them after the same step
             if (spec.save_every and step % spec.save_every == 0) or step == spec.steps:
                 last_saved = save()
-            elif stop.requested:
+            elif stopping:
                 last_saved = save()
-            if stop.requested and step < spec.steps:
+            if stopping and step < spec.steps:
                 raise StopRequested(stage.name, step, last_saved)
     if stage.evaluate is not None and not evaluation:  # resumed from the final checkpoint: already logged
-        evaluation = _evaluate(stage, step, log=False)
+        evaluation = _evaluate(stage, step, par, log=False)
     stage.elapsed_s = elapsed_before + time.perf_counter() - started
     return evaluation
 
 
-def _evaluate(stage: Stage, step: int, *, log: bool = True) -> dict[str, float]:
+def _evaluate(stage: Stage, step: int, par: Parallel, *, log: bool = True) -> dict[str, float]:
     modes = {name: m.training for name, m in stage.objective.modules.items()}
     for m in stage.objective.modules.values():
         m.eval()
     # Evaluation must not shift the training RNG stream: a run with evaluations resumes like one without.
     rng = torch.get_rng_state()
     try:
-        result = stage.evaluate()  # type: ignore[misc]
+        result = par.evaluate(stage.evaluate)  # type: ignore[arg-type]
     finally:
         torch.set_rng_state(rng)
         for name, m in stage.objective.modules.items():
@@ -194,6 +206,17 @@ def _evaluate(stage: Stage, step: int, *, log: bool = True) -> dict[str, float]:
     if log:
         stage.metrics.write({"arm": stage.name, "step": step, **{f"eval/{k}": v for k, v in result.items()}})
     return result
+
+
+def _distributed_spec(recipe: dict[str, Any] | None) -> DistributedSpec | None:
+    section = (recipe or {}).get("distributed")
+    return DistributedSpec(**section) if section else None
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(message, soft_wrap=True)
 
 
 def _term_key(name: str) -> str:

@@ -1,5 +1,6 @@
 """Metrics: one JSON object per line in `metrics.jsonl` (every loss term, lr, throughput, evaluations), mirrored to
-TensorBoard when it is installed."""
+TensorBoard when it is installed. With several processes only rank 0 writes; the loop has already summed the
+values over ranks."""
 
 from __future__ import annotations
 
@@ -14,12 +15,19 @@ TIMING_KEYS = ("time_s", "samples_per_s", "tokens_per_s")
 
 class MetricsLog:
     def __init__(self, path: Path, *, tensorboard: bool = True):
+        from distil.train.distributed import is_main
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_torn_tail()
-        self._tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
+        self.enabled = is_main()  # False on ranks > 0: their writes are no-ops
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_torn_tail()
+            self._tb = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -51,6 +59,8 @@ class MetricsLog:
 
     def truncate(self, arm: str, after_step: int) -> None:
         """Drop an arm's records past `after_step`: a resumed run rewrites them exactly as they were."""
+        if not self.enabled:
+            return
         kept = [r for r in self.read() if not (r.get("arm") == arm and r.get("step", 0) > after_step)]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
