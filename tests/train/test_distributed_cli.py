@@ -205,3 +205,36 @@ def test_sigterm_stops_every_rank_after_the_same_step(digits, tmp_path):
     latest = list_checkpoints(run / "checkpoints" / "student_alone")[-1]
     assert latest.name == f"step-{int(stopped[0]):08d}" and verify(latest) is None
     assert (latest / "rng-rank1.safetensors").is_file()
+
+
+# The MLP student's hidden activations regress the CNN teacher's through a learned linear projector (32 -> 64). Not a
+# CNN student: BatchNorm normalises over each process's own batch under DDP, as in PyTorch (SyncBatchNorm is CUDA-only).
+FEATURE_KD = ["arms=[distilled]", "loss.features=[{student: '2', teacher: head.2, loss: mse}, "
+              "{student: '2', teacher: head.2, loss: cosine, weight: 0.5}]"]
+
+
+def test_feature_kd_two_processes_equal_one(digits, tmp_path):
+    """A feature-KD recipe (hidden-state MSE and cosine through a learned projector): the student and its projector,
+    trained by two processes with batch 8, equal one process with batch 16."""
+    root, _ = digits
+    args = ["run", "digits-kd", *DIGITS, *FEATURE_KD]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTIL_CACHE", str(root / "cache"))  # the teacher trained by the digits fixture
+        assert cli_main([*args, "train.batch_size=16", f"output_dir={tmp_path / 'one'}", "-q"]) == 0
+    proc = distil([*args, "train.batch_size=8", f"output_dir={tmp_path / 'two'}"], env={"DISTIL_CACHE": str(root / "cache")})
+    assert proc.returncode == 0, explain(proc)
+    a, b = _arm_weights(tmp_path / "two", "student"), _arm_weights(tmp_path / "one", "student")
+    assert a.keys() == b.keys() and not any("projector" in k for k in a)  # projectors never in the saved student
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-6, f"student: max |difference| {worst}"
+    final = [load_file(list_checkpoints(run / "checkpoints" / "distilled")[-1] / "modules.safetensors")
+             for run in (tmp_path / "two", tmp_path / "one")]
+    projectors = [k for k in final[1] if not k.startswith("student.")]
+    assert projectors, sorted(final[1])  # the projector is trained and checkpointed with the student
+    worst = max(float((final[0][k] - final[1][k]).abs().max()) for k in projectors)
+    assert worst < 1e-6, f"projector: max |difference| {worst}"
+    two = [r for r in _metrics(tmp_path / "two") if "loss" in r]
+    one = [r for r in _metrics(tmp_path / "one") if "loss" in r]
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for x, y in zip(two, one):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
