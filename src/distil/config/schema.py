@@ -368,7 +368,8 @@ class Recipe(Strict):
     multi_teacher: MultiTeacherSpec | None = None
     self_distill: SelfDistillSpec = SelfDistillSpec()
     arms: list[Arm] = Field(default=["student_alone", "distilled"], min_length=1)
-    latency_runs: int = Field(30, gt=0, description="timed forward passes per latency measurement")
+    latency_runs: int = Field(30, gt=0, description="timed forward passes per latency measurement (language models: "
+                              "timed generations, at most 2)")
     generations_shown: int = Field(3, ge=0, description="causal_lm: held-out prompts generated side by side")
     distributed: DistributedSpec = DistributedSpec()
 

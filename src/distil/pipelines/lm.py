@@ -225,11 +225,13 @@ def lm_feature_distiller(recipe: Recipe, student: Any, teacher: Any, batch: dict
 
 # --------------------------------------------------------------------------------------------------- evaluation
 def _measure(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int, teacher_predictions: torch.Tensor | None,
-             tokenizer: Any) -> tuple[dict[str, Any], torch.Tensor]:
+             tokenizer: Any, repeats: int = 2) -> tuple[dict[str, Any], torch.Tensor]:
     model.eval()
     ppl, predictions = perplexity_and_predictions(model, eval_blocks, vocab_size=vocab)
-    speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
-    speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
+    speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                               repeats=repeats)
+    speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                               repeats=repeats)
     device = next(model.parameters()).device
     batch = eval_blocks[:8].to(device)
     with torch.inference_mode():
@@ -352,17 +354,19 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
     if teacher_model is not None and distributed.is_sharded(teacher_model):
         teacher_model = _as_teacher(_load_teacher(recipe, device), recipe, device)
     console.print("evaluating teacher and students on held-out text ...")
+    repeats = min(2, recipe.latency_runs)  # timed generations per speed (each is 32 new tokens)
     arms: dict[str, Any] = {}
     models: dict[str, Any] = {}
     if teacher_model is not None:
-        arms["teacher"], teacher_predictions = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer)
+        arms["teacher"], teacher_predictions = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer,
+                                                        repeats)
         models["teacher"] = teacher_model
     else:
         arms["teacher"] = {**cached.read_teacher_eval(Path(cache_spec.path)), "from_cache": True}  # type: ignore[union-attr]
         teacher_predictions = cached.eval_predictions(cache, len(corpus.eval), recipe.data.seq_len)
     for arm, folder in [("student_init", init)] + [(a, run_dir / ARM_FOLDERS[a]) for a in recipe.arms]:
         model = load_student_folder(folder, device)
-        arms[arm], _ = _measure(model, folder, corpus.eval, vocab, teacher_predictions, tokenizer)
+        arms[arm], _ = _measure(model, folder, corpus.eval, vocab, teacher_predictions, tokenizer, repeats)
         if arm != "student_init":
             models[arm] = model
     prompts = _prompts_for_samples(corpus, recipe.generations_shown)
