@@ -24,13 +24,13 @@ come out uniform, as in eager attention; losses exclude them through their query
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from distil.distill.taps import resolve_module_names
+from distil.distill.taps import HookGroup, resolve_module_names
 from distil.errors import DistilError
 
 _LAYOUTS = {"llama": ("q_proj", "k_proj", "v_proj"), "bert": ("query", "key", "value")}
@@ -69,7 +69,7 @@ class _Record:
         self.call: dict[str, Any] = {}
 
 
-class AttentionRecorder:
+class AttentionRecorder(HookGroup):
     """Context manager: record q/k/v of the chosen attention layers and recompute their probabilities.
 
         with AttentionRecorder(model, [0, 3]) as rec:      # layer indices, module names or glob patterns
@@ -77,6 +77,8 @@ class AttentionRecorder:
         probs = rec.probs(rec.names[0])                  # [B, H, Q, K] float32, graph kept for a student
         q, k, v = rec.projections(rec.names[0])          # [B, S, width] each, the MiniLMv2 relation inputs
     """
+
+    _already_attached = "this AttentionRecorder is already attached; use one `with` block at a time"
 
     def __init__(self, model: nn.Module, layers: int | str | Sequence[int | str]) -> None:
         self.model = model
@@ -103,7 +105,7 @@ class AttentionRecorder:
         modules = dict(model.named_modules())
         self.names: list[str] = list(dict.fromkeys(names))
         self._records = {n: _Record(n, modules[n], _layout(modules[n])) for n in self.names}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         for rec in self._records.values():
             config = getattr(rec.module, "config", None)
             if getattr(config, "attn_logit_softcapping", None) or hasattr(rec.module, "sinks"):
@@ -133,32 +135,14 @@ class AttentionRecorder:
                         "attention_mask": call.get("attention_mask"), "past": past}
         return hook
 
-    def attach(self) -> AttentionRecorder:
-        if self._handles:
-            raise DistilError("this AttentionRecorder is already attached; use one `with` block at a time")
-        try:
-            for rec in self._records.values():
-                q, k, v = _LAYOUTS[rec.layout]
-                for key, child in (("q", q), ("k", k), ("v", v), ("q_norm", "q_norm"), ("k_norm", "k_norm")):
-                    sub = getattr(rec.module, child, None)
-                    if isinstance(sub, nn.Module):
-                        self._handles.append(sub.register_forward_hook(self._store(rec, key)))
-                self._handles.append(rec.module.register_forward_pre_hook(self._call_hook(rec), with_kwargs=True))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> AttentionRecorder:
-        return self.attach()
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def _register(self) -> Iterator[torch.utils.hooks.RemovableHandle]:
+        for rec in self._records.values():
+            q, k, v = _LAYOUTS[rec.layout]
+            for key, child in (("q", q), ("k", k), ("v", v), ("q_norm", "q_norm"), ("k_norm", "k_norm")):
+                sub = getattr(rec.module, child, None)
+                if isinstance(sub, nn.Module):
+                    yield sub.register_forward_hook(self._store(rec, key))
+            yield rec.module.register_forward_pre_hook(self._call_hook(rec), with_kwargs=True)
 
     def clear(self) -> None:
         for rec in self._records.values():

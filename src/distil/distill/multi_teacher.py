@@ -12,11 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distil.config.schema import LossSpec
-from distil.distill.objectives import soft_term
+from distil.distill.objectives import ClassifierObjective, soft_term
 from distil.distill.pair import Teacher
 from distil.losses.multi_teacher import _weights, combine_teacher_logits
 
@@ -35,24 +34,17 @@ class TeacherMixture(nn.Module):
         return combine_teacher_logits(logits, self.weights, temperature=self.temperature)
 
 
-class MultiTeacherObjective:
+class MultiTeacherObjective(ClassifierObjective):
     """alpha * sum_i w_i * soft_term(student, teacher_i) + (1 - alpha) * CE, weights normalised to sum 1."""
-
-    unit = "samples"
 
     def __init__(self, student: nn.Module, teachers: Sequence[Teacher], weights: Sequence[float] | None,
                  spec: LossSpec, device: torch.device) -> None:
-        self.student, self.teachers, self.spec, self.device = student, list(teachers), spec, device
+        super().__init__(student, None, spec, device)
+        self.teachers = list(teachers)
         self.weights = _weights(weights, len(self.teachers))
-        self.modules = {"student": student}
-
-    def weight(self, batch: Any) -> int:
-        return int(batch[1].shape[0])
 
     def loss(self, batch: Any) -> dict[str, torch.Tensor]:
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
-        logits = self.student(x)
-        ce = F.cross_entropy(logits.float(), y)
+        x, y, logits, ce = self._student_pass(batch)
         terms: dict[str, torch.Tensor] = {"ce": ce}
         kd = torch.zeros((), device=logits.device)
         for i, (teacher, w) in enumerate(zip(self.teachers, self.weights)):

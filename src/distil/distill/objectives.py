@@ -52,10 +52,14 @@ class ClassifierObjective:
     def weight(self, batch: Any) -> int:
         return int(batch[1].shape[0])
 
-    def loss(self, batch: Any) -> dict[str, torch.Tensor]:
+    def _student_pass(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch on the device, the student's logits and their cross-entropy with the labels."""
         x, y = (t.to(self.device, non_blocking=True) for t in batch)
         logits = self.student(x)
-        ce = F.cross_entropy(logits.float(), y)
+        return x, y, logits, F.cross_entropy(logits.float(), y)
+
+    def loss(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y, logits, ce = self._student_pass(batch)
         if self.teacher is None:
             return {"loss": ce, "ce": ce}
         soft = soft_term(logits, self.teacher(x), y, self.spec)

@@ -16,12 +16,15 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from distil.errors import DistilError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _GLOB_CHARS = set("*?[")
 
@@ -113,7 +116,46 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
-class Taps:
+class HookGroup:
+    """Forward hooks owned as a group: `_register` adds them (returning their handles); `attach` removes those already
+    added when one fails, and `remove` (also on leaving a `with` block) takes them all off the model."""
+
+    _already_attached = "these hooks are already attached; use one `with` block at a time"
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _register(self) -> Iterator[torch.utils.hooks.RemovableHandle]:
+        raise NotImplementedError
+
+    def attach(self) -> Self:
+        if self._handles:
+            raise DistilError(self._already_attached)
+        try:
+            for handle in self._register():
+                self._handles.append(handle)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Self:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+
+class Taps(HookGroup):
     """Context manager that records the output (or input) of the named modules on every forward call.
 
     Args:
@@ -125,6 +167,8 @@ class Taps:
 
     Only the most recent call of each module is kept, so a module used twice in one forward keeps the second call.
     """
+
+    _already_attached = "these taps are already attached; use one `with Taps(...)` block at a time"
 
     def __init__(
         self,
@@ -141,7 +185,7 @@ class Taps:
         self.detach = detach
         self.names: list[str] = resolve_module_names(model, names)
         self._values: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def _store(self, name: str, value: torch.Tensor | None, what: str) -> None:
@@ -163,33 +207,13 @@ class Taps:
             self._store(name, value, "input")
         return hook
 
-    def attach(self) -> Taps:
-        if self._handles:
-            raise DistilError("these taps are already attached; use one `with Taps(...)` block at a time")
+    def _register(self) -> Iterator[torch.utils.hooks.RemovableHandle]:
         modules = dict(self.model.named_modules())
-        try:
-            for name in self.names:
-                module = modules[name]
-                if self.capture == "output":
-                    handle = module.register_forward_hook(self._output_hook(name))
-                else:
-                    handle = module.register_forward_pre_hook(self._input_hook(name), with_kwargs=True)
-                self._handles.append(handle)
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> Taps:
-        return self.attach()
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+        for name in self.names:
+            if self.capture == "output":
+                yield modules[name].register_forward_hook(self._output_hook(name))
+            else:
+                yield modules[name].register_forward_pre_hook(self._input_hook(name), with_kwargs=True)
 
     # -- results ----------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -215,7 +239,3 @@ class Taps:
     def clear(self) -> None:
         """Drop the captured tensors (and the graphs they hold) without removing the hooks."""
         self._values.clear()
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
