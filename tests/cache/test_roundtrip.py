@@ -11,7 +11,7 @@ import torch
 from distil.cache.build import build_cache
 from distil.cache.reader import TeacherCache
 from distil.errors import DistilError
-from distil.losses.sparse import cached_divergence
+from distil.losses.cached import cached_divergence
 
 K = 8
 

@@ -276,3 +276,13 @@ def test_bad_inputs_raise_distil_error():
         fused_linear_divergence(h_s, w_s, h_t, w_t, chunk_size=0)
     with pytest.raises(DistilError, match="labels must lie"):
         fused_linear_cross_entropy(h_s, w_s, torch.full((2, 13), 37))
+
+
+@pytest.mark.parametrize("name", ["jsd", "generalized_jsd", "skew_kl", "skew_reverse_kl"])
+def test_fused_parameters_default_to_the_plain_functions(name):
+    """Without beta / alpha the fused path uses the plain function's defaults (both read the losses registry)."""
+    torch.manual_seed(0)
+    h_s, w_s, h_t, w_t = torch.randn(5, 4), torch.randn(7, 4), torch.randn(5, 3), torch.randn(7, 3)
+    fused = fused_linear_divergence(h_s, w_s, h_t, w_t, divergence=name)
+    plain = DIVERGENCES[name](h_s @ w_s.T, h_t @ w_t.T)
+    assert torch.allclose(fused, plain, atol=1e-6)

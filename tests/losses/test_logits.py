@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from distil.errors import DistilError
 from distil.losses.logits import (
-    DIVERGENCES,
     distillation_loss,
     dkd,
     forward_kl,
@@ -21,6 +20,7 @@ from distil.losses.logits import (
     skew_reverse_kl,
     tvd,
 )
+from distil.losses.registry import DIVERGENCES
 
 # ------------------------------------------------------------------------ independent references (numpy, loops)
 

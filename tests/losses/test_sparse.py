@@ -9,8 +9,8 @@ import torch
 
 from distil.cache.writer import sample_targets, topk_targets
 from distil.errors import DistilError
+from distil.losses.cached import cached_divergence
 from distil.losses.sparse import (
-    cached_divergence,
     sampled_forward_kl,
     sparse_forward_kl,
     sparse_jsd,

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from distil.losses.registry import DIVERGENCES, SPARSE_DIVERGENCES
 
 
 class Strict(BaseModel):
@@ -194,6 +195,10 @@ class FeatureTermSpec(Strict):
         return self
 
 
+# Every divergence of the losses registry, and DKD (a label-aware classifier loss that carries T^2 itself).
+DivergenceName = Literal[(*DIVERGENCES, "dkd")]  # type: ignore[valid-type]
+
+
 class LossSpec(Strict):
     """How the student learns from the teacher.
 
@@ -201,9 +206,7 @@ class LossSpec(Strict):
     alpha weights the teacher's soft term. With divergence "dkd", the soft term is DKD (which carries T^2 itself).
     """
 
-    divergence: Literal[
-        "forward_kl", "reverse_kl", "generalized_jsd", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd"
-    ] = "forward_kl"
+    divergence: DivergenceName = "forward_kl"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's soft term")
     temperature: float = Field(2.0, gt=0.0)
     scale_by_t2: bool = Field(True, description="multiply the soft term by T^2 (Hinton et al.)")
@@ -419,9 +422,9 @@ class Recipe(Strict):
             if classic or self.method != "logits" or self.onpolicy is not None:
                 raise ValueError("teacher.cache applies to off-policy logit distillation of causal LMs "
                                  "(task causal_lm, method logits, no onpolicy section)")
-            if self.loss.divergence not in ("forward_kl", "reverse_kl", "generalized_jsd", "jsd"):
+            if self.loss.divergence not in SPARSE_DIVERGENCES:
                 raise ValueError(f"loss.divergence {self.loss.divergence} has no sparse form for cached targets; "
-                                 "use forward_kl, reverse_kl or generalized_jsd")
+                                 f"use {', '.join(SPARSE_DIVERGENCES)}")
             if self.teacher.cache.mode == "sample" and self.loss.divergence != "forward_kl":
                 raise ValueError("teacher.cache.mode sample supports loss.divergence forward_kl only")
             if self.loss.features:

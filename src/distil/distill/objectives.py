@@ -10,7 +10,8 @@ from torch import nn
 
 from distil.config.schema import LossSpec
 from distil.distill.pair import Teacher
-from distil.losses import DIVERGENCES, dkd
+from distil.losses import dkd
+from distil.losses.registry import divergence_spec
 
 
 def soft_term(
@@ -27,17 +28,18 @@ def soft_term(
             raise ValueError("dkd needs labels")
         return dkd(student_logits, teacher_logits, labels, alpha=spec.dkd_alpha, beta=spec.dkd_beta, temperature=T)
     params = divergence_params(spec)
-    value = DIVERGENCES[spec.divergence](student_logits, teacher_logits, temperature=T, mask=mask, **params)
+    value = divergence_spec(spec.divergence).plain(student_logits, teacher_logits, temperature=T, mask=mask, **params)
     return value * (T * T) if spec.scale_by_t2 else value
 
 
+# The loss section's field that holds each divergence parameter, where the names differ (alpha is the soft weight).
+RECIPE_FIELDS = {"alpha": "skew"}
+
+
 def divergence_params(spec: LossSpec) -> dict[str, float]:
-    """The recipe's parameters of its divergence (beta for JSD, the skew for skew KLs)."""
-    if spec.divergence in ("generalized_jsd", "jsd"):
-        return {"beta": spec.beta}
-    if spec.divergence in ("skew_kl", "skew_reverse_kl"):
-        return {"alpha": spec.skew}
-    return {}
+    """The recipe's values of its divergence's parameters (beta for JSD, the skew for skew KLs)."""
+    names = divergence_spec(spec.divergence).params
+    return {name: getattr(spec, RECIPE_FIELDS.get(name, name)) for name in names}
 
 
 class ClassifierObjective:

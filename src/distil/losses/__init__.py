@@ -3,8 +3,8 @@
 from distil.losses.attention import attention_kl, minilm_relations
 from distil.losses.features import attention_map, attention_transfer, fitnets_hint, hidden_cosine, hidden_mse
 from distil.losses.fused import DEFAULT_CHUNK_ELEMENTS, fused_linear_cross_entropy, fused_linear_divergence
+from distil.losses.cached import cached_divergence
 from distil.losses.logits import (
-    DIVERGENCES,
     LOG_PROB_FLOOR,
     distillation_loss,
     dkd,
@@ -17,17 +17,11 @@ from distil.losses.logits import (
 )
 from distil.losses.multi_teacher import combine_teacher_logits, combine_teacher_logprobs, per_teacher_loss
 from distil.losses.relations import rkd_angle, rkd_distance
-from distil.losses.sparse import (
-    SPARSE_DIVERGENCES,
-    cached_divergence,
-    sampled_forward_kl,
-    sparse_forward_kl,
-    sparse_jsd,
-    sparse_reverse_kl,
-)
+from distil.losses.registry import DIVERGENCES, REGISTRY, SPARSE_DIVERGENCES, Divergence
+from distil.losses.sparse import sampled_forward_kl, sparse_forward_kl, sparse_jsd, sparse_reverse_kl
 
 __all__ = [
-    "DEFAULT_CHUNK_ELEMENTS", "DIVERGENCES", "LOG_PROB_FLOOR", "SPARSE_DIVERGENCES",
+    "DEFAULT_CHUNK_ELEMENTS", "DIVERGENCES", "LOG_PROB_FLOOR", "REGISTRY", "SPARSE_DIVERGENCES", "Divergence",
     # logits
     "distillation_loss", "dkd", "forward_kl", "generalized_jsd", "reverse_kl", "skew_kl", "skew_reverse_kl", "tvd",
     # chunked LM head

@@ -15,7 +15,6 @@ supported.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable
 
@@ -23,18 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from distil.errors import DistilError
-from distil.losses.logits import (
-    DIVERGENCES,
-    LOG_PROB_FLOOR,
-    _check_temperature,
-    _check_unit,
-    forward_kl,
-    generalized_jsd,
-    reverse_kl,
-    skew_kl,
-    skew_reverse_kl,
-    tvd,
-)
+from distil.losses.logits import LOG_PROB_FLOOR, _check_temperature
+from distil.losses.registry import REGISTRY, divergence_spec
 
 __all__ = ["DEFAULT_CHUNK_ELEMENTS", "fused_linear_cross_entropy", "fused_linear_divergence"]
 
@@ -134,79 +123,8 @@ def _apply(hidden: torch.Tensor, weight: torch.Tensor, chunk: int, step: _ChunkS
         return _Fused.apply(hidden, weight, chunk, step, scale, need_h, need_w)
 
 
-# ------------------------------------------------------------------------------- per-chunk values and gradients
-# Each kernel takes the floored log-probabilities lp_s, lp_t and the probabilities p_s, p_t ([C, V], compute dtype)
-# and returns the per-row divergence and g = d(divergence) / d(lp_s); the chain rule through log_softmax is applied
-# once, in _divergence_value_and_grad. These are the analytic derivatives of the formulas in distil.losses.logits;
-# the tests check them against autograd on the plain path. Mixtures are formed from probabilities (one log instead
-# of a logaddexp), floored at the smallest normal number so that 0 * log(0) never appears.
-def _log_mix(p_a: torch.Tensor, p_b: torch.Tensor, w: float) -> torch.Tensor:
-    """log(w * p_a + (1 - w) * p_b)."""
-    return torch.lerp(p_b, p_a, w).clamp_min_(torch.finfo(p_a.dtype).tiny).log_()
-
-
-def _kernel_forward_kl(lp_s, lp_t, p_s, p_t):
-    values = (lp_t - lp_s).mul_(p_t).sum(-1)
-    return values, p_t.neg_()  # p_t is not used after the kernel
-
-
-def _kernel_reverse_kl(lp_s, lp_t, p_s, p_t):
-    r = lp_s - lp_t
-    values = (p_s * r).sum(-1)
-    return values, r.add_(1.0).mul_(p_s)
-
-
-def _kernel_jsd(lp_s, lp_t, p_s, p_t, beta):
-    if beta == 0.0:
-        return _kernel_forward_kl(lp_s, lp_t, p_s, p_t)
-    if beta == 1.0:
-        return _kernel_reverse_kl(lp_s, lp_t, p_s, p_t)
-    lp_m = _log_mix(p_t, p_s, beta)
-    values = beta * (lp_t - lp_m).mul_(p_t).sum(-1)
-    d_s = lp_m.neg_().add_(lp_s)  # lp_s - lp_m, in place
-    values += (1.0 - beta) * (d_s * p_s).sum(-1)
-    # d/d lp_s of beta KL(p_t || m) + (1 - beta) KL(p_s || m): the terms through m cancel, leaving this.
-    return values, d_s.mul_(p_s).mul_(1.0 - beta)
-
-
-def _kernel_skew_kl(lp_s, lp_t, p_s, p_t, alpha):
-    if alpha == 0.0:
-        return _kernel_forward_kl(lp_s, lp_t, p_s, p_t)
-    if alpha == 1.0:
-        return lp_s.new_zeros(lp_s.shape[0]), torch.zeros_like(lp_s)
-    lp_m = _log_mix(p_t, p_s, alpha)
-    values = (lp_t - lp_m).mul_(p_t).sum(-1)
-    # g = -(1 - alpha) p_t p_s / m
-    return values, lp_m.neg_().add_(lp_s).exp_().mul_(p_t).mul_(alpha - 1.0)
-
-
-def _kernel_skew_reverse_kl(lp_s, lp_t, p_s, p_t, alpha):
-    if alpha == 0.0:
-        return _kernel_reverse_kl(lp_s, lp_t, p_s, p_t)
-    if alpha == 1.0:
-        return lp_s.new_zeros(lp_s.shape[0]), torch.zeros_like(lp_s)
-    lp_m = _log_mix(p_s, p_t, alpha)
-    d = lp_s - lp_m
-    values = (d * p_s).sum(-1)
-    # g = p_s * (log(p_s / m) + (1 - alpha) p_t / m)
-    g = lp_m.neg_().add_(lp_t).exp_().mul_(1.0 - alpha).add_(d)
-    return values, g.mul_(p_s)
-
-
-def _kernel_tvd(lp_s, lp_t, p_s, p_t):
-    diff = p_t - p_s
-    values = 0.5 * diff.abs().sum(-1)
-    return values, diff.sign_().mul_(p_s).mul_(-0.5)
-
-
-_KERNELS = {
-    forward_kl: _kernel_forward_kl,
-    reverse_kl: _kernel_reverse_kl,
-    generalized_jsd: _kernel_jsd,
-    skew_kl: _kernel_skew_kl,
-    skew_reverse_kl: _kernel_skew_reverse_kl,
-    tvd: _kernel_tvd,
-}
+# plain function -> fused kernel, for the tests that compare the two
+_KERNELS = {d.plain: d.kernel for d in REGISTRY.values()}
 
 
 def _log_probs(logits: torch.Tensor, temperature: float, acc: torch.dtype) -> torch.Tensor:
@@ -303,7 +221,8 @@ def fused_linear_divergence(
         student_weight, teacher_weight: LM-head weights ``[V, H_s]`` and ``[V, H_t]``. The teacher side gets no
             gradient (it is a constant).
         divergence: a name in ``DIVERGENCES`` (forward_kl, reverse_kl, generalized_jsd / jsd, skew_kl,
-            skew_reverse_kl, tvd); ``divergence_params`` its parameters (``beta``, ``alpha``).
+            skew_reverse_kl, tvd); ``divergence_params`` its parameters (``beta``, ``alpha``), defaulting to the
+            plain function's (:data:`distil.losses.registry.REGISTRY`).
         mask: bool, the leading shape; only kept positions count (dropped before any matmul).
         chunk_size: tokens per chunk; None picks ``DEFAULT_CHUNK_ELEMENTS // vocab`` (128 MiB of fp32 logits).
         reduction: "mean" over kept positions (0 with a zero gradient when none is kept) or "sum".
@@ -313,20 +232,9 @@ def fused_linear_divergence(
     Equal to the plain path ``DIVERGENCES[divergence](h_s @ W_s.T, h_t @ W_t.T, ...)`` up to float rounding; no T**2
     factor. Gradients reach ``student_hidden`` and ``student_weight`` only.
     """
-    fn = DIVERGENCES.get(divergence)
-    if fn is None:
-        raise DistilError(f"unknown divergence {divergence!r}; choose one of {', '.join(sorted(DIVERGENCES))}")
-    allowed = set(inspect.signature(fn).parameters) - {"student_logits", "teacher_logits", "mask", "reduction"}
-    unknown = set(divergence_params) - allowed
-    if unknown:
-        raise DistilError(
-            f"{divergence} takes no parameter {', '.join(sorted(unknown))}; it accepts "
-            f"{', '.join(sorted(allowed - {'temperature'})) or 'only temperature'}"
-        )
+    spec = divergence_spec(divergence)
+    params = spec.resolve(divergence_params)  # missing parameters take the plain function's defaults
     _check_temperature(temperature)
-    for name in ("alpha", "beta"):
-        if name in divergence_params:
-            _check_unit(name, divergence_params[name])
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise DistilError(
@@ -355,12 +263,12 @@ def fused_linear_divergence(
     # since its backward would allocate another weight-sized tensor.
     ws = student_weight if vocab_size == student_weight.shape[0] else student_weight[:vocab_size]
 
-    kernel = _KERNELS[fn]
+    kernel = spec.kernel
 
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Grad mode is off here (no_grad or inside _Fused.forward): these matmuls build no graph.
         logits = [F.linear(h, ws), F.linear(ht[start:end], wt)]
-        return _divergence_value_and_grad(kernel, divergence_params, logits, temperature, want_grad)
+        return _divergence_value_and_grad(kernel, params, logits, temperature, want_grad)
 
     return _apply(hs, ws, _chunk_tokens(chunk_size, vocab_size), step, reduction)
 

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from distil.errors import DistilError
 
 __all__ = [
-    "DIVERGENCES",
     "LOG_PROB_FLOOR",
     "distillation_loss",
     "dkd",
@@ -246,19 +245,6 @@ def tvd(
         lambda s, t: 0.5 * (t.exp() - s.exp()).abs().sum(-1), student_logits, teacher_logits, temperature, mask,
         reduction,
     )
-
-
-DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "generalized_jsd": generalized_jsd,
-    "jsd": generalized_jsd,
-    "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
-}
-"""Name -> divergence. All share ``f(student_logits, teacher_logits, *, temperature, mask, reduction, **params)``
-where ``params`` is ``beta`` for the JSD, ``alpha`` for the skew KLs and nothing for the others."""
 
 
 # ------------------------------------------------------------------------------------- label-aware losses

@@ -30,15 +30,11 @@ because the teacher's tail cannot be re-softened exactly from top-k targets).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-
 import torch
 
 from distil.errors import DistilError
 
 __all__ = [
-    "SPARSE_DIVERGENCES",
-    "cached_divergence",
     "sampled_forward_kl",
     "sparse_forward_kl",
     "sparse_jsd",
@@ -279,48 +275,3 @@ def sampled_forward_kl(
     if t["teacher_entropy"] is not None:
         values = values - t["teacher_entropy"]
     return _reduce(values, student_logits.shape[:-1], mask, reduction)
-
-
-SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
-
-def cached_divergence(
-    student_logits: torch.Tensor,
-    targets: Mapping[str, torch.Tensor],
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float | None = None,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """The divergence between the student and a batch of ``TeacherCache.targets(...)``, whatever the cache's mode.
-
-    Positions without a target (``targets["mask"]``) are dropped, as are those ``mask`` drops. ``temperature`` None
-    takes the cache's build temperature (``targets["temperature"]``); any other value must equal it.
-    """
-    if divergence not in SPARSE_DIVERGENCES:
-        raise DistilError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)}, got {divergence!r}")
-    built = float(targets["temperature"]) if "temperature" in targets else None
-    if temperature is None:
-        temperature = 1.0 if built is None else built
-    elif built is not None and not math.isclose(temperature, built, rel_tol=1e-6):
-        raise DistilError(f"the teacher cache holds targets at temperature {built:g}, this loss asks {temperature:g}; "
-                          "sparse targets cannot be re-softened exactly: rebuild the cache at this temperature")
-    targets = {name: t.to(student_logits.device, non_blocking=True) for name, t in targets.items()
-               if name != "temperature"}
-    keep = targets["mask"]
-    keep = keep if mask is None else keep & mask
-    common = {"temperature": temperature, "mask": keep, "reduction": reduction}
-    if "weights" in targets:
-        if divergence != "forward_kl":
-            raise DistilError(f"a sampled cache gives unbiased forward KL only, not {divergence}; build a topk cache "
-                              "for reverse KL or JSD")
-        return sampled_forward_kl(student_logits, targets["ids"], targets["weights"],
-                                  teacher_entropy=targets.get("entropy"), **common)
-    ids, lp, tail = targets.get("ids"), targets["logprobs"], targets.get("tail_logmass")
-    if divergence == "forward_kl":
-        return sparse_forward_kl(student_logits, ids, lp, tail_logmass=tail, **common)
-    if divergence == "reverse_kl":
-        return sparse_reverse_kl(student_logits, ids, lp, tail_logmass=tail, **common)
-    return sparse_jsd(student_logits, ids, lp, tail_logmass=tail, beta=beta, **common)

@@ -22,6 +22,7 @@ from distil.cache.build import finalize_cache
 from distil.config.schema import LossSpec, Recipe
 from distil.data.text import TextCorpus
 from distil.distill.lm import IGNORE, next_token_targets
+from distil.distill.objectives import divergence_params
 from distil.errors import DistilError
 from distil.losses import cached_divergence
 from distil.train import distributed
@@ -124,7 +125,6 @@ class CachedLMObjective:
     def __init__(self, student: nn.Module, cache: TeacherCache, spec: LossSpec, *, device: torch.device):
         self.student, self.cache, self.spec, self.device = student, cache, spec, device
         self.modules = {"student": student}
-        self.divergence = {"generalized_jsd": "jsd"}.get(spec.divergence, spec.divergence)
 
     def weight(self, batch: dict[str, Any]) -> int:
         return int(next_token_targets(batch["labels"])[1].sum())
@@ -139,8 +139,8 @@ class CachedLMObjective:
         vocab = self.cache.vocab_size
         # Position t of the cache holds the teacher's distribution of token t+1, as logits position t does.
         kd = cached_divergence(logits[:, :-1, :vocab], {k: (v[:, :-1] if v.dim() > 0 else v) for k, v in cached.items()},
-                               divergence=self.divergence, beta=self.spec.beta, temperature=self.spec.temperature,
-                               mask=keep)
+                               divergence=self.spec.divergence, temperature=self.spec.temperature, mask=keep,
+                               **divergence_params(self.spec))
         T = self.spec.temperature
         kd = kd * (T * T) if self.spec.scale_by_t2 else kd
         return {"loss": self.spec.alpha * kd + (1 - self.spec.alpha) * ce, "ce": ce, "kd": kd}
