@@ -1,4 +1,4 @@
-"""distil.report's measurements: throughput arithmetic, resident tensor bytes, peak inference memory on CPU."""
+"""distil.measure.cost's measurements: throughput arithmetic, resident tensor bytes, peak inference memory on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from distil import report
+from distil.measure import cost as report
 
 MB = 1 << 20
 
@@ -36,7 +36,7 @@ needs_proc = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
 
 FRESH_PROCESS_PEAK = """
 import torch
-from distil import report
+from distil.measure import cost as report
 MB = 1 << 20
 def forward():
     # 64 MB written (so resident), freed before the next one: the peak is one buffer, not the sum.

@@ -15,7 +15,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassifica
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from distil.errors import DistilError
-from distil.students import choose_layers, make_student, parse_layers, plan_student, run_student_command
+from distil.students import choose_layers, make_student, parse_layers, plan_student, save_student
 
 VOCAB = 64
 
@@ -320,7 +320,7 @@ def test_students_save_and_load_without_distil(tmp_path):
         torch.testing.assert_close(torch.tensor(got["values"]).view_as(expected), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_run_student_command_saves_student_with_tokenizer(tmp_path):
+def test_save_student_saves_student_with_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -330,7 +330,7 @@ def test_run_student_command_saves_student_with_tokenizer(tmp_path):
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", eos_token="w1").save_pretrained(teacher_dir)
     out = tmp_path / "student"
-    result = run_student_command(str(teacher_dir), out, num_layers=2, intermediate_size=20)
+    result = save_student(str(teacher_dir), out, num_layers=2, intermediate_size=20)
     assert result["layers"] == [0, 3]
     assert result["teacher"]["num_layers"] == 4 and result["student"]["num_layers"] == 2
     assert result["student"]["parameters"] < result["teacher"]["parameters"]
@@ -339,7 +339,7 @@ def test_run_student_command_saves_student_with_tokenizer(tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
     with pytest.raises(DistilError, match="already exists"):
-        run_student_command(str(teacher_dir), out, num_layers=2)
+        save_student(str(teacher_dir), out, num_layers=2)
 
 
 @pytest.mark.slow
@@ -347,7 +347,7 @@ def test_smollm2_ten_layer_student(tmp_path):
     """The real SmolLM2-135M teacher -> 10 of 30 layers via the CLI path; loads without distil, finite logits."""
     pytest.importorskip("gguf")
     out = tmp_path / "student"
-    result = run_student_command("smollm2-135m-instruct", out, num_layers=10)
+    result = save_student("smollm2-135m-instruct", out, num_layers=10)
     assert result["layers"] == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
     h, i, q, kv = 576, 1536, 576, 3 * 64  # hidden, MLP, query rows (9 x 64), KV rows (3 x 64)
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h

@@ -81,13 +81,27 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_student(args: argparse.Namespace) -> int:
-    from distil.students import parse_layers, run_student_command
+    from rich.table import Table
 
-    run_student_command(
+    from distil.students import parse_layers, save_student
+
+    result = save_student(
         args.teacher, Path(args.output), layers=parse_layers(args.layers) if args.layers else None,
         num_layers=args.num_layers, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
         num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
     )
+    mib = lambda v: f"{v / 2**20:.1f} MiB"  # noqa: E731
+    table = Table("", "teacher", "student", title=f"student of {args.teacher}")
+    for label, cell in [("layers", lambda r: r["num_layers"]), ("hidden size", lambda r: r["hidden_size"]),
+                        ("MLP width", lambda r: r["intermediate_size"]),
+                        ("attention / KV heads", lambda r: f"{r['num_attention_heads']} / {r['num_key_value_heads']}"),
+                        ("parameters", lambda r: f"{r['parameters']:,}"), ("size in memory", lambda r: mib(r["bytes"])),
+                        ("size on disk", lambda r: mib(r["disk_bytes"]))]:
+        table.add_row(label, str(cell(result["teacher"])), str(cell(result["student"])))
+    ratio = result["student"]["parameters"] / result["teacher"]["parameters"]
+    table.caption = (f"teacher layers kept: {result['layers']}; {ratio:.1%} of the teacher's parameters; "
+                     f"saved to {result['output']}")
+    Console().print(table)
     return 0
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """`$DISTIL_CACHE`, else `~/.cache/distil` (or `$XDG_CACHE_HOME/distil`)."""
+    """Where distil keeps what it reuses across runs (trained teachers, converted models): `$DISTIL_CACHE`, else
+    `$XDG_CACHE_HOME/distil`, else `~/.cache/distil` (a `~` in either variable is expanded)."""
     if os.environ.get("DISTIL_CACHE"):
         return Path(os.environ["DISTIL_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "distil"
+    return Path(base).expanduser() / "distil"
 
 
 def replace_folder(tmp: Path, final: Path) -> None:

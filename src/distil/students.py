@@ -21,44 +21,9 @@ import torch
 from torch import nn
 
 from distil.errors import DistilError
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a family keeps its per-layer parts, relative to the backbone and to one layer."""
-
-    layers: str
-    q: str
-    k: str
-    v: str
-    o: str
-    mlp_in: tuple[str, ...]  # read the residual stream, write the MLP neurons
-    mlp_out: str
-    norms: tuple[str, ...]  # residual-stream norms: sliced to the kept hidden channels
-    head_norms: tuple[str, ...] = ()  # per-head norms (size head_dim): kept whole
-    gqa: bool = True  # config carries num_key_value_heads and head_dim
-
-
-_DECODER = _Layout("layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", ("input_layernorm", "post_attention_layernorm"),
-                   ("self_attn.q_norm", "self_attn.k_norm"))
-_ENCODER = _Layout("encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
-                   "attention.output.dense", ("intermediate.dense",), "output.dense",
-                   ("attention.output.LayerNorm", "output.LayerNorm"), gqa=False)
-_FAMILIES = {"llama": _DECODER, "mistral": _DECODER, "qwen2": _DECODER, "qwen3": _DECODER,
-             "bert": _ENCODER, "roberta": _ENCODER}
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The shape of a transformer stack."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
+from distil.measure.cost import folder_size
+from distil.models.importance import activation_scores, empty_scores, magnitude_scores
+from distil.models.layouts import family_of, Geometry, layer_prefix, Layout, teacher_geometry, weight_axes
 
 
 @dataclass
@@ -72,32 +37,6 @@ class StudentPlan:
     neurons: list[torch.Tensor]  # kept MLP neurons, ascending
     geometry: Geometry
     config: Any = field(repr=False)
-
-
-def _family(teacher: nn.Module) -> tuple[_Layout, str]:
-    config = getattr(teacher, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES or not hasattr(teacher, "base_model"):
-        raise DistilError(
-            f"make_student supports Llama-family decoders and BERT-family encoders "
-            f"({', '.join(sorted(_FAMILIES))}); {type(teacher).__name__} (model_type {model_type!r}) is not one; "
-            "pick layers and sizes by hand and build that student with transformers instead"
-        )
-    prefix = next(name for name, module in teacher.named_modules() if module is teacher.base_model)
-    return _FAMILIES[model_type], prefix
-
-
-def teacher_geometry(teacher: nn.Module) -> Geometry:
-    """Layers, widths and heads of a supported teacher."""
-    layout, _ = _family(teacher)
-    c = teacher.config
-    heads = c.num_attention_heads
-    if layout.gqa:
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        kv = getattr(c, "num_key_value_heads", None) or heads
-    else:
-        head_dim, kv = c.hidden_size // heads, heads
-    return Geometry(c.num_hidden_layers, c.hidden_size, c.intermediate_size, heads, kv, head_dim)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -132,7 +71,7 @@ def choose_layers(n_teacher: int, layers: list[int] | None = None, num_layers: i
     return [int(j * step + 0.5) for j in range(num_layers)]
 
 
-def _target_geometry(t: Geometry, layout: _Layout, n_layers: int, hidden_size: int | None,
+def _target_geometry(t: Geometry, layout: Layout, n_layers: int, hidden_size: int | None,
                      intermediate_size: int | None, heads: int | None, kv_heads: int | None) -> Geometry:
     if not layout.gqa:  # BERT: hidden = heads * head_dim, and every head is its own KV head
         if hidden_size is not None and hidden_size % t.head_dim:
@@ -169,42 +108,6 @@ def _target_geometry(t: Geometry, layout: _Layout, n_layers: int, hidden_size: i
     return Geometry(n_layers, hidden, inter, heads, kv_heads, t.head_dim)
 
 
-def _layer_prefix(layout: _Layout, prefix: str) -> str:
-    return f"{prefix}.{layout.layers}." if prefix else f"{layout.layers}."
-
-
-def _axes(teacher: nn.Module, layout: _Layout, prefix: str, key: str, shape: torch.Size, hidden: int):
-    """For a state-dict key: its layer index (None outside the layers) and what each dimension indexes."""
-    m = re.match(re.escape(_layer_prefix(layout, prefix)) + r"(\d+)\.(.+)\.(weight|bias)$", key)
-    if m:
-        i, part, kind = int(m.group(1)), m.group(2), m.group(3)
-        roles = {layout.q: "heads", layout.k: "kv", layout.v: "kv", layout.o: "out", layout.mlp_out: "mlp_out",
-                 **{name: "neurons" for name in layout.mlp_in}, **{name: "norm" for name in layout.norms},
-                 **{name: "keep" for name in layout.head_norms}}
-        role = roles.get(part)
-        if role in ("heads", "kv", "neurons"):
-            return i, (role, "hidden") if kind == "weight" else (role,)
-        if role in ("out", "mlp_out"):
-            inner = "heads" if role == "out" else "neurons"
-            return i, ("hidden", inner) if kind == "weight" else ("hidden",)
-        if role == "norm":
-            return i, ("hidden",)
-        if role == "keep":
-            return i, (None,) * len(shape)
-        raise DistilError(f"make_student does not know how to reduce {key}; this layer variant is not supported")
-    owner = teacher.get_submodule(key.rsplit(".", 1)[0]) if "." in key else teacher
-    name = key.rsplit(".", 1)[-1]
-    if isinstance(owner, nn.Embedding) and name == "weight":
-        return None, (None, "hidden")
-    if isinstance(owner, nn.Linear) and name == "weight":  # LM head, pooler, classifier, MLM transform
-        return None, tuple("hidden" if n == hidden else None for n in shape)
-    if len(shape) == 1:  # norms and biases of the residual stream; other vectors (e.g. vocab biases) kept whole
-        return None, ("hidden" if shape[0] == hidden else None,)
-    if hidden in shape:
-        raise DistilError(f"make_student does not know how to reduce {key} ({type(owner).__name__})")
-    return None, (None,) * len(shape)
-
-
 def _index(kind: str | None, plan: StudentPlan, j: int | None) -> torch.Tensor | None:
     if kind is None:
         return None
@@ -221,102 +124,7 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(scores, descending=True, stable=True)[:k].sort().values
 
 
-def _magnitude_scores(teacher, layout, prefix, layers, t: Geometry) -> dict[str, Any]:
-    """Importance by weight norms: the squared norm of every inherited weight along each prunable axis."""
-    scores = _empty_scores(t, len(layers))
-    student_of = {i: j for j, i in enumerate(layers)}
-    seen = set()
-    for key, tensor in teacher.state_dict().items():
-        if tensor.data_ptr() in seen:  # tied weights count once
-            continue
-        seen.add(tensor.data_ptr())
-        i, axes = _axes(teacher, layout, prefix, key, tensor.shape, t.hidden_size)
-        if i is not None and i not in student_of:
-            continue
-        sq = tensor.detach().float().pow(2)
-        for d, kind in enumerate(axes):
-            if kind is None:
-                continue
-            along = sq.sum(dim=[x for x in range(sq.dim()) if x != d]) if sq.dim() > 1 else sq
-            along = along.cpu()  # scores live on the CPU whatever the teacher's device
-            if kind in ("heads", "kv"):
-                along = along.view(-1, t.head_dim).sum(-1)
-            if kind == "hidden":
-                scores["hidden"] += along
-            else:
-                scores[kind][student_of[i]] += along
-    return scores
-
-
-def _empty_scores(t: Geometry, n: int) -> dict[str, Any]:
-    return {"hidden": torch.zeros(t.hidden_size),
-            "heads": [torch.zeros(t.num_attention_heads) for _ in range(n)],
-            "kv": [torch.zeros(t.num_key_value_heads) for _ in range(n)],
-            "neurons": [torch.zeros(t.intermediate_size) for _ in range(n)]}
-
-
-def _activation_scores(teacher, layout, prefix, layers, t: Geometry, calibration) -> dict[str, Any]:
-    """Minitron's importance: mean |activation| over the calibration tokens (padding excluded) of each hidden
-    channel (at the outputs of the residual-stream norms), MLP neuron (input of the down projection) and head
-    (L2 norm of its output, input of the output projection)."""
-    scores = _empty_scores(t, len(layers))
-    state: dict[str, Any] = {"mask": None}
-
-    def token_sum(x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().float()
-        mask = state["mask"]
-        if mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
-            x = x * mask.to(x.device, x.dtype).unsqueeze(-1)
-        return x.reshape(-1, x.shape[-1]).sum(0).cpu()
-
-    def on_norm(module, args, output):
-        scores["hidden"].add_(token_sum(output.abs()))
-
-    def on_heads(j):
-        def hook(module, args):
-            x = args[0]
-            scores["heads"][j].add_(token_sum(x.unflatten(-1, (-1, t.head_dim)).norm(dim=-1)))
-        return hook
-
-    def on_neurons(j):
-        def hook(module, args):
-            scores["neurons"][j].add_(token_sum(args[0].abs()))
-        return hook
-
-    base = teacher.get_submodule(prefix) if prefix else teacher
-    stack = base.get_submodule(layout.layers)
-    handles = []
-    for j, i in enumerate(layers):
-        layer = stack[i]
-        handles += [layer.get_submodule(n).register_forward_hook(on_norm) for n in layout.norms]
-        handles.append(layer.get_submodule(layout.o).register_forward_pre_hook(on_heads(j)))
-        handles.append(layer.get_submodule(layout.mlp_out).register_forward_pre_hook(on_neurons(j)))
-    for name, module in base.named_modules():  # norms outside the layers: embeddings LayerNorm, final norm
-        if not name.startswith(layout.layers) and type(module).__name__.endswith(("LayerNorm", "RMSNorm")):
-            handles.append(module.register_forward_hook(on_norm))
-    device = next(teacher.parameters()).device
-    was_training, n_batches = teacher.training, 0
-    teacher.eval()
-    try:
-        with torch.no_grad():
-            for batch in calibration:
-                if not isinstance(batch, Mapping):
-                    raise DistilError("calibration must yield dicts of model inputs (input_ids, attention_mask, ...)")
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                state["mask"] = batch.get("attention_mask")
-                teacher(**batch)
-                n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        teacher.train(was_training)
-    if n_batches == 0:
-        raise DistilError("calibration gave no batches; pass a few batches of model inputs, or None to rank by "
-                          "weight magnitude")
-    return scores
-
-
-def _student_config(teacher, layout: _Layout, layers: list[int], g: Geometry):
+def _student_config(teacher, layout: Layout, layers: list[int], g: Geometry):
     config = copy.deepcopy(teacher.config)
     n_teacher = teacher.config.num_hidden_layers
     config.num_hidden_layers = g.num_layers
@@ -347,7 +155,7 @@ def plan_student(
     calibration: Iterable[Mapping[str, Any]] | None = None,
 ) -> StudentPlan:
     """Decide what the student keeps (see make_student); nothing is built."""
-    layout, prefix = _family(teacher)
+    layout, prefix = family_of(teacher)
     t = teacher_geometry(teacher)
     chosen = choose_layers(t.num_layers, layers, num_layers)
     g = _target_geometry(t, layout, len(chosen), hidden_size, intermediate_size, num_attention_heads,
@@ -355,11 +163,11 @@ def plan_student(
     n = len(chosen)
     if (g.hidden_size, g.intermediate_size, g.num_attention_heads, g.num_key_value_heads) == (
             t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads):
-        scores = _empty_scores(t, n)  # depth only: every channel is kept, no ranking needed
+        scores = empty_scores(t, n)  # depth only: every channel is kept, no ranking needed
     elif calibration is not None:
-        scores = _activation_scores(teacher, layout, prefix, chosen, t, calibration)
+        scores = activation_scores(teacher, layout, prefix, chosen, t, calibration)
     else:
-        scores = _magnitude_scores(teacher, layout, prefix, chosen, t)
+        scores = magnitude_scores(teacher, layout, prefix, chosen, t)
     group, per_kv = t.num_attention_heads // t.num_key_value_heads, g.num_attention_heads // g.num_key_value_heads
     heads, kv_heads = [], []
     for j in range(n):
@@ -380,20 +188,20 @@ def plan_student(
 
 def build_student(teacher: nn.Module, plan: StudentPlan) -> nn.Module:
     """A new model of the teacher's class whose every weight is a slice of the teacher's, per ``plan``."""
-    layout, prefix = _family(teacher)
+    layout, prefix = family_of(teacher)
     param = next(teacher.parameters())
     student = type(teacher)(plan.config).to(device=param.device, dtype=param.dtype)
-    pattern = re.compile(re.escape(_layer_prefix(layout, prefix)) + r"(\d+)\.")
+    pattern = re.compile(re.escape(layer_prefix(layout, prefix)) + r"(\d+)\.")
     t_state = teacher.state_dict()
     new_state = {}
     for key, target in student.state_dict().items():
         m = pattern.match(key)
         j = int(m.group(1)) if m else None
-        t_key = pattern.sub(f"{_layer_prefix(layout, prefix)}{plan.layers[j]}.", key, count=1) if m else key
+        t_key = pattern.sub(f"{layer_prefix(layout, prefix)}{plan.layers[j]}.", key, count=1) if m else key
         if t_key not in t_state:
             raise DistilError(f"the student's {key} has no counterpart {t_key} in the teacher")
         tensor = t_state[t_key].detach()
-        _, axes = _axes(teacher, layout, prefix, t_key, tensor.shape, teacher.config.hidden_size)
+        _, axes = weight_axes(teacher, layout, prefix, t_key, tensor.shape, teacher.config.hidden_size)
         for d, kind in enumerate(axes):
             idx = _index(kind, plan, j)
             if idx is not None:
@@ -434,12 +242,10 @@ def make_student(
     return build_student(teacher, plan)
 
 
-def run_student_command(teacher: str, output: Path, **make_student_kwargs: Any) -> dict[str, Any]:
-    """``distil student``: build a student from a teacher (local folder or built-in name), save it with the
-    teacher's tokenizer to ``output`` (which must not exist or be empty; written atomically), print a table of
-    parameters and size before and after, and return those numbers."""
-    from rich.console import Console
-    from rich.table import Table
+def save_student(teacher: str, output: Path, **make_student_kwargs: Any) -> dict[str, Any]:
+    """Build a student from a teacher (local folder or built-in name) and save it with the teacher's tokenizer to
+    ``output`` (which must not exist or be empty; written atomically). Returns the layers kept and, for teacher and
+    student, parameters, bytes in memory and on disk, and geometry (what ``distil student`` prints)."""
     from transformers import AutoTokenizer
 
     from distil.models import hf
@@ -468,21 +274,8 @@ def run_student_command(teacher: str, output: Path, **make_student_kwargs: Any) 
         shutil.rmtree(tmp, ignore_errors=True)
 
     def describe(m: nn.Module, folder: Path) -> dict[str, Any]:
-        return {**hf.model_size(m), "disk_bytes": hf.folder_size(folder), **vars(teacher_geometry(m))}
+        return {**hf.model_size(m), "disk_bytes": folder_size(folder), **vars(teacher_geometry(m))}
 
-    result = {"teacher": describe(model, teacher_path), "student": describe(student, output),
-              "layers": choose_layers(model.config.num_hidden_layers, make_student_kwargs.get("layers"),
-                                      make_student_kwargs.get("num_layers")), "output": str(output)}
-    mib = lambda v: f"{v / 2**20:.1f} MiB"  # noqa: E731
-    table = Table("", "teacher", "student", title=f"student of {teacher}")
-    for label, cell in [("layers", lambda r: r["num_layers"]), ("hidden size", lambda r: r["hidden_size"]),
-                        ("MLP width", lambda r: r["intermediate_size"]),
-                        ("attention / KV heads", lambda r: f"{r['num_attention_heads']} / {r['num_key_value_heads']}"),
-                        ("parameters", lambda r: f"{r['parameters']:,}"), ("size in memory", lambda r: mib(r["bytes"])),
-                        ("size on disk", lambda r: mib(r["disk_bytes"]))]:
-        table.add_row(label, str(cell(result["teacher"])), str(cell(result["student"])))
-    ratio = result["student"]["parameters"] / result["teacher"]["parameters"]
-    table.caption = (f"teacher layers kept: {result['layers']}; {ratio:.1%} of the teacher's parameters; "
-                     f"saved to {output}")
-    Console().print(table)
-    return result
+    return {"teacher": describe(model, teacher_path), "student": describe(student, output),
+            "layers": choose_layers(model.config.num_hidden_layers, make_student_kwargs.get("layers"),
+                                    make_student_kwargs.get("num_layers")), "output": str(output)}

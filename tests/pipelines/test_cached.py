@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distil.cli import main
 from distil.config.load import validate_recipe
+from distil.distill.cached import CachedLMObjective
 from distil.errors import DistilError
 from distil.pipelines import cached, lm, run_recipe
 from distil.students import make_student
@@ -71,7 +72,7 @@ def test_cached_kd_with_full_k_equals_live_kd(tiny_lm, tmp_path):
     batch = {"id": torch.arange(4), **lm_batch(corpus.train[:4])}
     spec = LossSpec(alpha=0.5, temperature=1.0, fused=False)
     cpu = torch.device("cpu")
-    from_cache = cached.CachedLMObjective(student, TeacherCache(tmp_path / "cache"), spec, device=cpu).loss(batch)
+    from_cache = CachedLMObjective(student, TeacherCache(tmp_path / "cache"), spec, device=cpu).loss(batch)
     live = CausalLMObjective(student, Teacher(teacher), spec, vocab_size=teacher.config.vocab_size, device=cpu).loss(batch)
     torch.testing.assert_close(from_cache["kd"], live["kd"], rtol=2e-3, atol=2e-4)
     torch.testing.assert_close(from_cache["ce"], live["ce"])

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from distil.config.load import validate_recipe
 from distil.data.sentences import load_sentences, parse_index, parse_synset, split_wordnet, wordnet_problems
-from distil.distill.embedding import contrastive_loss, mean_pool, retrieval_top1, similarity_spearman
+from distil.distill.embedding import contrastive_loss, mean_pool
+from distil.measure.embedding import retrieval_top1, similarity_spearman
 from distil.errors import DistilError
 from distil.pipelines import check, run_recipe
 

@@ -37,7 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import distil.cli  # noqa: F401
 import distil.pipelines  # noqa: F401
-import distil.report  # noqa: F401
+import distil.measure.cost  # noqa: F401
 from distil.pipelines import classification
 from distil.train import checkpoint as ckpt
 from distil.train import loop
@@ -142,7 +142,7 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     os.dup2(fd, 2)
     torch.set_num_threads(1)
     # Free heap pages inherited from the server go back to the OS, so that the run's peak counts what it allocates.
-    distil.report._trim_heap()
+    distil.measure.cost._trim_heap()
     injector = install(plan)
     if plan.get("address_space_mb"):  # a real allocation failure: allow only this much beyond what is mapped now
         mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:")))
@@ -171,7 +171,7 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
             return function(*args, **kwargs)
         return wrapper
 
-    distil.report._reset_peak_rss = training_ends_before(distil.report._reset_peak_rss)
+    distil.measure.cost._reset_peak_rss = training_ends_before(distil.measure.cost._reset_peak_rss)
     classification._measure = training_ends_before(classification._measure)
     sampler = threading.Thread(target=sample_peak, daemon=True)
     sampler.start()

@@ -17,7 +17,7 @@ import torch
 from distil.cli import main
 from distil.errors import DistilError
 from distil.export import export_run
-from distil.export.evaluate import classifier_eval_data, lm_batches, lm_scores
+from distil.measure.exported import classifier_eval_data, lm_batches, lm_scores
 from distil.models.vision import load_classifier
 
 from lm_run import SENTENCES, TEXT

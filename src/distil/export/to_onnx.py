@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from distil.export import graph
-from distil.export.evaluate import (accuracy, classifier_eval_data, classifier_logits, lm_batches, lm_eval_batches,
+from distil.measure.exported import (accuracy, classifier_eval_data, classifier_logits, lm_batches, lm_eval_batches,
                                     lm_scores, max_abs_diff)
-from distil.report import folder_size, measure_latency, measure_throughput
+from distil.measure.cost import folder_size, measure_latency, measure_throughput
 
 CLASSIFIER_TOLERANCE = 1e-4
 # Logits of a deep LM are larger and pass through more float32 rounding than a small classifier's.

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from distil.errors import DistilError
+from distil.paths import cache_dir
 
 # Written last inside a converted folder: a folder without it is an interrupted conversion and is never used.
 COMPLETE_MARKER = ".distil-complete.json"
@@ -53,14 +54,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         description="sentence-transformers all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384)",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$DISTIL_CACHE``, else ``$XDG_CACHE_HOME/distil``, else ``~/.cache/distil``."""
-    if os.environ.get("DISTIL_CACHE"):
-        return Path(os.environ["DISTIL_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "distil"
 
 
 def _package_file(name: str, spec: BuiltinModel) -> Path:
@@ -305,11 +298,6 @@ def model_size(model: torch.nn.Module) -> dict[str, int]:
         "parameters": sum(p.numel() for p in params),
         "bytes": sum(p.numel() * p.element_size() for p in params),
     }
-
-
-def folder_size(path: str | os.PathLike[str]) -> int:
-    """Bytes on disk of the files in a saved model folder (recursively)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def quiet_transformers() -> None:

@@ -13,18 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
+from rich.console import Console
 
 from distil.cache import BuildResult, TeacherCache, build_cache, dataset_fingerprint, tokenizer_hash, weights_hash
 from distil.cache.build import finalize_cache
-from distil.config.schema import LossSpec, Recipe
+from distil.config.schema import Recipe
 from distil.data.text import TextCorpus
-from distil.distill.lm import IGNORE, next_token_targets
-from distil.distill.objectives import divergence_params
 from distil.errors import DistilError
-from distil.losses import cached_divergence
 from distil.train import distributed
 from distil.train.checkpoint import write_json
 
@@ -115,35 +111,6 @@ def eval_predictions(cache: TeacherCache, num_blocks: int, seq_len: int) -> torc
         raise DistilError("held-out agreement needs a top-k cache (its first id is the teacher's top-1)")
     ids = torch.arange(EVAL_ID_OFFSET, EVAL_ID_OFFSET + num_blocks)
     return cache.targets(ids, seq_len)["ids"][:, :-1, 0]
-
-
-class CachedLMObjective:
-    """Like CausalLMObjective, with the teacher's soft targets read from a cache by sample id (batch['id'])."""
-
-    unit = "tokens"
-
-    def __init__(self, student: nn.Module, cache: TeacherCache, spec: LossSpec, *, device: torch.device):
-        self.student, self.cache, self.spec, self.device = student, cache, spec, device
-        self.modules = {"student": student}
-
-    def weight(self, batch: dict[str, Any]) -> int:
-        return int(next_token_targets(batch["labels"])[1].sum())
-
-    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids = batch["input_ids"].to(self.device)
-        logits = self.student(input_ids=ids, attention_mask=batch["attention_mask"].to(self.device),
-                              use_cache=False).logits
-        targets, keep = next_token_targets(batch["labels"].to(self.device))
-        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        cached = self.cache.targets(batch["id"], ids.shape[1])
-        vocab = self.cache.vocab_size
-        # Position t of the cache holds the teacher's distribution of token t+1, as logits position t does.
-        kd = cached_divergence(logits[:, :-1, :vocab], {k: (v[:, :-1] if v.dim() > 0 else v) for k, v in cached.items()},
-                               divergence=self.spec.divergence, temperature=self.spec.temperature, mask=keep,
-                               **divergence_params(self.spec))
-        T = self.spec.temperature
-        kd = kd * (T * T) if self.spec.scale_by_t2 else kd
-        return {"loss": self.spec.alpha * kd + (1 - self.spec.alpha) * ce, "ce": ce, "kd": kd}
 
 
 def describe(result: BuildResult, console: Console) -> None:

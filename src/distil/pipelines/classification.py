@@ -21,8 +21,9 @@ from distil.distill.pair import Teacher, check_pair
 from distil.errors import DistilError
 from distil.models.vision import build_classifier, classifier_config, load_classifier
 from distil.paths import cache_dir, replace_folder
-from distil.report import (folder_size, measure_latency, measure_peak_memory, measure_throughput, parameter_count,
-                           print_summary, write_summary)
+from distil.measure.classification import accuracy
+from distil.measure.cost import folder_size, measure_latency, measure_peak_memory, measure_throughput, parameter_count
+from distil.reporting.summary import print_summary, write_summary
 from distil.reporting import build_report
 from distil.train import distributed
 from distil.train.checkpoint import save_tensors, write_json
@@ -150,17 +151,6 @@ def _train_classifier(
 def _eval_split(recipe: Recipe, data: ClassificationData) -> tuple[torch.Tensor, torch.Tensor]:
     n = recipe.data.eval_size or len(data.test_y)
     return data.test_x[:n], data.test_y[:n]
-
-
-@torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 1000) -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), batch):
-        correct += int((model(x[i : i + batch].to(device)).argmax(-1).cpu() == y[i : i + batch]).sum())
-    model.train(was_training)
-    return correct / len(y)
 
 
 def _measure(model: nn.Module, folder: Path, recipe: Recipe, data: ClassificationData, device: torch.device) -> dict:

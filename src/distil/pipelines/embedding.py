@@ -25,14 +25,16 @@ from torch import nn
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe, SentenceData
 from distil.data.sentences import SentenceCorpus, load_sentences, wordnet_problems
 from distil.data.stream import BatchStream
-from distil.distill.embedding import EmbeddingObjective, embed_texts, encode, retrieval_top1, similarity_spearman
+from distil.distill.embedding import EmbeddingObjective, encode
 from distil.distill.feature_objective import FeatureDistiller, FeatureObjective
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.models import hf
 from distil.paths import replace_folder
 from distil.pipelines.classification import pick_device
-from distil.report import folder_size, measure_latency, parameter_count, print_summary, write_summary
+from distil.measure.cost import folder_size, measure_latency, parameter_count
+from distil.measure.embedding import embed_texts, retrieval_top1, similarity_spearman
+from distil.reporting.summary import print_summary, write_summary
 from distil.train.checkpoint import write_json
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog

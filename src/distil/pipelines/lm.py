@@ -23,11 +23,12 @@ from distil.data.text import TextCorpus, lm_batch, load_corpus, text_problems
 from distil.distill.lm import CausalLMObjective
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
-from distil.evaluate import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
+from distil.measure.lm import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
 from distil.models import hf
 from distil.paths import replace_folder
 from distil.pipelines.classification import pick_device
-from distil.report import folder_size, measure_peak_memory, parameter_count, print_summary, write_summary
+from distil.measure.cost import folder_size, measure_peak_memory, parameter_count
+from distil.reporting.summary import print_summary, write_summary
 from distil.train import distributed
 from distil.train.checkpoint import write_json
 from distil.train.loop import Stage, train
@@ -187,7 +188,7 @@ def _train_arm(arm: str, recipe: Recipe, run_dir: Path, init: Path, teacher: Tea
     kd = arm in ("distilled", "logit_kd")
     objective: Any
     if kd and cache is not None:
-        from distil.pipelines.cached import CachedLMObjective
+        from distil.distill.cached import CachedLMObjective
 
         objective = CachedLMObjective(student, cache, recipe.loss, device=device)
     else:

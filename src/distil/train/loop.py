@@ -134,7 +134,7 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
                 raise DistilError(f"stage '{stage.name}': step {step + 1} has no positions that count (every label "
                                   "is masked); check the data, e.g. prompts longer than data.seq_len")
             optimizer.zero_grad(set_to_none=True)
-            logged: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # on the device: reading a term is a sync, done once per step below
             for i, (batch, units) in enumerate(zip(micro_batches, weights)):
                 share = units / total_units if total_units else 0.0
                 with par.accumulating(sync=i == len(micro_batches) - 1):
@@ -142,7 +142,9 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
                         terms = par.loss(batch)
                     (terms["loss"] * (share * par.loss_scale)).backward()
                 for key, value in terms.items():
-                    logged[key] = logged.get(key, 0.0) + float(value.detach()) * share
+                    weighted = value.detach().double() * share  # float64: the same arithmetic as Python floats
+                    sums[key] = weighted if key not in sums else sums[key] + weighted
+            logged = _read_terms(sums)
             logged = par.reduce(logged)  # summed over ranks: every rank decides the same below
             grad_norm = par.clip(spec.clip_grad_norm)
             bad = [k for k, v in logged.items() if not _finite(v)] or ([] if _finite(float(grad_norm)) else ["grad_norm"])
@@ -206,6 +208,14 @@ def _evaluate(stage: Stage, step: int, par: Parallel, *, log: bool = True) -> di
     if log:
         stage.metrics.write({"arm": stage.name, "step": step, **{f"eval/{k}": v for k, v in result.items()}})
     return result
+
+
+def _read_terms(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Every loss term of the step in one device-to-host transfer (one stacked tensor)."""
+    if not sums:
+        return {}
+    values = torch.stack([t.reshape(()) for t in sums.values()]).tolist()
+    return dict(zip(sums, values))
 
 
 def _distributed_spec(recipe: dict[str, Any] | None) -> DistributedSpec | None:

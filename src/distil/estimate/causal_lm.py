@@ -20,7 +20,9 @@ import torch
 
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
 from distil.errors import DistilError
-from distil.estimate import EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes, parameter_bytes, trace_saved
+from distil.paths import cache_dir
+from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes,
+                                    parameter_bytes, trace_saved)
 
 FUSED_CHUNK_BUFFERS = 4  # student logits, teacher logits, their log-probs / the gradient, per chunk (fp32)
 PLAIN_LOGIT_BUFFERS = 5
@@ -31,7 +33,7 @@ def _config_folder(source: str) -> Path:
     from distil.models import hf
 
     if source in hf.BUILTIN_MODELS and hf.BUILTIN_MODELS[source].is_gguf:
-        folder = hf.cache_dir() / "models" / source
+        folder = cache_dir() / "models" / source
         if not (folder / "config.json").is_file():
             raise EstimateUnavailable(f"the memory estimate needs {source}'s config: it appears after the model's first "
                               f"conversion (any `distil run` with it, or `distil student {source} ...`)")
