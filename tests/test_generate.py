@@ -49,7 +49,7 @@ def test_greedy_generation_matches_single_prompt_generation(tiny_lm, tmp_path):
 
 def test_response_recipe_end_to_end(tiny_lm, tmp_path):
     from distil.config.load import validate_recipe
-    from distil.pipelines import run_recipe
+    from distil.runner import run_recipe
 
     recipe = validate_recipe({
         "name": "tiny-response", "task": "causal_lm", "method": "response",

@@ -23,7 +23,7 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from distil.config.load import load_recipe
-    from distil.pipelines import run_recipe
+    from distil.runner import run_recipe
 
     recipe_name, overrides = _split_recipe_and_overrides(args.items)
     recipe = load_recipe(recipe_name, overrides)
@@ -32,7 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from distil.pipelines import resume_run
+    from distil.runner import resume_run
 
     resume_run(Path(args.run_dir), show_progress=not args.quiet)
     return 0
@@ -40,16 +40,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from distil.config.load import load_recipe, recipe_to_yaml
-    from distil.pipelines import check
+    from distil.runner import check
 
     recipe = load_recipe(args.recipe, args.overrides)
     found = check(recipe)
     if found:
         raise ConfigError(found)
     Console().print(recipe_to_yaml(recipe), markup=False, highlight=False, soft_wrap=True)  # no wrapping: valid YAML
-    from distil.estimate import ESTIMATORS, estimate_memory
+    from distil.estimate import estimate_memory
+    from distil.tasks import task_of
 
-    if recipe.task in ESTIMATORS:  # as YAML comments: the output stays a valid recipe
+    if task_of(recipe.task).estimate is not None:  # as YAML comments: the output stays a valid recipe
         Console().print(estimate_memory(recipe).format(prefix="# "), markup=False, highlight=False, soft_wrap=True)
     Console(stderr=True).print("[green]recipe is valid[/green]")
     return 0
@@ -114,8 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     hf.quiet_transformers()
     if args.recipe:
         from distil.config.load import load_recipe
-        from distil.data.text import load_corpus
-        from distil.pipelines.response import prompt_pairs
+        from distil.data.sources.text import load_corpus
+        from distil.tasks.response import prompt_pairs
 
         recipe_name, overrides = _split_recipe_and_overrides([args.recipe, *args.overrides])
         recipe = load_recipe(recipe_name, overrides)
@@ -128,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         if not (args.teacher and args.prompts):
             raise DistilError("distil generate needs a RECIPE, or --teacher SOURCE and --prompts FILE.jsonl")
-        from distil.data.text import read_prompts_file
+        from distil.data.sources.text import read_prompts_file
 
         spec = GenerateSpec(prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
@@ -145,11 +146,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_cache_build(args: argparse.Namespace) -> int:
     """Run a recipe's teacher once over its data into `teacher.cache.path` (or part i of n with --shard i/n)."""
     from distil.config.load import load_recipe
-    from distil.data.text import load_corpus
+    from distil.data.sources.text import load_corpus
     from distil.models import hf
-    from distil.pipelines import cached, lm
-    from distil.pipelines.classification import pick_device
-
+    from distil.tasks import causal_lm_cache as cached
+    from distil.tasks import task_of
+    from distil.tasks.artifacts import pick_device
+    from distil.tasks.causal_lm import as_teacher, load_teacher, measure_lm
     from distil.train import distributed
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -162,14 +164,14 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
         except ValueError:
             raise DistilError(f"--shard must be i/n, e.g. 0/2; got {args.shard}") from None
         shard = (part, parts)
-    found = lm.problems(recipe)
+    found = task_of(recipe.task).problems(recipe)
     if found:
         raise ConfigError(found)
     if shard is None:
         distributed.init_from_env(recipe.train.device)
     hf.quiet_transformers()
     device = pick_device(recipe.train.device)
-    teacher = lm._as_teacher(lm._load_teacher(recipe, device), recipe, device)
+    teacher = as_teacher(load_teacher(recipe), recipe, device)
     source = recipe.teacher.model.source  # type: ignore[union-attr]
     tokenizer = hf.load_tokenizer(source)
     corpus = load_corpus(recipe.data, tokenizer)
@@ -178,8 +180,8 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     if distributed.is_main():
         cached.describe(result, Console())
     if result.complete and distributed.is_main() and not (Path(recipe.teacher.cache.path) / cached.TEACHER_EVAL).exists():
-        row, _ = lm._measure(teacher, hf.resolve_model_path(source), corpus.eval, teacher.config.vocab_size, None,
-                             tokenizer)
+        row, _ = measure_lm(teacher, hf.resolve_model_path(source), corpus.eval, teacher.config.vocab_size, None,
+                            tokenizer)
         cached.write_teacher_eval(Path(recipe.teacher.cache.path), row)
     distributed.shutdown()
     return 0

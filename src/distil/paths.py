@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -28,6 +29,22 @@ def replace_folder(tmp: Path, final: Path) -> None:
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
+
+
+def write_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    """Write a folder whole or not at all: `fill(tmp)` writes into a fresh temporary sibling, which then replaces
+    `folder`. Temporary and old folders left by a process killed while writing are removed first."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def library_versions() -> dict[str, str]:

@@ -36,9 +36,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import distil.cli  # noqa: F401
-import distil.pipelines  # noqa: F401
+import distil.runner  # noqa: F401
 import distil.measure.cost  # noqa: F401
-from distil.pipelines import classification
+from distil.tasks import classification
 from distil.train import checkpoint as ckpt
 from distil.train import loop
 from distil.train.metrics import MetricsLog
@@ -172,7 +172,7 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
         return wrapper
 
     distil.measure.cost._reset_peak_rss = training_ends_before(distil.measure.cost._reset_peak_rss)
-    classification._measure = training_ends_before(classification._measure)
+    classification.ClassificationRun._measure = training_ends_before(classification.ClassificationRun._measure)
     sampler = threading.Thread(target=sample_peak, daemon=True)
     sampler.start()
     try:

@@ -52,7 +52,7 @@ def write_idx(path, dims, payload=b""):
 
 @pytest.mark.parametrize("damage", ["empty", "not gzip", "cut short"])
 def test_an_empty_or_damaged_dataset(tmp_path, capsys, damage):
-    from distil.data.vision import FASHION_MNIST_FILES
+    from distil.data.sources.vision import FASHION_MNIST_FILES
 
     for key, name in FASHION_MNIST_FILES.items():
         images = "images" in key

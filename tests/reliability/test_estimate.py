@@ -18,8 +18,9 @@ from torch import nn
 import fault_harness
 from distil.cli import main
 from distil.config.load import load_recipe
-from distil.estimate import ESTIMATORS, estimate_memory, parameter_bytes, saved_tensor_bytes
+from distil.estimate import estimate_memory, parameter_bytes, saved_tensor_bytes
 from distil.models.vision import build_classifier
+from distil.tasks import TASKS
 from reliability_runs import COUNTS
 
 pytest.importorskip("sklearn", reason="digits-kd needs scikit-learn (pip install 'distil[classic]')")
@@ -124,7 +125,7 @@ def test_a_recipe_that_cannot_fit_is_refused_before_any_work(capsys, tmp_path, m
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
-@pytest.mark.skipif("causal_lm" in ESTIMATORS, reason="the causal_lm estimator exists")
+@pytest.mark.skipif(TASKS["causal_lm"].estimate is not None, reason="the causal_lm estimator exists")
 def test_a_task_without_an_estimator_says_so(capsys):
     assert main(["estimate", "smollm2-distil"]) == 2
     assert "no memory estimate for task 'causal_lm' yet" in capsys.readouterr().err

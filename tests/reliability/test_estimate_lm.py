@@ -5,7 +5,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distil.config.load import validate_recipe
 from distil.estimate import estimate_memory, parameter_bytes, trace_saved
-from distil.estimate.causal_lm import _activation_bytes
+from distil.tasks.causal_lm_estimate import _activation_bytes
 
 
 def lm_recipe(tiny_lm, **loss):

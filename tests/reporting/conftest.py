@@ -16,7 +16,7 @@ TINY_DIGITS = ["teacher.train.steps=30", "teacher.train.log_every=5", "train.ste
 def digits_run(tmp_path_factory):
     pytest.importorskip("sklearn", reason="digits-kd needs scikit-learn (pip install 'distil[classic]')")
     from distil.config.load import load_recipe
-    from distil.pipelines import run_recipe
+    from distil.runner import run_recipe
 
     root = tmp_path_factory.mktemp("digits")
     run_dir = root / "run"

@@ -87,7 +87,7 @@ def classifier_stage(folder: Path, strategy: str, *, world: int, precision: str 
 def lm_stage(folder: Path, tiny_lm: Path, strategy: str, *, world: int, teacher: str = "shard"):
     from transformers import AutoModelForCausalLM
 
-    from distil.data.text import lm_batch
+    from distil.data.sources.text import lm_batch
     from distil.students import make_student
 
     torch.manual_seed(0)

@@ -86,10 +86,17 @@ def load_recipe(recipe: str | None, overrides: list[str] | None = None) -> Recip
 
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:
+    """The schema's checks, then the rules of the recipe's task (distil.tasks)."""
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_describe(err, data) for err in exc.errors()]) from None
+    from distil.tasks import task_of  # the tasks import the schema: read them once the recipe is parsed
+
+    broken = task_of(recipe.task).rules(recipe)
+    if broken:
+        raise ConfigError([f"recipe: {line}" for line in broken])
+    return recipe
 
 
 def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:

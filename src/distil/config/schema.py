@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from distil.losses.registry import DIVERGENCES, SPARSE_DIVERGENCES
+from distil.losses.registry import DIVERGENCES
 
 
 class Strict(BaseModel):
@@ -378,29 +378,11 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        """Rules of every task; each task's own rules are in its module (distil.tasks), checked by validate_recipe."""
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms has duplicates: {self.arms}")
-        classic = self.task == "classification"
-        wants = {"classification": ("vision", ("mlp", "cnn")), "causal_lm": ("text", ("hf", "from_teacher")),
-                 "embedding": ("sentences", ("hf", "from_teacher"))}[self.task]
-        if self.data.kind != wants[0]:
-            raise ValueError(f"task {self.task} needs data.kind: {wants[0]} (got {self.data.kind})")
-        for who, model in (("teacher", self.teacher.model), ("student", self.student.model)):
-            if model.arch not in wants[1]:
-                raise ValueError(f"task {self.task}: {who}.model.arch must be one of {list(wants[1])}, got {model.arch}")
         if self.teacher.model.arch == "from_teacher":
             raise ValueError("teacher.model.arch cannot be from_teacher; use arch: hf with a source")
-        if self.task != "causal_lm" and (self.method != "logits" or self.onpolicy or self.generate):
-            raise ValueError("method, onpolicy and generate apply to task causal_lm only")
-        if not classic:
-            odd = [a for a in self.arms if a in SELF_DISTILL_ARMS]
-            if odd:
-                raise ValueError(f"arms {odd} are for task classification; task {self.task} has student_alone, "
-                                 "logit_kd and distilled")
-            if self.multi_teacher is not None:
-                raise ValueError("multi_teacher is for task classification")
-        if self.method == "response" and [a for a in self.arms if a == "logit_kd"]:
-            raise ValueError("method response has arms student_alone and distilled")
         if self.loss.features and "distilled" not in self.arms:
             raise ValueError("loss.features apply to the distilled arm; add distilled to arms")
         if self.multi_teacher is not None:
@@ -410,36 +392,8 @@ class Recipe(Strict):
                                  f"teachers), got {len(self.multi_teacher.weights)}")
             if "distilled" not in self.arms:
                 raise ValueError("multi_teacher applies to the distilled arm; add distilled to arms")
-        if self.task == "embedding" and isinstance(self.data, SentenceData) and self.data.source != "wordnet" \
-                and "student_alone" in self.arms:
-            raise ValueError("task embedding: arm student_alone trains on WordNet (word, definition) pairs; "
-                             "use data.source: wordnet or drop the arm")
-        if self.method == "response" and self.generate is None:
-            raise ValueError("method response needs a generate section (prompts, max_new_tokens, ...)")
-        if self.method == "response" and self.onpolicy is not None:
-            raise ValueError("onpolicy applies to method logits, not response")
-        if self.teacher.cache is not None:
-            if classic or self.method != "logits" or self.onpolicy is not None:
-                raise ValueError("teacher.cache applies to off-policy logit distillation of causal LMs "
-                                 "(task causal_lm, method logits, no onpolicy section)")
-            if self.loss.divergence not in SPARSE_DIVERGENCES:
-                raise ValueError(f"loss.divergence {self.loss.divergence} has no sparse form for cached targets; "
-                                 f"use {', '.join(SPARSE_DIVERGENCES)}")
-            if self.teacher.cache.mode == "sample" and self.loss.divergence != "forward_kl":
-                raise ValueError("teacher.cache.mode sample supports loss.divergence forward_kl only")
-            if self.loss.features:
-                raise ValueError("loss.features read the live teacher's layers; remove teacher.cache to use them")
         dist = self.distributed
         if dist.mixed_precision == "bf16" and dist.strategy == "ddp" and dist.teacher == "replicate":
             raise ValueError("distributed.mixed_precision applies to FSDP-sharded models (strategy fsdp, or teacher "
                              "shard/cpu_offload); with ddp use train.precision: bf16 (autocast)")
-        if self.onpolicy is not None and dist.strategy == "fsdp":
-            raise ValueError("onpolicy sampling is not supported with distributed.strategy fsdp (each process samples "
-                             "on its own, but sharded models need every process in each forward); use ddp")
-        if not classic and self.loss.divergence == "dkd":
-            raise ValueError("loss.divergence dkd is for classifiers; language models use forward_kl, jsd, ...")
-        if self.onpolicy and isinstance(self.data, TextData):
-            if self.onpolicy.prompt_tokens >= self.data.seq_len:
-                raise ValueError(f"onpolicy.prompt_tokens ({self.onpolicy.prompt_tokens}) must be shorter than "
-                                 f"data.seq_len ({self.data.seq_len})")
         return self

@@ -19,8 +19,8 @@ fragmentation: runs whose activations are many mid-sized tensors (CNNs at large 
 estimate in peak RSS with glibc's default malloc, varying from run to run. tests/reliability/test_estimate.py measures runs' peak RSS against
 the estimate (method in its docstring).
 
-Extension point: each task registers `ESTIMATORS[task] = fn`, `fn(recipe) -> MemoryEstimate`. A task without one
-gets no estimate and no memory pre-flight check. For `causal_lm` the estimator should build teacher and student from
+Extension point: each task's `estimate(recipe)` (distil.tasks) returns its MemoryEstimate, or None: a task without
+one gets no estimate and no memory pre-flight check. For `causal_lm` the estimator should build teacher and student from
 their configs on the meta device (`with torch.device("meta"): AutoModelForCausalLM.from_config(cfg)`) and report:
 teacher weights in their dtype; student weights, gradients and fp32 AdamW states (`parameter_bytes`); activations
 from `saved_tensor_bytes` on a meta batch of `batch_size x max_length` (or per-layer hidden x tokens x a small factor
@@ -30,42 +30,33 @@ teacher and their log-softmaxes when the loss is not chunked, `chunk_size x voca
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from distil.config.schema import Recipe
 from distil.errors import DistilError
-from distil.estimate.classification import estimate_classification
 from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, available_memory,
                                     human, parameter_bytes, saved_tensor_bytes, trace_saved)
 
-__all__ = ["ESTIMATORS", "EstimateUnavailable", "MemoryEstimate", "MemoryItem", "StageEstimate", "estimate_memory",
+__all__ = ["EstimateUnavailable", "MemoryEstimate", "MemoryItem", "StageEstimate", "estimate_memory",
            "memory_problems", "parameter_bytes", "saved_tensor_bytes", "trace_saved"]
-
-
-def _estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
-    from distil.estimate.causal_lm import estimate_causal_lm  # imports transformers: only for LM recipes
-
-    return estimate_causal_lm(recipe)
-
-
-ESTIMATORS: dict[str, Callable[[Recipe], MemoryEstimate]] = {
-    "classification": estimate_classification,
-    "causal_lm": _estimate_causal_lm,
-}
 
 
 # Measured on digits-kd runs (tests/reliability/test_estimate.py, 2026-11-29): peak RSS 1.15-1.31x the tensors.
 HEAP_SLACK = 0.15
 
 
-def estimate_memory(recipe: Recipe) -> MemoryEstimate:
+def _task_estimate(recipe: Recipe) -> MemoryEstimate | None:
+    from distil.tasks import task_of  # the tasks build on this package's tools: look them up when asked
+
+    estimator = task_of(recipe.task).estimate
+    return None if estimator is None else estimator(recipe)
+
+
+def estimate_memory(recipe: Recipe, estimate: MemoryEstimate | None = None) -> MemoryEstimate:
     """The memory estimate of `recipe`; DistilError when its task has no estimator yet."""
-    estimator = ESTIMATORS.get(recipe.task)
-    if estimator is None:
+    estimate = estimate or _task_estimate(recipe)
+    if estimate is None:
         raise DistilError(f"no memory estimate for task '{recipe.task}' yet")
-    estimate = estimator(recipe)
     if estimate.device == "cpu":  # glibc keeps freed chunks it cannot return: the tensors cost more than their bytes
         for stage in estimate.stages:
             stage.items.append(MemoryItem("heap fragmentation", int(HEAP_SLACK * stage.total),
@@ -73,13 +64,13 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
     return estimate
 
 
-
 def memory_problems(recipe: Recipe) -> list[str]:
     """A pre-flight problem when the estimate cannot fit this machine (before any data or model is loaded)."""
-    if recipe.task not in ESTIMATORS:
-        return []
     try:
-        estimate = estimate_memory(recipe)
+        estimate = _task_estimate(recipe)
+        if estimate is None:
+            return []
+        estimate = estimate_memory(recipe, estimate)
     except EstimateUnavailable:
         return []  # e.g. a model not converted yet: the run goes ahead, `distil estimate` says why
     except DistilError as exc:

@@ -22,7 +22,7 @@ Runner = Callable[[Any], torch.Tensor]
 # ------------------------------------------------------------------------------------------------- classifiers
 def classifier_eval_data(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The recipe's evaluation split (test-set images and labels), as the classification pipeline evaluates it."""
-    from distil.data.vision import load_vision
+    from distil.data.sources.vision import load_vision
 
     recipe = _recipe(run_dir)
     data = load_vision(recipe.data.name, recipe.data.path, recipe.seed)
@@ -53,7 +53,7 @@ def lm_eval_batches(run_dir: Path, tokenizer: Any, *, batch_size: int = 8,
                     max_blocks: int = 32) -> tuple[list[dict[str, torch.Tensor]], str]:
     """The recipe's held-out text, packed into blocks exactly as the LM pipeline evaluates it (every position real
     text), at most `max_blocks` of them, in batches of `batch_size`; and a line that says what they are."""
-    from distil.data.text import load_corpus
+    from distil.data.sources.text import load_corpus
 
     recipe = _recipe(run_dir)
     blocks = load_corpus(recipe.data, tokenizer).eval[:max_blocks]

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 from distil.config.load import validate_recipe
 from distil.errors import ConfigError
 from distil.models.vision import build_classifier
-from distil.pipelines import check, classification, resume_run, run_recipe
+from distil.runner import check, resume_run, run_recipe
+from distil.tasks import classification_arms
+from distil.tasks.artifacts import ARM_FOLDERS
 
 pytest.importorskip("sklearn", reason="the digits dataset comes with scikit-learn")
 
@@ -37,13 +39,13 @@ def recipe(tmp_path, **changes):
 def test_all_arms_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTIL_CACHE", str(tmp_path / "cache"))
     teachers_seen = {}
-    original = classification._train_classifier
+    original = classification_arms.train_classifier
 
     def spy(name, model, teacher, *args, **kwargs):
         teachers_seen[name] = None if teacher is None else {k: v.clone() for k, v in teacher.model.state_dict().items()}
         return original(name, model, teacher, *args, **kwargs)
 
-    monkeypatch.setattr(classification, "_train_classifier", spy)
+    monkeypatch.setattr(classification_arms, "train_classifier", spy)
     summary = run_recipe(recipe(tmp_path), show_progress=False)
     run = tmp_path / "run"
     arms = summary["arms"]
@@ -67,7 +69,7 @@ def test_all_arms_end_to_end(tmp_path, monkeypatch):
     # Projectors, exits and the EMA copy are trained and checkpointed, but the saved students are plain classifiers.
     plain = set(build_classifier(recipe(tmp_path).student.model, (1, 8, 8), 10).state_dict())
     for arm in ("distilled", "deep_supervision", "ema"):
-        folder = run / classification.ARM_FOLDERS[arm]
+        folder = run / ARM_FOLDERS[arm]
         assert set(load_file(folder / "model.safetensors")) == plain
     checkpoints = sorted((run / "checkpoints" / "distilled").glob("step-*"))
     names = set(load_file(checkpoints[-1] / "modules.safetensors"))

@@ -14,6 +14,7 @@ Every arm trains the same student architecture from the same seed, on the same d
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,73 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from distil.config.schema import TEACHER_ARMS, Recipe, TeacherSpec
-from distil.data.vision import ClassificationData
+from distil.config.schema import TEACHER_ARMS, LossSpec, Recipe, TeacherSpec, TrainSpec
+from distil.data.stream import BatchStream
+from distil.data.sources import LoadedData
+from distil.data.sources.vision import ClassificationData
 from distil.distill.feature_objective import FeatureDistiller, FeatureObjective
 from distil.distill.multi_teacher import MultiTeacherObjective, TeacherMixture
 from distil.distill.objectives import ClassifierObjective
 from distil.distill.pair import Teacher, check_pair
 from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective, born_again_loss
+from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
 from distil.models.vision import build_classifier, classifier_config, load_classifier
-from distil.train.metrics import MetricsLog
+from distil.paths import cache_dir
+from distil.tasks.artifacts import ARM_FOLDERS, is_model_folder, save_model_folder
+from distil.tasks.base import RunContext
+from distil.train import distributed
+from distil.train.checkpoint import save_tensors, write_json
+from distil.train.loop import Stage, train
 from distil.train.seed import seed_everything
+
+
+def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
+    """Where a teacher's weights live: its `checkpoint`, or a cache folder keyed by everything that shapes them."""
+    spec = spec or recipe.teacher
+    if spec.checkpoint:
+        return Path(spec.checkpoint).expanduser()
+    dumped = spec.model_dump(mode="json")
+    if dumped.get("seed") is None:  # keys written before teachers had a seed of their own stay valid
+        dumped.pop("seed", None)
+    seed = recipe.seed if spec.seed is None else spec.seed
+    key = json.dumps([recipe.data.model_dump(mode="json"), dumped, seed], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "teachers" / f"{recipe.data.name}-{spec.model.arch}-{digest}"
+
+
+def save_classifier(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
+    """Weights + config (+ training info), written whole by rank 0 (under FSDP every rank helps gather them)."""
+    weights = distributed.full_state_dict(model)
+
+    def fill(tmp: Path) -> None:
+        save_tensors(tmp / "model.safetensors", weights)
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "train.json", info)
+
+    save_model_folder(folder, fill)
+
+
+def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return order[: subset or total]
+
+
+def train_classifier(name: str, model: nn.Module, teacher: Teacher | None, loss: LossSpec, spec: TrainSpec,
+                     data: LoadedData, recipe: Recipe, ctx: RunContext, objective: Any = None) -> float:
+    """Train one arm (or a teacher); returns the seconds its training took, summed over resumed runs (the work a
+    killed run did after its last checkpoint is redone and counted once).
+
+    `objective` replaces the default ClassifierObjective(model, teacher, loss) (variants: features, EMA, exits)."""
+    indices = subset_indices(data.size, spec.subset, recipe.seed)
+    stream = BatchStream(len(indices), spec.batch_size, lambda i: data.collate(indices[i]), seed=recipe.seed)
+    test_x, test_y = data.eval
+    objective = objective or ClassifierObjective(model, teacher, loss, ctx.device)
+    stage = Stage(name, objective, stream, spec, ctx.run_dir / "checkpoints" / name, ctx.metrics, ctx.device,
+                  evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, ctx.device)},
+                  recipe=recipe.model_dump(mode="json"))
+    train(stage, show_progress=ctx.show_progress)
+    return stage.elapsed_s
 
 
 def teacher_specs(recipe: Recipe) -> list[TeacherSpec]:
@@ -83,22 +140,16 @@ def _distilled_objective(recipe: Recipe, model: nn.Module, teachers: list[nn.Mod
     return objective
 
 
-def train_arm(arm: str, recipe: Recipe, data: ClassificationData, teachers: list[nn.Module], run_dir: Path,
-              metrics: MetricsLog, device: torch.device, show_progress: bool, console: Console) -> None:
-    """Train one arm into its folder (skipped when the folder already holds its model)."""
-    from distil.pipelines import classification as c
-
-    folder = run_dir / c.ARM_FOLDERS[arm]
-    if c._is_model_folder(folder):
-        console.print(f"[bold]{arm}[/bold]: already trained ({folder})")
-        return
+def train_arm(arm: str, folder: Path, loaded: LoadedData, teachers: list[nn.Module], ctx: RunContext) -> None:
+    """Train one arm from the recipe's student and save it into `folder`."""
+    recipe, device, console, data = ctx.recipe, ctx.device, ctx.console, loaded.corpus
     if arm == "born_again":
-        _born_again(recipe, data, run_dir, metrics, device, show_progress, console)
+        _born_again(folder, loaded, ctx)
         return
     seed_everything(recipe.seed)
     model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
     example = data.train_x[:2].to(device)
-    test_x, test_y = c._eval_split(recipe, data)
+    test_x, test_y = loaded.eval
     exits = None
     if arm == "student_alone":
         objective: Any = ClassifierObjective(model, None, recipe.loss, device)
@@ -117,62 +168,46 @@ def train_arm(arm: str, recipe: Recipe, data: ClassificationData, teachers: list
         objective = DeepSupervisionObjective(model, exits, spec, device)
     else:
         raise ValueError(f"unknown arm {arm}")
-    seconds = c._train_classifier(arm, model, None, recipe.loss, recipe.train, data, recipe, run_dir, metrics, device,
-                                  show_progress, objective=objective)
+    seconds = train_classifier(arm, model, None, recipe.loss, recipe.train, loaded, recipe, ctx, objective=objective)
     report: dict[str, Any] = {}
     if exits is not None:
         report["exit_accuracy"] = exit_accuracies(model, exits, test_x, test_y, device)
     if arm == "ema":
-        report["ema_accuracy"] = c.accuracy(objective.ema.model, test_x, test_y, device)
+        report["ema_accuracy"] = accuracy(objective.ema.model, test_x, test_y, device)
     config = classifier_config(recipe.student.model, data.input_shape, data.num_classes)
-    c.save_model_folder(folder, model, config, {"train_time_s": seconds, "report": report})
+    save_classifier(folder, model, config, {"train_time_s": seconds, "report": report})
 
 
-def _born_again(recipe: Recipe, data: ClassificationData, run_dir: Path, metrics: MetricsLog, device: torch.device,
-                show_progress: bool, console: Console) -> None:
+def _born_again(arm_folder: Path, loaded: LoadedData, ctx: RunContext) -> None:
     """Generation 0 learns from labels (the student_alone arm, when the recipe has it); generation k learns from
     generation k-1. The arm's folder holds the last generation; each generation's accuracy goes in its report."""
-    from distil.pipelines import classification as c
-
+    recipe, run_dir, device, data = ctx.recipe, ctx.run_dir, ctx.device, loaded.corpus
     spec = recipe.self_distill.born_again
     loss = born_again_loss(recipe.loss, spec)
     reuse = "student_alone" in recipe.arms
-    folders = [run_dir / (c.ARM_FOLDERS["student_alone"] if reuse else "born_again-gen0")]
+    folders = [run_dir / (ARM_FOLDERS["student_alone"] if reuse else "born_again-gen0")]
     folders += [run_dir / f"born_again-gen{k}" for k in range(1, spec.generations + 1)]
     config = classifier_config(recipe.student.model, data.input_shape, data.num_classes)
     for k, folder in enumerate(folders):
-        if c._is_model_folder(folder):
+        if is_model_folder(folder):
             continue
         name = ("student_alone" if reuse else "born_again-gen0") if k == 0 else f"born_again-gen{k}"
         teacher = None if k == 0 else Teacher(load_classifier(folders[k - 1]).to(device))
-        console.print(f"[bold]born_again[/bold]: generation {k}" + (f" learns from generation {k - 1}" if k else ""))
+        ctx.console.print(f"[bold]born_again[/bold]: generation {k}" + (f" learns from generation {k - 1}" if k else ""))
         seed_everything(recipe.seed)
         model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
-        seconds = c._train_classifier(name, model, teacher, recipe.loss if k == 0 else loss, recipe.train, data,
-                                      recipe, run_dir, metrics, device, show_progress)
-        c.save_model_folder(folder, model, config, {"train_time_s": seconds, "report": {}})
-    test_x, test_y = c._eval_split(recipe, data)
+        seconds = train_classifier(name, model, teacher, recipe.loss if k == 0 else loss, recipe.train, loaded,
+                                   recipe, ctx)
+        save_classifier(folder, model, config, {"train_time_s": seconds, "report": {}})
+    test_x, test_y = loaded.eval
     accuracies, times = [], []
     for folder in folders:
-        accuracies.append(c.accuracy(load_classifier(folder).to(device), test_x, test_y, device))
+        accuracies.append(accuracy(load_classifier(folder).to(device), test_x, test_y, device))
         info = folder / "train.json"
         times.append(json.loads(info.read_text()).get("train_time_s") if info.exists() else None)
     last = load_classifier(folders[-1]).to(device)
     generated = [t for t in times[1:] if t is not None]
-    c.save_model_folder(run_dir / c.ARM_FOLDERS["born_again"], last, config, {
+    save_classifier(arm_folder, last, config, {
         "train_time_s": sum(generated) if generated else None,
         "report": {"generation_accuracy": accuracies, "generation_train_time_s": times},
     })
-
-
-def print_extras(summary: dict[str, Any], console: Console) -> None:
-    """Per-exit, per-generation and EMA accuracies, which the summary table has no columns for."""
-    for arm, values in summary["arms"].items():
-        if "exit_accuracy" in values:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in values["exit_accuracy"].items())
-            console.print(f"{arm}: accuracy per exit (shallowest first): {shown}")
-        if "generation_accuracy" in values:
-            shown = ", ".join(f"gen {i} {v:.4f}" for i, v in enumerate(values["generation_accuracy"]))
-            console.print(f"{arm}: accuracy per generation: {shown}")
-        if "ema_accuracy" in values:
-            console.print(f"{arm}: accuracy of the EMA teacher {values['ema_accuracy']:.4f}")

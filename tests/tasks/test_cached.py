@@ -10,7 +10,9 @@ from distil.cli import main
 from distil.config.load import validate_recipe
 from distil.distill.cached import CachedLMObjective
 from distil.errors import DistilError
-from distil.pipelines import cached, lm, run_recipe
+from distil.runner import run_recipe
+from distil.tasks import causal_lm as lm
+from distil.tasks import causal_lm_cache as cached
 from distil.students import make_student
 
 
@@ -47,7 +49,7 @@ def test_split_build_then_training_never_loads_the_teacher(tiny_lm, tmp_path, mo
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(lm, "_load_teacher", no_teacher)
+    monkeypatch.setattr(lm, "load_teacher", no_teacher)
     summary = run_recipe(validate_recipe(data), show_progress=False)
     assert summary["teacher_source"] == "cache" and summary["arms"]["teacher"]["from_cache"]
     assert 0 <= summary["arms"]["distilled"]["agreement"] <= 1
@@ -59,7 +61,7 @@ def test_cached_kd_with_full_k_equals_live_kd(tiny_lm, tmp_path):
     """k = vocabulary: the cache-fed loss equals the live teacher's forward KL (fp16 storage tolerance)."""
     from distil.cache import TeacherCache
     from distil.config.schema import LossSpec
-    from distil.data.text import lm_batch, load_corpus
+    from distil.data.sources.text import lm_batch, load_corpus
     from distil.distill.lm import CausalLMObjective
     from distil.distill.pair import Teacher
 
@@ -82,7 +84,7 @@ def test_a_cache_for_other_text_is_refused(tiny_lm, tmp_path):
     data = cache_recipe(tiny_lm, tmp_path)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
-    from distil.data.text import load_corpus
+    from distil.data.sources.text import load_corpus
 
     recipe = validate_recipe(data)
     cached.build_for_recipe(recipe, teacher, tokenizer, load_corpus(recipe.data, tokenizer), show_progress=False)

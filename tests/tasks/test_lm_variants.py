@@ -3,7 +3,7 @@
 import json
 
 from distil.config.load import validate_recipe
-from distil.pipelines import check, run_recipe
+from distil.runner import check, run_recipe
 
 
 def recipe(tiny_lm, tmp_path, features):

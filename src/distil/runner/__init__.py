@@ -1,4 +1,6 @@
-"""Running recipes: a fresh run, a resumed run, and the pre-flight checks behind `distil validate`."""
+"""Running recipes: a fresh run, a resumed run, and the pre-flight checks behind `distil validate`.
+
+Every task runs through the same arm loop (`distil.runner.run.run_task`); what differs per task is in distil.tasks."""
 
 from __future__ import annotations
 
@@ -12,25 +14,23 @@ from rich.console import Console
 from distil.config.load import recipe_to_yaml, validate_recipe
 from distil.config.schema import Recipe
 from distil.errors import ConfigError, DistilError
-from distil.pipelines import classification, embedding, lm
+from distil.estimate import memory_problems
+from distil.runner.run import run_task
+from distil.tasks import task_of
 from distil.train import distributed
 from distil.train.signals import StopRequested, stop_signals
-
-PIPELINES = {"classification": classification, "causal_lm": lm, "embedding": embedding}
 
 RECIPE_FILE = "recipe.yaml"
 
 
 def problems(recipe: Recipe) -> list[str]:
     """Everything that can be checked before loading data or models, one line per problem."""
-    from distil.estimate import memory_problems
-
-    return PIPELINES[recipe.task].problems(recipe) + memory_problems(recipe)
+    return task_of(recipe.task).problems(recipe) + memory_problems(recipe)
 
 
 def check(recipe: Recipe) -> list[str]:
     """All pre-flight checks `distil validate` runs: the cheap ones, then loading data and building the models."""
-    return problems(recipe) or PIPELINES[recipe.task].deep_problems(recipe)
+    return problems(recipe) or task_of(recipe.task).deep_problems(recipe)
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -80,7 +80,7 @@ def _run(recipe: Recipe, run_dir: Path, show_progress: bool, console: Console | 
     # One stop listener for the whole run: a SIGTERM or Ctrl-C between stages stops before the next stage starts.
     with stop_signals():
         try:
-            summary = PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
+            summary = run_task(recipe, run_dir, show_progress=show_progress, console=console)
         except (StopRequested, KeyboardInterrupt) as exc:  # the CLI's message says which folder to resume
             exc.run_dir = run_dir  # type: ignore[union-attr]
             if isinstance(exc, StopRequested):  # every rank stopped after the same step

@@ -5,10 +5,13 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from distil.config.schema import VisionData
+from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -125,3 +128,13 @@ def vision_problems(name: str, path: str | None) -> list[str]:
         except ImportError:
             return ["data.name: digits needs scikit-learn: pip install 'distil[classic]'"]
     return []
+
+
+def _load(spec: VisionData, *, seed: int, tokenizer: Any = None) -> LoadedData:
+    data = load_vision(spec.name, spec.path, seed)
+    n = spec.eval_size or len(data.test_y)
+    return LoadedData(train=(data.train_x, data.train_y), eval=(data.test_x[:n], data.test_y[:n]),
+                      collate=lambda i: (data.train_x[i], data.train_y[i]), size=len(data.train_y), corpus=data)
+
+
+SOURCE = DataSource(problems=lambda spec: vision_problems(spec.name, spec.path), load=_load)

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from distil.config.load import validate_recipe
-from distil.data.sentences import load_sentences, parse_index, parse_synset, split_wordnet, wordnet_problems
+from distil.data.sources.sentences import load_sentences, parse_index, parse_synset, split_wordnet, wordnet_problems
 from distil.distill.embedding import contrastive_loss, mean_pool
 from distil.measure.embedding import retrieval_top1, similarity_spearman
 from distil.errors import DistilError
-from distil.pipelines import check, run_recipe
+from distil.runner import check, run_recipe
 
 LINE = ("01382086 00 s 02 long(a) 0 lengthy 0 005 & 01381820 a 0000 | primarily temporal sense; being or indicating "
         'a relatively great or greater than average duration; "a long life"; "a long boring speech"  \n')
@@ -140,3 +140,41 @@ def test_embedding_validate_names_wrong_modules(tiny_bert, tmp_path):
          "loss": "minilm_relations", "num_relation_heads": 5}]})
     (problem,) = check(relations)
     assert "5 relation heads do not divide" in problem
+
+
+def _tiny_wordnet(folder, synsets=120):
+    """WordNet's file format with made-up nouns: enough for the held-out pairs and a few training batches."""
+    folder.mkdir()
+    data, index = [], []
+    for i in range(synsets):
+        offset, word = f"{i + 1:08d}", f"thing{i}"
+        data.append(f"{offset} 05 n 01 {word} 0 000 | a kind of object number {i} found near the river; \"a {word}\"\n")
+        index.append(f"{word} n 1 0 1 1 {offset}\n")
+    (folder / "data.noun").write_text("  1 a made-up header line\n" + "".join(data))
+    (folder / "index.noun").write_text("".join(sorted(index)))
+    for pos in ("verb", "adj", "adv"):
+        (folder / f"data.{pos}").write_text("")
+        (folder / f"index.{pos}").write_text("")
+    return folder
+
+
+def test_embedding_runs_through_the_one_runner(tiny_bert, tmp_path, capsys):
+    """Like every task: report.html, the recipe recorded in each checkpoint, resume skips the finished arms."""
+    from distil.runner import resume_run
+
+    wordnet = _tiny_wordnet(tmp_path / "wordnet")
+    recipe = _recipe(tiny_bert, tmp_path / "run", arms=["student_alone", "distilled"])
+    recipe = validate_recipe({**recipe.model_dump(mode="json"),
+                              "data": {**recipe.data.model_dump(mode="json"), "path": str(wordnet)}})
+    summary = run_recipe(recipe, show_progress=False)
+    run = tmp_path / "run"
+    assert set(summary["arms"]) == {"teacher", "student_init", "student_alone", "distilled"}
+    assert (run / "report.html").is_file() and (run / "summary.json").is_file()
+    for arm in ("student_alone", "distilled"):
+        (checkpoint,) = sorted((run / "checkpoints" / arm).glob("step-*"))[-1:]
+        state = json.loads((checkpoint / "state.json").read_text())
+        assert state["recipe"]["name"] == "tiny-embed" and state["recipe"]["data"]["path"] == str(wordnet)
+    capsys.readouterr()
+    resume_run(run, show_progress=False)
+    out = capsys.readouterr().out
+    assert "student_alone: already trained" in out and "distilled: already trained" in out

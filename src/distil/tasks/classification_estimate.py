@@ -9,26 +9,26 @@ import torch
 from torch import nn
 
 from distil.config.schema import Recipe, TrainSpec
+from distil.distill.objectives import ClassifierObjective
+from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.estimate.memory import (MemoryEstimate, MemoryItem, StageEstimate, first_line, largest_inference_pair,
                                     optimizer_bytes, optimizer_step_bytes, parameter_bytes, saved_tensor_bytes,
                                     trace_saved)
+from distil.models.vision import build_classifier
+from distil.tasks.artifacts import is_model_folder
+from distil.tasks.classification_arms import teacher_folder
 
 # (input shape, classes, train examples, test examples) of the built-in datasets, known without loading them.
 VISION_SHAPES = {
     "digits": ((1, 8, 8), 10, 1348, 449),
     "fashion-mnist": ((1, 28, 28), 10, 60000, 10000),
 }
-EVAL_BATCH = 1000  # distil.pipelines.classification.accuracy
+EVAL_BATCH = 1000  # distil.measure.classification.accuracy
 LOSS_BUFFERS_PER_LOGIT = 8
 
 
 def estimate_classification(recipe: Recipe) -> MemoryEstimate:
-    from distil.distill.objectives import ClassifierObjective
-    from distil.distill.pair import Teacher
-    from distil.models.vision import build_classifier
-    from distil.pipelines.classification import _is_model_folder, teacher_folder
-
     shape, classes, n_train, n_test = VISION_SHAPES[recipe.data.name]
     per_example = 4 * math.prod(shape) + 8  # float32 image + int64 label
     cuda = recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
@@ -92,7 +92,7 @@ def estimate_classification(recipe: Recipe) -> MemoryEstimate:
         return StageEstimate(name, items)
 
     stages = []
-    has_teacher = _is_model_folder(teacher_folder(recipe))
+    has_teacher = is_model_folder(teacher_folder(recipe))
     if not has_teacher and recipe.teacher.train is not None:
         stages.append(stage("teacher", build(recipe.teacher.model, "teacher"), None, False, recipe.teacher.train))
     teacher = build(recipe.teacher.model, "teacher")

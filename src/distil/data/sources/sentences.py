@@ -15,11 +15,15 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from distil.config.schema import SentenceData
+from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
 
 WORDNET_DIR = "/usr/share/wordnet"
@@ -150,7 +154,7 @@ def split_wordnet(synsets: Sequence[Synset], common: Sequence[tuple[str, str, st
 
 
 def shakespeare_lines(limit: int, seed: int, min_chars: int = 30) -> list[str]:
-    from distil.data.text import shakespeare_dir
+    from distil.data.sources.text import shakespeare_dir
 
     lines = []
     for path in sorted(shakespeare_dir().glob("*.txt")):
@@ -169,3 +173,42 @@ def load_sentences(spec: SentenceData, seed: int) -> SentenceCorpus:
     else:
         words, texts = [], shakespeare_lines(spec.max_train, seed)
     return SentenceCorpus(words, texts, [w for w, _ in held], [d for _, d in held])
+
+
+def sentence_collate(corpus: SentenceCorpus, tokenizer: Any, max_length: int) -> Callable[[torch.Tensor], dict]:
+    """Indices -> one tokenized batch: the synsets' words then their definitions (or Shakespeare lines)."""
+
+    def collate(indices: torch.Tensor) -> dict[str, Any]:
+        idx = indices.tolist()
+        texts = [corpus.train_texts[i] for i in idx]
+        if corpus.has_pairs:
+            texts = [corpus.train_words[i] for i in idx] + texts
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "pairs": len(idx) if corpus.has_pairs else 0}
+
+    return collate
+
+
+def sentence_problems(spec: SentenceData) -> list[str]:
+    found = wordnet_problems(spec.path)  # evaluation is always on WordNet
+    if spec.source == "shakespeare":
+        from distil.data.sources.text import shakespeare_dir
+
+        try:
+            shakespeare_dir()
+        except DistilError as exc:
+            found.append(str(exc))
+    return found
+
+
+def _load(spec: SentenceData, *, seed: int, tokenizer: Any = None) -> LoadedData:
+    if tokenizer is None:
+        raise DistilError("sentences are tokenized with the teacher's tokenizer; pass tokenizer=")
+    corpus = load_sentences(spec, seed)
+    return LoadedData(train=corpus.train_texts, eval=(corpus.eval_words, corpus.eval_definitions),
+                      collate=sentence_collate(corpus, tokenizer, spec.max_length), size=len(corpus.train_texts),
+                      corpus=corpus)
+
+
+SOURCE = DataSource(problems=sentence_problems, load=_load)

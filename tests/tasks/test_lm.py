@@ -13,8 +13,8 @@ from distil.config.schema import LossSpec, OnPolicySpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.distill.lm import CausalLMObjective
 from distil.distill.pair import Teacher
-from distil.pipelines import run_recipe
-from distil.pipelines.response import collate_pairs, tokenize_pair
+from distil.runner import run_recipe
+from distil.tasks.response import collate_pairs, tokenize_pair
 from distil.students import make_student
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog

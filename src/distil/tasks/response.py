@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 
 from distil.config.schema import Recipe
-from distil.data.text import TextCorpus, corpus_passages, read_prompts_file
+from distil.data.sources.text import TextCorpus, corpus_passages, read_prompts_file
 from distil.errors import DistilError
 from distil.generate import format_prompt, generate_responses, read_generations
 from distil.train.distributed import on_main

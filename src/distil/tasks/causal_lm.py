@@ -1,0 +1,344 @@
+"""Task causal_lm: a Hugging Face teacher, a student (often built from it), trained alone and distilled.
+
+Stages: load the teacher; build `student_init/` (saved, so every arm starts from identical weights); for response
+distillation, let the teacher answer prompts; train each arm; evaluate teacher, initial student and arms on held-out
+text (perplexity, top-1 agreement with the teacher), generation speed at batch 1 and 8, and a few generations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe, TextData
+from distil.data.stream import BatchStream
+from distil.data.sources import data_problems, load_data
+from distil.data.sources.text import TextCorpus, lm_batch
+from distil.distill.cached import CachedLMObjective
+from distil.distill.feature_objective import FeatureObjective
+from distil.distill.lm import CausalLMObjective
+from distil.distill.pair import Teacher
+from distil.errors import DistilError
+from distil.guards import check_sequence_length
+from distil.losses.registry import SPARSE_DIVERGENCES
+from distil.measure.cost import folder_size, measure_peak_memory, parameter_count
+from distil.measure.lm import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
+from distil.models import hf
+from distil.reporting.summary import write_summary
+from distil.tasks import causal_lm_cache as cached
+from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
+from distil.tasks.base import RunContext, data_and_model_rules, language_model_rules
+from distil.tasks.causal_lm_estimate import estimate_causal_lm
+from distil.tasks.hf_models import feature_distiller, save_hf_folder, source_problems, student_from_teacher
+from distil.tasks.response import response_batches, response_perplexities
+from distil.train import distributed
+from distil.train.loop import Stage, train
+from distil.train.seed import seed_everything
+
+
+class CausalLMTask:
+    name = "causal_lm"
+    estimate = staticmethod(estimate_causal_lm)
+
+    def rules(self, recipe: Recipe) -> list[str]:
+        found = data_and_model_rules(recipe, "text", ("hf", "from_teacher")) + language_model_rules(recipe)
+        response = recipe.method == "response"
+        if response and "logit_kd" in recipe.arms:
+            found.append("method response has arms student_alone and distilled")
+        if response and recipe.generate is None:
+            found.append("method response needs a generate section (prompts, max_new_tokens, ...)")
+        if response and recipe.onpolicy is not None:
+            found.append("onpolicy applies to method logits, not response")
+        if recipe.teacher.cache is not None:
+            if recipe.method != "logits" or recipe.onpolicy is not None:
+                found.append("teacher.cache applies to off-policy logit distillation of causal LMs (task causal_lm, "
+                             "method logits, no onpolicy section)")
+            if recipe.loss.divergence not in SPARSE_DIVERGENCES:
+                found.append(f"loss.divergence {recipe.loss.divergence} has no sparse form for cached targets; use "
+                             f"{', '.join(SPARSE_DIVERGENCES)}")
+            if recipe.teacher.cache.mode == "sample" and recipe.loss.divergence != "forward_kl":
+                found.append("teacher.cache.mode sample supports loss.divergence forward_kl only")
+            if recipe.loss.features:
+                found.append("loss.features read the live teacher's layers; remove teacher.cache to use them")
+        if recipe.onpolicy is not None and recipe.distributed.strategy == "fsdp":
+            found.append("onpolicy sampling is not supported with distributed.strategy fsdp (each process samples on "
+                         "its own, but sharded models need every process in each forward); use ddp")
+        if recipe.onpolicy and isinstance(recipe.data, TextData) and recipe.onpolicy.prompt_tokens >= recipe.data.seq_len:
+            found.append(f"onpolicy.prompt_tokens ({recipe.onpolicy.prompt_tokens}) must be shorter than data.seq_len "
+                         f"({recipe.data.seq_len})")
+        return found
+
+    def problems(self, recipe: Recipe) -> list[str]:
+        """Checks that load nothing: data files and model sources exist."""
+        found = data_problems(recipe.data) + source_problems(recipe)
+        if recipe.method == "response" and recipe.generate and recipe.generate.prompts != "corpus":
+            if not Path(recipe.generate.prompts).expanduser().is_file():
+                found.append(f"generate.prompts: {recipe.generate.prompts} not found (a JSONL file, or 'corpus')")
+        return found
+
+    def deep_problems(self, recipe: Recipe) -> list[str]:
+        """Load the tokenizers and the text: tokenizer agreement, context length, data size."""
+        try:
+            teacher_spec = recipe.teacher.model
+            assert isinstance(teacher_spec, HFModelSpec)
+            tokenizer = hf.load_tokenizer(teacher_spec.source, trust_remote_code=teacher_spec.trust_remote_code)
+            if isinstance(recipe.student.model, HFModelSpec):
+                s_tok = hf.load_tokenizer(recipe.student.model.source)
+                differences = hf.tokenizer_differences(s_tok, tokenizer)
+                if differences:
+                    return ["student and teacher tokenizers differ: " + "; ".join(differences)]
+            check_context(recipe, hf.resolve_model_path(teacher_spec.source))
+            corpus = load_data(recipe.data, seed=recipe.seed, tokenizer=tokenizer).corpus
+            _check_sizes(recipe, corpus)
+            if recipe.loss.features:  # module names, shapes and relation heads, on the real pair
+                teacher, _ = hf.load_causal_lm(teacher_spec.source, dtype="float32")
+                spec = recipe.student.model
+                student = (student_from_teacher(spec, teacher) if isinstance(spec, FromTeacherSpec)
+                           else hf.load_causal_lm(spec.source, dtype="float32")[0])
+                feature_distiller(recipe, student, teacher, lm_batch(corpus.train[:2]), torch.device("cpu"),
+                                  use_cache=False)
+        except DistilError as exc:
+            return [str(exc)]
+        return []
+
+    def start(self, ctx: RunContext) -> CausalLMRun:
+        return CausalLMRun(ctx)
+
+
+def check_context(recipe: Recipe, teacher_path: Path) -> None:
+    config = json.loads((teacher_path / "config.json").read_text())
+    check_sequence_length(recipe.data.seq_len, {"teacher": config}, key="data.seq_len")
+
+
+def _check_sizes(recipe: Recipe, corpus: TextCorpus) -> None:
+    if recipe.method == "logits" and len(corpus.train) < recipe.train.batch_size:
+        raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {len(corpus.train)} training blocks "
+                          "of data.seq_len tokens; lower train.batch_size or raise data.max_train_tokens")
+
+
+def load_student_folder(folder: Path, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+
+
+def load_teacher(recipe: Recipe) -> Any:
+    t_spec = recipe.teacher.model
+    assert isinstance(t_spec, HFModelSpec)
+    model, _ = hf.load_causal_lm(t_spec.source, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
+    return model
+
+
+def as_teacher(model: Any, recipe: Recipe, device: torch.device) -> Any:
+    """The teacher in the recipe's dtype on `device`, in eval mode."""
+    dtype = recipe.teacher.model.dtype  # type: ignore[union-attr]
+    return (model.to(getattr(torch, dtype)) if dtype else model).to(device).eval()
+
+
+def _build_init(recipe: Recipe, teacher: Any, teacher_vocab: int, tokenizer: Any, corpus: TextCorpus, folder: Path,
+                console: Console) -> None:
+    spec = recipe.student.model
+    if isinstance(spec, FromTeacherSpec):
+        calibration = None
+        if spec.calibration_batches:
+            blocks = corpus.train[: spec.calibration_batches * recipe.train.batch_size]
+            calibration = [{"input_ids": b} for b in blocks.split(recipe.train.batch_size)]
+        student = student_from_teacher(spec, teacher, calibration)
+        console.print(f"[bold]student[/bold]: built from the teacher: {student.config.num_hidden_layers} layers, "
+                      f"hidden {student.config.hidden_size}, {parameter_count(student):,} parameters "
+                      f"(teacher {parameter_count(teacher):,})")
+    else:
+        assert isinstance(spec, HFModelSpec)
+        student, s_tok = hf.load_causal_lm(spec.source, dtype="float32", trust_remote_code=spec.trust_remote_code)
+        hf.shared_vocab_size(s_tok, tokenizer, student.config.vocab_size, teacher_vocab)
+    save_hf_folder(folder, student.float(), tokenizer)
+
+
+class CausalLMRun:
+    """The teacher (live or from its cache), the held-out text and `student_init/`, which every arm starts from."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        recipe, device, console, run_dir = ctx.recipe, ctx.device, ctx.console, ctx.run_dir
+        hf.quiet_transformers()
+        t_spec = recipe.teacher.model
+        assert isinstance(t_spec, HFModelSpec)
+        self.teacher_path = hf.resolve_model_path(t_spec.source)
+        check_context(recipe, self.teacher_path)
+        self.tokenizer = tokenizer = hf.load_tokenizer(self.teacher_path, trust_remote_code=t_spec.trust_remote_code)
+        loaded = load_data(recipe.data, seed=recipe.seed, tokenizer=tokenizer)
+        self.corpus = corpus = loaded.corpus
+        _check_sizes(recipe, corpus)
+        console.print(f"data: {len(corpus.train)} training blocks and {len(corpus.eval)} held-out blocks of "
+                      f"{recipe.data.seq_len} tokens")
+        self.init = init = run_dir / INIT_FOLDER
+        cache_spec = recipe.teacher.cache
+        # With a complete cache and an initial student, the teacher's weights are never loaded.
+        builds_from_teacher = isinstance(recipe.student.model, FromTeacherSpec) and not is_model_folder(init)
+        need_teacher = cache_spec is None or not cached.cache_is_complete(Path(cache_spec.path)) or builds_from_teacher
+        teacher = None
+        if need_teacher:
+            console.print(f"[bold]teacher[/bold]: {t_spec.source} ({self.teacher_path})")
+            teacher = load_teacher(recipe)
+        if not is_model_folder(init):
+            seed_everything(recipe.seed)
+            teacher_vocab = json.loads((self.teacher_path / "config.json").read_text())["vocab_size"]
+            _build_init(recipe, teacher, teacher_vocab, tokenizer, corpus, init, console)
+        student_vocab = load_student_folder(init, torch.device("cpu")).config.vocab_size
+
+        self.cache = None
+        if cache_spec is not None:
+            if not cached.cache_is_complete(Path(cache_spec.path)):
+                teacher = as_teacher(teacher, recipe, device)
+                result = cached.build_for_recipe(recipe, teacher, tokenizer, corpus, show_progress=ctx.show_progress)
+                cached.describe(result, console)
+                vocab = min(teacher.config.vocab_size, student_vocab)
+                built_by = teacher
+
+                def teacher_eval() -> None:
+                    row, _ = measure_lm(built_by, self.teacher_path, corpus.eval, vocab, None, tokenizer)
+                    cached.write_teacher_eval(Path(cache_spec.path), row)
+
+                distributed.on_main(teacher_eval)
+            teacher = None  # training and evaluation read the cache, not the teacher
+            self.cache = cached.open_cache(recipe, tokenizer, corpus)
+            self.vocab = min(self.cache.vocab_size, student_vocab)
+            console.print(f"[bold]teacher[/bold]: read from the cache {cache_spec.path} (the teacher is not run)")
+        else:
+            # A teacher to be sharded stays in CPU memory until the loop shards it: no device ever holds all of it.
+            placed = recipe.distributed.teacher != "replicate" and distributed.active() and recipe.method == "logits"
+            teacher = as_teacher(teacher, recipe, torch.device("cpu") if placed else device)
+            self.vocab = min(teacher.config.vocab_size, student_vocab)
+        self.teacher = teacher
+
+        if recipe.method == "response":
+            self.arm_data = response_batches(recipe, run_dir, teacher, tokenizer, corpus, console, ctx.show_progress)
+        else:
+            self.arm_data = {arm: (loaded.collate, loaded.size) for arm in recipe.arms}
+        self.metrics = ["perplexity", "agreement"]
+
+    # ------------------------------------------------------------------------------------------------- training
+    def train_arm(self, arm: str, folder: Path) -> None:
+        recipe, device = self.ctx.recipe, self.ctx.device
+        # Response distillation is supervised fine-tuning on the teacher's answers: no live teacher in the loss.
+        live = Teacher(self.teacher) if self.teacher is not None and recipe.method == "logits" else None
+        batches, size = self.arm_data[arm]
+        seed_everything(recipe.seed)
+        student = load_student_folder(self.init, device)
+        student.config.use_cache = False
+        if recipe.student.freeze_embeddings:
+            for head in (student.get_input_embeddings(), student.get_output_embeddings()):
+                head.weight.requires_grad_(False)
+        distilled = arm == "distilled"  # logit_kd: plain off-policy logit KD, the baseline of the recipe's variant
+        kd = arm in ("distilled", "logit_kd")
+        objective: Any
+        if kd and self.cache is not None:
+            objective = CachedLMObjective(student, self.cache, recipe.loss, device=device)
+        else:
+            objective = CausalLMObjective(
+                student, live if kd else None, recipe.loss, vocab_size=self.vocab, device=device,
+                onpolicy=recipe.onpolicy if distilled else None, pad_token_id=self.tokenizer.pad_token_id,
+            )
+        if distilled and recipe.loss.features and live is not None:
+            distiller = feature_distiller(recipe, student, live.model, batches(torch.arange(2)), device,
+                                          use_cache=False)
+            print(distiller.describe())
+            objective = FeatureObjective(objective, distiller, mask=lambda b: b["attention_mask"])
+        stream = BatchStream(size, recipe.train.batch_size, batches, seed=recipe.seed)
+        quick_eval = self.corpus.eval[: max(1, min(len(self.corpus.eval), 8))]
+        stage = Stage(arm, objective, stream, recipe.train, self.ctx.run_dir / "checkpoints" / arm, self.ctx.metrics,
+                      device, recipe=recipe.model_dump(mode="json"),
+                      evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval,
+                                                                                 vocab_size=self.vocab)[0]})
+        train(stage, show_progress=self.ctx.show_progress)
+        student.config.use_cache = True
+        save_hf_folder(folder, student, self.tokenizer, {"train_time_s": stage.elapsed_s, "steps": recipe.train.steps})
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def measure(self) -> dict[str, dict[str, Any]]:
+        recipe, device, corpus, tokenizer = self.ctx.recipe, self.ctx.device, self.corpus, self.tokenizer
+        teacher = self.teacher
+        if teacher is not None and distributed.is_sharded(teacher):
+            teacher = as_teacher(load_teacher(recipe), recipe, device)
+        self.ctx.console.print("evaluating teacher and students on held-out text ...")
+        repeats = min(2, recipe.latency_runs)  # timed generations per speed (each is 32 new tokens)
+        rows: dict[str, Any] = {}
+        models: dict[str, Any] = {}
+        if teacher is not None:
+            rows["teacher"], teacher_predictions = measure_lm(teacher, self.teacher_path, corpus.eval, self.vocab,
+                                                              None, tokenizer, repeats)
+            models["teacher"] = teacher
+        else:
+            rows["teacher"] = {**cached.read_teacher_eval(Path(recipe.teacher.cache.path)),  # type: ignore[union-attr]
+                               "from_cache": True}
+            teacher_predictions = cached.eval_predictions(self.cache, len(corpus.eval), recipe.data.seq_len)
+        for arm, folder in [("student_init", self.init)] + [(a, arm_folder(self.ctx.run_dir, a)) for a in recipe.arms]:
+            model = load_student_folder(folder, device)
+            rows[arm], _ = measure_lm(model, folder, corpus.eval, self.vocab, teacher_predictions, tokenizer, repeats)
+            if arm != "student_init":
+                models[arm] = model
+        prompts = _prompts_for_samples(corpus, recipe.generations_shown)
+        samples = {name: greedy_continuations(m, tokenizer, prompts) for name, m in models.items()}
+        self.generations = [{"prompt": p, **{name: texts[i] for name, texts in samples.items()}}
+                            for i, p in enumerate(prompts)]
+        return rows
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"method": self.ctx.recipe.method, "generations": self.generations,
+                "eval_tokens": int(self.corpus.eval.numel()), "vocab_compared": self.vocab,
+                "teacher_source": "cache" if self.cache is not None else "live"}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.ctx.recipe.method != "response":
+            return summary
+        summary["arms"] = response_perplexities(summary["arms"], self.ctx.run_dir, self.ctx.recipe, self.tokenizer,
+                                                self.vocab, self.ctx.device)
+        summary["metrics"].append("response_perplexity")
+        return write_summary(self.ctx.run_dir, summary)
+
+
+def measure_lm(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int,
+               teacher_predictions: torch.Tensor | None, tokenizer: Any, repeats: int = 2
+               ) -> tuple[dict[str, Any], torch.Tensor]:
+    """A model's summary row (held-out perplexity and agreement, size, generation speed, peak memory) and its top-1
+    predictions."""
+    model.eval()
+    ppl, predictions = perplexity_and_predictions(model, eval_blocks, vocab_size=vocab)
+    speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                               repeats=repeats)
+    speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                               repeats=repeats)
+    device = next(model.parameters()).device
+    batch = eval_blocks[:8].to(device)
+    with torch.inference_mode():
+        peak = measure_peak_memory(model, lambda: model(input_ids=batch, use_cache=False), device)
+    info_file = folder / "train.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {
+        "perplexity": ppl,
+        "agreement": 1.0 if teacher_predictions is None else agreement(predictions, teacher_predictions),
+        "params": parameter_count(model),
+        "size_bytes": weights or folder_size(folder),
+        "tokens_per_s_b1": speed_1,
+        "tokens_per_s_b8": speed_8,
+        "latency_ms": 1000.0 / speed_1,
+        "peak_memory_bytes": peak,
+        "peak_memory_batch": len(batch),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "train_time_s": info.get("train_time_s"),
+        "path": str(folder),
+    }, predictions
+
+
+def _prompts_for_samples(corpus: TextCorpus, count: int) -> list[str]:
+    lines = [line.strip() for text in corpus.eval_texts for line in text.splitlines() if len(line.strip()) > 30]
+    step = max(1, len(lines) // (count + 1))
+    return [lines[(i + 1) * step] for i in range(count) if (i + 1) * step < len(lines)]
+
+
+CAUSAL_LM = CausalLMTask()

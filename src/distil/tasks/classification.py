@@ -1,0 +1,153 @@
+"""Task classification: train (or reuse) a teacher, then train the same student alone and distilled, and compare.
+
+The arms and their objectives are in distil.tasks.classification_arms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distil.config.schema import Recipe
+from distil.data.sources import LoadedData, data_problems, load_data
+from distil.data.sources.vision import ClassificationData
+from distil.distill.pair import Teacher, check_pair
+from distil.errors import DistilError
+from distil.measure.classification import accuracy
+from distil.measure.cost import folder_size, measure_latency, measure_peak_memory, measure_throughput, parameter_count
+from distil.models.vision import build_classifier, classifier_config, load_classifier
+from distil.tasks.artifacts import arm_folder, is_model_folder
+from distil.tasks.base import RunContext, data_and_model_rules, not_causal_lm_rules
+from distil.tasks.classification_estimate import estimate_classification
+from distil.tasks.classification_arms import (preflight_variants, save_classifier, teacher_folder, teacher_specs,
+                                              train_arm, train_classifier)
+from distil.train import distributed
+from distil.train.seed import seed_everything
+
+THROUGHPUT_BATCH = 256  # the larger batch at which throughput and peak inference memory are measured
+
+
+class ClassificationTask:
+    name = "classification"
+    estimate = staticmethod(estimate_classification)
+
+    def rules(self, recipe: Recipe) -> list[str]:
+        return data_and_model_rules(recipe, "vision", ("mlp", "cnn")) + not_causal_lm_rules(recipe)
+
+    def problems(self, recipe: Recipe) -> list[str]:
+        found = data_problems(recipe.data)
+        for i, spec in enumerate(teacher_specs(recipe)):
+            key = "teacher" if i == 0 else f"multi_teacher.teachers[{i - 1}]"
+            folder = teacher_folder(recipe, spec)
+            if not is_model_folder(folder) and spec.train is None:
+                where = f"{key}.checkpoint" if spec.checkpoint else "the teacher cache"
+                found.append(f"{key}: no weights in {where} ({folder}) and no {key}.train budget to train them; "
+                             f"set {key}.checkpoint=DIR or add {key}.train")
+        return found
+
+    def deep_problems(self, recipe: Recipe) -> list[str]:
+        try:
+            preflight(recipe, load_data(recipe.data, seed=recipe.seed).corpus)
+        except DistilError as exc:
+            return [str(exc)]
+        return []
+
+    def start(self, ctx: RunContext) -> ClassificationRun:
+        recipe = ctx.recipe
+        loaded = load_data(recipe.data, seed=recipe.seed)
+        data = loaded.corpus
+        preflight(recipe, data)
+        # The teacher stage: teachers are reused when an earlier run (of any recipe with the same teacher and data)
+        # trained them.
+        teachers, folders = [], []
+        for index, spec in enumerate(teacher_specs(recipe)):
+            folder = teacher_folder(recipe, spec)
+            name = "teacher" if index == 0 else f"teacher{index}"
+            if not is_model_folder(folder):
+                ctx.console.print(f"[bold]{name}[/bold]: training {spec.model.arch} (weights go to {folder})")
+                t_recipe = recipe if spec.seed is None else recipe.model_copy(update={"seed": spec.seed})
+                seed_everything(t_recipe.seed)
+                model = build_classifier(spec.model, data.input_shape, data.num_classes).to(ctx.device)
+                assert spec.train is not None  # guaranteed by problems()
+                seconds = train_classifier(name, model, None, recipe.loss, spec.train, loaded, t_recipe, ctx)
+                config = classifier_config(spec.model, data.input_shape, data.num_classes)
+                save_classifier(folder, model, config, {"train_time_s": seconds})
+            else:
+                ctx.console.print(f"[bold]{name}[/bold]: reusing {folder}")
+            teachers.append(load_classifier(folder).to(ctx.device))
+            folders.append(folder)
+        return ClassificationRun(ctx, loaded, teachers, folders)
+
+
+class ClassificationRun:
+    metrics = ["accuracy"]
+
+    def __init__(self, ctx: RunContext, data: LoadedData, teachers: list[nn.Module], folders: list[Path]):
+        self.ctx, self.data, self.teachers, self.folders = ctx, data, teachers, folders
+
+    def train_arm(self, arm: str, folder: Path) -> None:
+        train_arm(arm, folder, self.data, self.teachers, self.ctx)
+
+    def measure(self) -> dict[str, dict[str, Any]]:
+        rows = {}
+        device = self.ctx.device
+        for index, (model, folder) in enumerate(zip(self.teachers, self.folders)):
+            if distributed.is_sharded(model):
+                model = load_classifier(folder).to(device)
+            rows["teacher" if index == 0 else f"teacher{index}"] = self._measure(model, folder)
+        for arm in self.ctx.recipe.arms:
+            folder = arm_folder(self.ctx.run_dir, arm)
+            rows[arm] = self._measure(load_classifier(folder).to(device), folder)
+        return rows
+
+    def _measure(self, model: nn.Module, folder: Path) -> dict[str, Any]:
+        recipe, device = self.ctx.recipe, self.ctx.device
+        model.eval()
+        test_x, test_y = self.data.eval
+        example = test_x[:1].to(device)
+        batch = test_x[:THROUGHPUT_BATCH].to(device)
+        info_file = folder / "train.json"
+        info = json.loads(info_file.read_text()) if info_file.exists() else {}
+        return {
+            "accuracy": accuracy(model, test_x, test_y, device),
+            "params": parameter_count(model),
+            "size_bytes": folder_size(folder / "model.safetensors"),
+            "latency_ms": measure_latency(lambda: model(example), runs=recipe.latency_runs),
+            f"samples_per_s_b{len(batch)}": measure_throughput(lambda: model(batch), len(batch),
+                                                               runs=recipe.latency_runs),
+            "peak_memory_bytes": measure_peak_memory(model, lambda: model(batch), device),
+            "peak_memory_batch": len(batch),
+            "train_time_s": info.get("train_time_s"),
+            "path": str(folder),
+            **info.get("report", {}),  # per-exit, per-generation, EMA accuracies of self-distillation arms
+        }
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return summary
+
+
+def preflight(recipe: Recipe, data: ClassificationData) -> None:
+    """Build the pair untrained and check it on one example, before any training."""
+    for spec, name in ((recipe.train, "train"), (recipe.teacher.train, "teacher.train")):
+        if spec is None:
+            continue
+        available = min(spec.subset or len(data.train_y), len(data.train_y))
+        if available < spec.batch_size:
+            raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {available} training examples; "
+                              f"lower {name}.batch_size or raise {name}.subset")
+    # On the meta device: shapes are checked without allocating (or initialising) any weight.
+    with torch.device("meta"):
+        student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)
+        teacher = build_classifier(recipe.teacher.model, data.input_shape, data.num_classes)
+        teachers = [build_classifier(spec.model, data.input_shape, data.num_classes) for spec in teacher_specs(recipe)]
+    check_pair(student, Teacher(teacher), (data.train_x[:2].to("meta"),))
+    preflight_variants(recipe, data, student, teachers, data.train_x[:2].to("meta"))
+
+
+CLASSIFICATION = ClassificationTask()
