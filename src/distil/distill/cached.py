@@ -10,18 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from distil.cache import TeacherCache
-from distil.config.schema import LossSpec
 from distil.distill.lm import IGNORE, next_token_targets
-from distil.distill.objectives import divergence_params
+from distil.distill.objectives import LogitLoss, divergence_params
 from distil.losses import cached_divergence
+from distil.train.objective import Objective
 
 
-class CachedLMObjective:
+class CachedLMObjective(Objective):
     """Like CausalLMObjective, with the teacher's soft targets read from a cache by sample id (batch['id'])."""
 
     unit = "tokens"
 
-    def __init__(self, student: nn.Module, cache: TeacherCache, spec: LossSpec, *, device: torch.device):
+    def __init__(self, student: nn.Module, cache: TeacherCache, spec: LogitLoss, *, device: torch.device):
         self.student, self.cache, self.spec, self.device = student, cache, spec, device
         self.modules = {"student": student}
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil.config.schema import LossSpec
+from distil.distill.objectives import LogitLoss
 from distil.distill.pair import Teacher
 from distil.losses.features import hidden_cosine, hidden_mse
+from distil.train.objective import Objective, teacher_models
 
 CONTRASTIVE_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default (cosine similarity x 20)
 
@@ -36,16 +37,19 @@ def contrastive_loss(queries: torch.Tensor, documents: torch.Tensor, scale: floa
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-class EmbeddingObjective:
+class EmbeddingObjective(Objective):
     """With a teacher: the sentence-embedding term (`loss.embedding`: 1 - cosine, or MSE) between the pooled,
     normalised embeddings. Without one (the student alone): in-batch contrastive learning on the batch's
     (word, definition) pairs -- the first `pairs` rows are words, the next `pairs` their definitions."""
 
     unit = "samples"
 
-    def __init__(self, student: nn.Module, teacher: Teacher | None, spec: LossSpec, device: torch.device) -> None:
+    def __init__(self, student: nn.Module, teacher: Teacher | None, spec: LogitLoss, device: torch.device) -> None:
         self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
         self.modules = {"student": student}
+
+    def teachers(self) -> dict[str, nn.Module]:
+        return teacher_models(teacher=self.teacher)
 
     def weight(self, batch: dict[str, Any]) -> int:
         return int(batch["input_ids"].shape[0])

@@ -29,6 +29,7 @@ from distil.errors import DistilError
 from distil.losses.attention import attention_kl, minilm_relations
 from distil.losses.features import attention_transfer, fitnets_hint, hidden_cosine, hidden_mse
 from distil.losses.relations import rkd_angle, rkd_distance
+from distil.train.objective import Objective
 
 
 def layer_count(model: nn.Module, template: str) -> int:
@@ -254,7 +255,7 @@ class FeatureDistiller:
         return (rkd_distance if loss == "rkd_distance" else rkd_angle)(x, y)
 
 
-class FeatureObjective:
+class FeatureObjective(Objective):
     """Any objective plus feature terms: loss = base loss + sum_i weight_i * term_i.
 
     `mask(batch)` gives the [batch, seq] mask of real tokens for sequence models (None for images)."""
@@ -266,8 +267,12 @@ class FeatureObjective:
         self.modules = dict(base.modules)
         if len(distiller.projectors):
             self.modules["projectors"] = distiller.projectors
-        if hasattr(base, "prepare"):
-            self.prepare = base.prepare
+
+    def prepare(self, batch: Any) -> Any:
+        return self.base.prepare(batch)
+
+    def teachers(self) -> dict[str, nn.Module]:
+        return self.base.teachers()
 
     def weight(self, batch: Any) -> int:
         return self.base.weight(batch)

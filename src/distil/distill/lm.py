@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil.config.schema import LossSpec, OnPolicySpec
-from distil.distill.objectives import divergence_params, soft_term
+from distil.distill.objectives import LogitLoss, divergence_params, soft_term
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.losses import fused_linear_cross_entropy, fused_linear_divergence
+from distil.train.objective import Objective, teacher_models
 
 IGNORE = -100
+
+
+@dataclass(frozen=True)
+class OnPolicy:
+    """GKD's on-policy steps: with probability lmbda a batch becomes the student's own continuations of its first
+    prompt_tokens tokens (max_new_tokens sampled at temperature, top_k), scored by the soft term only."""
+
+    lmbda: float = 0.5
+    prompt_tokens: int = 32
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int | None = None
 
 
 def check_fusable(model: nn.Module, who: str) -> None:
@@ -41,7 +54,7 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return targets, targets != IGNORE
 
 
-class CausalLMObjective:
+class CausalLMObjective(Objective):
     """alpha * [T^2] * divergence + (1 - alpha) * next-token CE over label positions; CE alone without a teacher.
 
     On-policy batches (see `prepare`) train on the student's own samples with the soft term only, as in GKD."""
@@ -52,11 +65,11 @@ class CausalLMObjective:
         self,
         student: nn.Module,
         teacher: Teacher | None,
-        spec: LossSpec,
+        spec: LogitLoss,
         *,
         vocab_size: int,
         device: torch.device,
-        onpolicy: OnPolicySpec | None = None,
+        onpolicy: OnPolicy | None = None,
         pad_token_id: int | None = None,
     ):
         self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
@@ -66,6 +79,9 @@ class CausalLMObjective:
             check_fusable(student, "student")
             if teacher is not None:
                 check_fusable(teacher.model, "teacher")
+
+    def teachers(self) -> dict[str, nn.Module]:
+        return teacher_models(teacher=self.teacher)
 
     def weight(self, batch: dict[str, Any]) -> int:
         return int(next_token_targets(batch["labels"])[1].sum())

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from distil.config.schema import LossSpec
-from distil.distill.objectives import ClassifierObjective, soft_term
+from distil.distill.objectives import ClassifierObjective, LogitLoss, soft_term
 from distil.distill.pair import Teacher
 from distil.losses.multi_teacher import _weights, combine_teacher_logits
+from distil.train.objective import teacher_models
 
 
 class TeacherMixture(nn.Module):
@@ -38,16 +38,19 @@ class MultiTeacherObjective(ClassifierObjective):
     """alpha * sum_i w_i * soft_term(student, teacher_i) + (1 - alpha) * CE, weights normalised to sum 1."""
 
     def __init__(self, student: nn.Module, teachers: Sequence[Teacher], weights: Sequence[float] | None,
-                 spec: LossSpec, device: torch.device) -> None:
+                 spec: LogitLoss, device: torch.device) -> None:
         super().__init__(student, None, spec, device)
-        self.teachers = list(teachers)
-        self.weights = _weights(weights, len(self.teachers))
+        self.members = list(teachers)
+        self.weights = _weights(weights, len(self.members))
+
+    def teachers(self) -> dict[str, nn.Module]:
+        return teacher_models(**{f"teacher{i}": t for i, t in enumerate(self.members)})
 
     def loss(self, batch: Any) -> dict[str, torch.Tensor]:
         x, y, logits, ce = self._student_pass(batch)
         terms: dict[str, torch.Tensor] = {"ce": ce}
         kd = torch.zeros((), device=logits.device)
-        for i, (teacher, w) in enumerate(zip(self.teachers, self.weights)):
+        for i, (teacher, w) in enumerate(zip(self.members, self.weights)):
             value = soft_term(logits, teacher(x), y, self.spec)
             terms[f"kd_teacher{i}"] = value
             kd = kd + w * value

@@ -2,23 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil.config.schema import LossSpec
 from distil.distill.pair import Teacher
 from distil.losses import dkd
 from distil.losses.registry import divergence_spec
+from distil.train.objective import Objective, teacher_models
+
+
+@dataclass(frozen=True)
+class LogitLoss:
+    """How a student learns from a teacher's outputs:
+    total = alpha * [T^2] * divergence(student, teacher; T) + (1 - alpha) * hard-label cross-entropy.
+
+    `divergence` names an entry of distil.losses.registry (or "dkd", which carries T^2 itself); `beta` is the JSD's
+    parameter and `skew` the skew KLs' alpha. `fused` / `chunk_size`: the chunked LM-head path of language models;
+    `embedding`: the sentence-embedding term of encoders (cosine or mse)."""
+
+    divergence: str = "forward_kl"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    scale_by_t2: bool = True
+    beta: float = 0.5
+    skew: float = 0.1
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    fused: bool = True
+    chunk_size: int | None = None
+    embedding: str = "cosine"
 
 
 def soft_term(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
-    spec: LossSpec,
+    spec: LogitLoss,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The teacher's soft term of a recipe: divergence at temperature T, times T^2 when `scale_by_t2` (DKD: its own)."""
@@ -36,20 +59,23 @@ def soft_term(
 RECIPE_FIELDS = {"alpha": "skew"}
 
 
-def divergence_params(spec: LossSpec) -> dict[str, float]:
+def divergence_params(spec: LogitLoss) -> dict[str, float]:
     """The recipe's values of its divergence's parameters (beta for JSD, the skew for skew KLs)."""
     names = divergence_spec(spec.divergence).params
     return {name: getattr(spec, RECIPE_FIELDS.get(name, name)) for name in names}
 
 
-class ClassifierObjective:
+class ClassifierObjective(Objective):
     """alpha * soft term + (1 - alpha) * cross-entropy on a classifier; without a teacher, cross-entropy alone."""
 
     unit = "samples"
 
-    def __init__(self, student: nn.Module, teacher: Teacher | None, spec: LossSpec, device: torch.device):
+    def __init__(self, student: nn.Module, teacher: Teacher | None, spec: LogitLoss, device: torch.device):
         self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
         self.modules = {"student": student}
+
+    def teachers(self) -> dict[str, nn.Module]:
+        return teacher_models(teacher=self.teacher)
 
     def weight(self, batch: Any) -> int:
         return int(batch[1].shape[0])

@@ -20,6 +20,7 @@ from distil.config.schema import BornAgainSpec, DeepSupervisionSpec, EMASpec, Lo
 from distil.distill.objectives import soft_term
 from distil.losses import forward_kl
 from distil.models.exits import Exits, exit_outputs
+from distil.train.objective import Objective
 
 
 def born_again_loss(loss: LossSpec, spec: BornAgainSpec) -> LossSpec:
@@ -68,7 +69,7 @@ class EMATeacher(nn.Module):
             return self.model(*args, **kwargs)
 
 
-class EMAObjective:
+class EMAObjective(Objective):
     """alpha * [T^2] * divergence(student, EMA teacher) + (1 - alpha) * CE.
 
     The loop has no post-step hook, so the average is updated at the first micro-batch of each step, from the weights
@@ -104,7 +105,7 @@ class EMAObjective:
         return {"loss": alpha * soft + (1 - alpha) * ce, "ce": ce, "kd": soft}
 
 
-class DeepSupervisionObjective:
+class DeepSupervisionObjective(Objective):
     """BYOT: CE on the deepest classifier; every shallower exit i adds
     (1 - alpha) * CE(q_i, y) + alpha * T^2 * KL(q_deepest^T || q_i^T) + feature_weight * ||F_i - F_deepest||^2.
 

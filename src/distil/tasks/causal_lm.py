@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from distil.config.adapt import logit_loss, onpolicy, train_config
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe, TextData
 from distil.data.stream import BatchStream
 from distil.data.sources import data_problems, load_data
@@ -237,11 +238,11 @@ class CausalLMRun:
         kd = arm in ("distilled", "logit_kd")
         objective: Any
         if kd and self.cache is not None:
-            objective = CachedLMObjective(student, self.cache, recipe.loss, device=device)
+            objective = CachedLMObjective(student, self.cache, logit_loss(recipe.loss), device=device)
         else:
             objective = CausalLMObjective(
-                student, live if kd else None, recipe.loss, vocab_size=self.vocab, device=device,
-                onpolicy=recipe.onpolicy if distilled else None, pad_token_id=self.tokenizer.pad_token_id,
+                student, live if kd else None, logit_loss(recipe.loss), vocab_size=self.vocab, device=device,
+                onpolicy=onpolicy(recipe.onpolicy) if distilled else None, pad_token_id=self.tokenizer.pad_token_id,
             )
         if distilled and recipe.loss.features and live is not None:
             distiller = feature_distiller(recipe, student, live.model, batches(torch.arange(2)), device,
@@ -250,7 +251,7 @@ class CausalLMRun:
             objective = FeatureObjective(objective, distiller, mask=lambda b: b["attention_mask"])
         stream = BatchStream(size, recipe.train.batch_size, batches, seed=recipe.seed)
         quick_eval = self.corpus.eval[: max(1, min(len(self.corpus.eval), 8))]
-        stage = Stage(arm, objective, stream, recipe.train, self.ctx.run_dir / "checkpoints" / arm, self.ctx.metrics,
+        stage = Stage(arm, objective, stream, train_config(recipe.train), self.ctx.run_dir / "checkpoints" / arm, self.ctx.metrics,
                       device, recipe=recipe.model_dump(mode="json"),
                       evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval,
                                                                                  vocab_size=self.vocab)[0]})

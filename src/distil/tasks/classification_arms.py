@@ -23,6 +23,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from distil.config.adapt import logit_loss, train_config
 from distil.config.schema import TEACHER_ARMS, LossSpec, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.data.sources import LoadedData
@@ -84,8 +85,8 @@ def train_classifier(name: str, model: nn.Module, teacher: Teacher | None, loss:
     indices = subset_indices(data.size, spec.subset, recipe.seed)
     stream = BatchStream(len(indices), spec.batch_size, lambda i: data.collate(indices[i]), seed=recipe.seed)
     test_x, test_y = data.eval
-    objective = objective or ClassifierObjective(model, teacher, loss, ctx.device)
-    stage = Stage(name, objective, stream, spec, ctx.run_dir / "checkpoints" / name, ctx.metrics, ctx.device,
+    objective = objective or ClassifierObjective(model, teacher, logit_loss(loss), ctx.device)
+    stage = Stage(name, objective, stream, train_config(spec), ctx.run_dir / "checkpoints" / name, ctx.metrics, ctx.device,
                   evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, ctx.device)},
                   recipe=recipe.model_dump(mode="json"))
     train(stage, show_progress=ctx.show_progress)
@@ -123,7 +124,7 @@ def preflight_variants(recipe: Recipe, data: ClassificationData, student: nn.Mod
 
 def _distilled_objective(recipe: Recipe, model: nn.Module, teachers: list[nn.Module], example: torch.Tensor,
                          device: torch.device, console: Console) -> Any:
-    loss, multi = recipe.loss, recipe.multi_teacher
+    loss, multi = logit_loss(recipe.loss), recipe.multi_teacher
     if multi is None:
         objective: Any = ClassifierObjective(model, Teacher(teachers[0]), loss, device)
     elif multi.combine == "mixture":
@@ -133,7 +134,7 @@ def _distilled_objective(recipe: Recipe, model: nn.Module, teachers: list[nn.Mod
         objective = MultiTeacherObjective(model, [Teacher(t) for t in teachers], multi.weights, loss, device)
     if multi is not None:
         console.print(f"[bold]distilled[/bold]: {len(teachers)} teachers, combined as {multi.combine}")
-    if loss.features:
+    if recipe.loss.features:
         distiller = feature_distiller(recipe, model, teachers[0], example)
         console.print(distiller.describe(), markup=False, highlight=False)
         objective = FeatureObjective(objective, distiller)
@@ -152,9 +153,9 @@ def train_arm(arm: str, folder: Path, loaded: LoadedData, teachers: list[nn.Modu
     test_x, test_y = loaded.eval
     exits = None
     if arm == "student_alone":
-        objective: Any = ClassifierObjective(model, None, recipe.loss, device)
+        objective: Any = ClassifierObjective(model, None, logit_loss(recipe.loss), device)
     elif arm == "logit_kd":
-        objective = ClassifierObjective(model, Teacher(teachers[0]), recipe.loss, device)
+        objective = ClassifierObjective(model, Teacher(teachers[0]), logit_loss(recipe.loss), device)
     elif arm == "distilled":
         objective = _distilled_objective(recipe, model, teachers, example, device, console)
     elif arm == "ema":

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from distil.config.adapt import logit_loss
 from distil.config.schema import Recipe, TrainSpec
 from distil.distill.objectives import ClassifierObjective
 from distil.distill.pair import Teacher
@@ -49,7 +50,7 @@ def estimate_classification(recipe: Recipe) -> MemoryEstimate:
             x = torch.empty((spec.batch_size, *shape), device=meta)
             y = torch.empty((spec.batch_size,), dtype=torch.long, device=meta)
             activations, widest = trace_saved(lambda: model(x), exclude=params)
-            objective = ClassifierObjective(model, frozen if distil else None, recipe.loss, meta)
+            objective = ClassifierObjective(model, frozen if distil else None, logit_loss(recipe.loss), meta)
             try:
                 with_loss = saved_tensor_bytes(lambda: objective.loss((x, y)), exclude=params)
             except (RuntimeError, NotImplementedError):  # a loss with data-dependent shapes (dkd) cannot run on meta

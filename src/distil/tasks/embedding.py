@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distil.config.adapt import logit_loss, train_config
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe, SentenceData
 from distil.data.sources import data_problems, load_data
 from distil.data.sources.sentences import SentenceCorpus
@@ -168,7 +169,7 @@ class EmbeddingRun:
         max_length = _data(recipe).max_length
         collate = self.data.collate
         teacher = None if arm == "student_alone" else Teacher(self.teacher)
-        objective: Any = EmbeddingObjective(student, teacher, recipe.loss, device)
+        objective: Any = EmbeddingObjective(student, teacher, logit_loss(recipe.loss), device)
         if arm == "distilled" and recipe.loss.features:
             distiller = feature_distiller(recipe, student, self.teacher, collate(torch.arange(2)), device)
             self.ctx.console.print(distiller.describe(), markup=False, highlight=False)
@@ -181,7 +182,7 @@ class EmbeddingRun:
             return {"top1_200": retrieval_top1(words, embed_texts(student, tokenizer, quick[1], device,
                                                                   max_length=max_length))}
 
-        stage = Stage(arm, objective, stream, recipe.train, self.ctx.run_dir / "checkpoints" / arm, self.ctx.metrics,
+        stage = Stage(arm, objective, stream, train_config(recipe.train), self.ctx.run_dir / "checkpoints" / arm, self.ctx.metrics,
                       device, evaluate=evaluate, recipe=recipe.model_dump(mode="json"))
         train(stage, show_progress=self.ctx.show_progress)
         save_encoder_folder(folder, student, tokenizer, self.teacher_path,

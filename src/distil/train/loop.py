@@ -13,39 +13,21 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import nn
 
-from distil.config.schema import DistributedSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.errors import DistilError
 from distil.train import checkpoint as ckpt
 from distil.train import distributed as dist
+from distil.train.config import ParallelConfig, TrainConfig
 from distil.train.metrics import MetricsLog
+from distil.train.objective import Objective
 from distil.train.optim import build_optimizer, build_scheduler
 from distil.train.parallel import Parallel
 from distil.train.signals import StopRequested, stop_signals
-
-
-class Objective(Protocol):
-    """What the loop trains. `modules` are trained and checkpointed (the student, projectors...)."""
-
-    modules: dict[str, nn.Module]
-    unit: str  # what `weight` counts: "samples" or "tokens"
-
-    def loss(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Named terms of one micro-batch; 'loss' is the total to minimise (a mean over the batch's units)."""
-        ...
-
-    def weight(self, batch: Any) -> int:
-        """How many units (examples, tokens) the batch's mean runs over: micro-batches are weighted by it."""
-        ...
-
-    # Optional: `prepare(batch) -> batch`, called on each fresh micro-batch before it is weighed (e.g. to replace it
-    # by on-policy samples). Any randomness it uses must come from torch's global RNG, which checkpoints restore.
 
 
 @dataclass
@@ -55,7 +37,7 @@ class Stage:
     name: str
     objective: Objective
     stream: BatchStream
-    spec: TrainSpec
+    spec: TrainConfig
     checkpoint_dir: Path
     metrics: MetricsLog
     device: torch.device
@@ -63,7 +45,7 @@ class Stage:
     extra_state: Callable[[], dict[str, Any]] | None = None  # JSON-able state saved with each checkpoint
     recipe: dict[str, Any] | None = None  # the resolved recipe, recorded in each checkpoint
     elapsed_s: float = 0.0  # set by train(): seconds spent training, summed over the runs that resumed it
-    distributed: DistributedSpec | None = None  # None: the recipe's `distributed` section, else the defaults
+    distributed: ParallelConfig | None = None  # None: the recipe's `distributed` section, else the defaults
 
 
 def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
@@ -124,10 +106,8 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
         while step < spec.steps:
             # Fetch all micro-batches first so each can be weighted by its share of the step's units (tokens or
             # examples): 4 x 2 accumulation then equals one batch of 8 exactly, whatever the padding.
-            prepare = getattr(objective, "prepare", None)  # e.g. on-policy sampling, before the batch is weighed
-            micro_batches = [stream.next() for _ in range(spec.grad_accum)]
-            if prepare is not None:
-                micro_batches = [prepare(b) for b in micro_batches]
+            # prepare: e.g. on-policy sampling, before the batch is weighed
+            micro_batches = [objective.prepare(stream.next()) for _ in range(spec.grad_accum)]
             weights = [objective.weight(b) for b in micro_batches]
             total_units = par.global_units(sum(weights))  # over all ranks: N ranks x batch b == 1 x batch N*b
             if total_units == 0:
@@ -218,9 +198,9 @@ def _read_terms(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(sums, values))
 
 
-def _distributed_spec(recipe: dict[str, Any] | None) -> DistributedSpec | None:
+def _distributed_spec(recipe: dict[str, Any] | None) -> ParallelConfig | None:
     section = (recipe or {}).get("distributed")
-    return DistributedSpec(**section) if section else None
+    return ParallelConfig(**section) if section else None
 
 
 def _say(message: str) -> None:

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from distil.config.schema import DistributedSpec
 from distil.data.stream import BatchStream
 from distil.errors import DistilError
 from distil.train import checkpoint as ckpt
 from distil.train import distributed as dist
+from distil.train.config import ParallelConfig
 
 PREFIX = "trained."
 
@@ -46,25 +46,13 @@ class _Step(nn.Module):
         return self.objective.loss(batch)
 
 
-def _teachers(objective: Any) -> dict[str, nn.Module]:
-    """The frozen models the objective reads: `objective.teachers` (a dict or a list) when it has them, else
-    `objective.teacher`."""
-    found = getattr(objective, "teachers", None)
-    if found is None:
-        teacher = getattr(objective, "teacher", None)
-        found = {"teacher": teacher} if isinstance(teacher, nn.Module) else {}
-    elif not isinstance(found, dict):  # a list of teachers (multi-teacher objectives)
-        found = {f"teacher{i}": t for i, t in enumerate(found)}
-    return {name: getattr(t, "model", t) for name, t in found.items()}  # a distil Teacher wraps the model
-
-
 class Parallel:
-    def __init__(self, objective: Any, spec: DistributedSpec | None, device: torch.device):
-        spec = spec or DistributedSpec()
+    def __init__(self, objective: Any, spec: ParallelConfig | None, device: torch.device):
+        spec = spec or ParallelConfig()
         self.objective, self.spec, self.device = objective, spec, device
         self.world = dist.world_size()
         self.strategy = spec.strategy if dist.active() else None
-        teachers = _teachers(objective)
+        teachers = objective.teachers()
         self.placement = {name: dist.wrap_teacher(m, spec.teacher, spec.mixed_precision, device)
                           for name, m in teachers.items()}
         self.teacher_roots = dist.sharded_roots(list(teachers.values()))

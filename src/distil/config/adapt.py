@@ -1,0 +1,32 @@
+"""Recipe sections -> the library's plain components: the pydantic schema stops here."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from distil.config.schema import DistributedSpec, LossSpec, OnPolicySpec, TrainSpec
+from distil.distill.lm import OnPolicy
+from distil.distill.objectives import LogitLoss
+from distil.train.config import ParallelConfig, TrainConfig
+
+
+def _copy(spec: Any, cls: type) -> Any:
+    return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
+
+
+def train_config(spec: TrainSpec) -> TrainConfig:
+    return _copy(spec, TrainConfig)
+
+
+def parallel_config(spec: DistributedSpec) -> ParallelConfig:
+    return _copy(spec, ParallelConfig)
+
+
+def logit_loss(spec: LossSpec) -> LogitLoss:
+    """The loss section as the objectives read it (its feature terms go to distil.distill.feature_objective)."""
+    return _copy(spec, LogitLoss)
+
+
+def onpolicy(spec: OnPolicySpec | None) -> OnPolicy | None:
+    return None if spec is None else _copy(spec, OnPolicy)

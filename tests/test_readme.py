@@ -1,0 +1,58 @@
+"""The README's Python examples run as written: every ```python block of its "Python API" section that calls
+distil.distill(), with tiny models in `teacher_dir` (a Llama) and `encoder_dir` (a BERT)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def distill_examples() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## Python API"):]
+    section = section[: section.index("\n## ", 1)]
+    return [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "distil.distill(" in block]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from distil.models.hf import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_there_is_one_example_per_task():
+    examples = distill_examples()
+    assert len(examples) == 3
+    assert [("AutoModelForCausalLM" in e, "AutoModel," in e) for e in examples] == [(False, False), (True, False),
+                                                                                    (False, True)]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["classifier", "causal_lm", "encoder"])
+def test_readme_example_runs(index, tiny_lm, encoder_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = distill_examples()[index]
+    exec(compile(code, f"README.md example {index}", "exec"), {"teacher_dir": tiny_lm, "encoder_dir": encoder_dir})
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "summary.json").is_file() and (run / "report.html").is_file()
+    assert (run / "student" / "config.json").is_file()
+    printed = capsys.readouterr().out.split()
+    assert printed and all(value == value for value in map(float, printed[:1]))  # a number, not NaN
+
+    # The same call again resumes: the trained student is read back, nothing is trained twice.
+    lines = (run / "metrics.jsonl").read_text()
+    exec(compile(code, f"README.md example {index}", "exec"), {"teacher_dir": tiny_lm, "encoder_dir": encoder_dir})
+    assert (run / "metrics.jsonl").read_text() == lines
