@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from distil.config.schema import Recipe
 from distil.errors import ConfigError
+from distil.precision import resolve_precision
 
 DEFAULT_RECIPE = "smollm2-distil"
 
@@ -87,9 +88,10 @@ def load_recipe(recipe: str | None, overrides: list[str] | None = None) -> Recip
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_describe(err, data) for err in exc.errors()]) from None
+    return resolve_precision(recipe)  # `auto` becomes what this machine runs natively, recorded in the run
 
 
 def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from rich.console import Console
 from distil.config.load import recipe_to_yaml, validate_recipe
 from distil.config.schema import Recipe
 from distil.errors import ConfigError, DistilError
+from distil.precision import describe_precision
 from distil.pipelines import classification, embedding, lm
 from distil.train import distributed
 from distil.train.signals import StopRequested, stop_signals
@@ -47,7 +48,7 @@ def run_recipe(recipe: Recipe, *, show_progress: bool = True, console: Console |
         raise ConfigError(found)
     run_dir = distributed.on_main(_start, recipe)
     if distributed.is_main():
-        (console or Console()).print(f"run directory: {run_dir}")
+        (console or Console()).print(f"run directory: {run_dir}\n{describe_precision(recipe)}", highlight=False)
     return _run(recipe.model_copy(update={"output_dir": str(run_dir)}), run_dir, show_progress, console)
 
 

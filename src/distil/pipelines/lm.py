@@ -26,6 +26,7 @@ from distil.errors import DistilError
 from distil.evaluate import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
 from distil.models import hf
 from distil.paths import replace_folder
+from distil.precision import teacher_dtype
 from distil.pipelines.classification import pick_device
 from distil.report import folder_size, measure_peak_memory, parameter_count, print_summary, write_summary
 from distil.train import distributed
@@ -270,7 +271,7 @@ def _load_teacher(recipe: Recipe, device: torch.device) -> Any:
 
 
 def _as_teacher(model: Any, recipe: Recipe, device: torch.device) -> Any:
-    dtype = recipe.teacher.model.dtype  # type: ignore[union-attr]
+    dtype = teacher_dtype(recipe.teacher.model.dtype, recipe.train.precision, device.type)  # type: ignore[union-attr]
     return (model.to(getattr(torch, dtype)) if dtype else model).to(device).eval()
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from distil.config.schema import DistributedSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.errors import DistilError
+from distil.precision import train_precision
 from distil.train import checkpoint as ckpt
 from distil.train import distributed as dist
 from distil.train.metrics import MetricsLog
@@ -112,7 +113,8 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
             state["recipe"] = stage.recipe
         return par.save(stage.checkpoint_dir, step, optimizer, state, spec.keep_checkpoints)
 
-    autocast = torch.autocast(stage.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+    bf16 = train_precision(spec.precision, stage.device.type) == "bf16"
+    autocast = torch.autocast(stage.device.type, dtype=torch.bfloat16, enabled=bf16)
     for module in objective.modules.values():
         module.train()
     window_units, window_start, skipped_in_a_row = 0, time.perf_counter(), 0
