@@ -129,7 +129,11 @@ class CausalLMObjective:
         logits = self.student(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
         terms: dict[str, torch.Tensor] = {}
         if not onpolicy:
-            terms["ce"] = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+            # A mean over the counted positions that is 0 (zero gradient) when there are none, as on the fused path:
+            # F.cross_entropy's mean is NaN then, and a NaN micro-batch poisons the whole accumulated step.
+            summed = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                     reduction="sum")
+            terms["ce"] = summed / keep.sum().clamp_min(1)
         if self.teacher is not None:
             t_logits = self.teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
             V = self.vocab_size

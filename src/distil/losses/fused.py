@@ -324,6 +324,10 @@ def fused_linear_divergence(
             f"{', '.join(sorted(allowed - {'temperature'})) or 'only temperature'}"
         )
     _check_temperature(temperature)
+    # The plain function's defaults (beta=0.5, alpha=0.1) apply here too: the kernels take every parameter.
+    defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()
+                if name in allowed - {"temperature"} and p.default is not inspect.Parameter.empty}
+    divergence_params = {**defaults, **divergence_params}
     for name in ("alpha", "beta"):
         if name in divergence_params:
             _check_unit(name, divergence_params[name])
@@ -378,7 +382,8 @@ def fused_linear_cross_entropy(
 
     ``labels`` has the leading shape of ``hidden`` and is already aligned with it (for next-token prediction the
     caller shifts: hidden ``[:, :-1]`` with labels ``[:, 1:]``). Positions labelled ``ignore_index`` do not count;
-    "mean" is over the others (0 with a zero gradient when there are none), like ``F.cross_entropy``. Computed in
+    "mean" is over the others, like ``F.cross_entropy``, except with none at all: 0 with a zero gradient, where
+    ``F.cross_entropy`` gives NaN (a NaN would poison a whole accumulated step). Computed in
     fp32 (fp64 stays fp64); the gradient ``softmax - onehot`` is formed per chunk.
     """
     _check_head("student", hidden, weight)
