@@ -14,6 +14,7 @@ from distil.distill.objectives import divergence_params, soft_term
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.losses import fused_linear_cross_entropy, fused_linear_divergence
+from distil.losses.fused_kd import fused_linear_kd_and_ce
 from distil.train import distributed
 
 IGNORE = -100
@@ -127,6 +128,8 @@ class CausalLMObjective:
             terms = self._fused(ids, attention, targets, keep, onpolicy)
         else:
             terms = self._plain(ids, attention, targets, keep, onpolicy)
+        if "loss" in terms:  # already combined (the fused KD + CE pass)
+            return terms
         if "kd" not in terms:
             terms["loss"] = terms["ce"]
         elif onpolicy:
@@ -138,6 +141,18 @@ class CausalLMObjective:
     def _fused(self, ids, attention, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
         weight = self.student.get_output_embeddings().weight
         hidden = final_hidden(self.student, ids, attention)[:, :-1].to(weight.dtype)
+        if self.teacher is not None and not onpolicy:  # both terms from one pass over the heads
+            t_weight = self.teacher.model.get_output_embeddings().weight
+            with torch.no_grad():
+                t_hidden = final_hidden(self.teacher.model, ids, attention)[:, :-1].to(t_weight.dtype)
+            T, alpha = self.spec.temperature, self.spec.alpha
+            t2 = T * T if self.spec.scale_by_t2 else 1.0
+            loss, kd, ce = fused_linear_kd_and_ce(
+                hidden, weight, t_hidden, t_weight, targets, kd_weight=alpha * t2, ce_weight=1 - alpha,
+                divergence=self.spec.divergence, temperature=T, chunk_size=self.spec.chunk_size,
+                vocab_size=self.vocab_size, **divergence_params(self.spec),
+            )
+            return {"ce": ce, "kd": kd * t2, "loss": loss}
         terms: dict[str, torch.Tensor] = {}
         if not onpolicy:
             terms["ce"] = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=self.spec.chunk_size)

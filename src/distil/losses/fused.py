@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -280,39 +281,22 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def fused_linear_divergence(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    *,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    reduction: str = "mean",
-    vocab_size: int | None = None,
-    **divergence_params: float,
-) -> torch.Tensor:
-    """A :data:`distil.losses.DIVERGENCES` divergence between ``softmax(student_hidden @ student_weight.T / T)`` and
-    the teacher's, computed chunk by chunk so that neither model's full logits ever exist.
+@dataclass
+class _HeadPair:
+    """A checked student/teacher pair of hidden states and LM heads, with the kept rows and shared vocabulary."""
 
-    Args:
-        student_hidden, teacher_hidden: final hidden states ``[..., H_s]`` and ``[..., H_t]`` with the same leading
-            dimensions (the caller aligns positions, e.g. drops the last one for next-token prediction).
-        student_weight, teacher_weight: LM-head weights ``[V, H_s]`` and ``[V, H_t]``. The teacher side gets no
-            gradient (it is a constant).
-        divergence: a name in ``DIVERGENCES`` (forward_kl, reverse_kl, generalized_jsd / jsd, skew_kl,
-            skew_reverse_kl, tvd); ``divergence_params`` its parameters (``beta``, ``alpha``).
-        mask: bool, the leading shape; only kept positions count (dropped before any matmul).
-        chunk_size: tokens per chunk; None picks ``DEFAULT_CHUNK_ELEMENTS // vocab`` (128 MiB of fp32 logits).
-        reduction: "mean" over kept positions (0 with a zero gradient when none is kept) or "sum".
-        vocab_size: compare over the first ``vocab_size`` rows of both heads only, for vocabularies that differ by
-            padding rows (e.g. 151,936 vs 152,064); required when the two heads differ in size.
+    hs: torch.Tensor  # kept student rows [N, H_s]
+    ws: torch.Tensor  # student head over the shared vocabulary (keeps the autograd link)
+    ht: torch.Tensor  # kept teacher rows [N, H_t], detached
+    wt: torch.Tensor
+    vocab_size: int
+    kernel: Callable
+    params: dict[str, float]
 
-    Equal to the plain path ``DIVERGENCES[divergence](h_s @ W_s.T, h_t @ W_t.T, ...)`` up to float rounding; no T**2
-    factor. Gradients reach ``student_hidden`` and ``student_weight`` only.
-    """
+
+def _head_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, mask,
+               vocab_size, divergence_params) -> _HeadPair:
+    """Check a student/teacher pair of hidden states and heads; keep the masked rows and the shared vocabulary."""
     fn = DIVERGENCES.get(divergence)
     if fn is None:
         raise DistilError(f"unknown divergence {divergence!r}; choose one of {', '.join(sorted(DIVERGENCES))}")
@@ -358,15 +342,51 @@ def fused_linear_divergence(
     # Slicing keeps the autograd link (padding rows beyond vocab_size get a zero gradient); no slice when not needed,
     # since its backward would allocate another weight-sized tensor.
     ws = student_weight if vocab_size == student_weight.shape[0] else student_weight[:vocab_size]
+    return _HeadPair(hs, ws, ht, wt, vocab_size, _KERNELS[fn], divergence_params)
 
-    kernel = _KERNELS[fn]
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+    **divergence_params: float,
+) -> torch.Tensor:
+    """A :data:`distil.losses.DIVERGENCES` divergence between ``softmax(student_hidden @ student_weight.T / T)`` and
+    the teacher's, computed chunk by chunk so that neither model's full logits ever exist.
+
+    Args:
+        student_hidden, teacher_hidden: final hidden states ``[..., H_s]`` and ``[..., H_t]`` with the same leading
+            dimensions (the caller aligns positions, e.g. drops the last one for next-token prediction).
+        student_weight, teacher_weight: LM-head weights ``[V, H_s]`` and ``[V, H_t]``. The teacher side gets no
+            gradient (it is a constant).
+        divergence: a name in ``DIVERGENCES`` (forward_kl, reverse_kl, generalized_jsd / jsd, skew_kl,
+            skew_reverse_kl, tvd); ``divergence_params`` its parameters (``beta``, ``alpha``).
+        mask: bool, the leading shape; only kept positions count (dropped before any matmul).
+        chunk_size: tokens per chunk; None picks ``DEFAULT_CHUNK_ELEMENTS // vocab`` (128 MiB of fp32 logits).
+        reduction: "mean" over kept positions (0 with a zero gradient when none is kept) or "sum".
+        vocab_size: compare over the first ``vocab_size`` rows of both heads only, for vocabularies that differ by
+            padding rows (e.g. 151,936 vs 152,064); required when the two heads differ in size.
+
+    Equal to the plain path ``DIVERGENCES[divergence](h_s @ W_s.T, h_t @ W_t.T, ...)`` up to float rounding; no T**2
+    factor. Gradients reach ``student_hidden`` and ``student_weight`` only.
+    """
+    pair = _head_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, mask,
+                      vocab_size, divergence_params)
 
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Grad mode is off here (no_grad or inside _Fused.forward): these matmuls build no graph.
-        logits = [F.linear(h, ws), F.linear(ht[start:end], wt)]
-        return _divergence_value_and_grad(kernel, divergence_params, logits, temperature, want_grad)
+        logits = [F.linear(h, pair.ws), F.linear(pair.ht[start:end], pair.wt)]
+        return _divergence_value_and_grad(pair.kernel, pair.params, logits, temperature, want_grad)
 
-    return _apply(hs, ws, _chunk_tokens(chunk_size, vocab_size), step, reduction)
+    return _apply(pair.hs, pair.ws, _chunk_tokens(chunk_size, pair.vocab_size), step, reduction)
 
 
 def fused_linear_cross_entropy(
