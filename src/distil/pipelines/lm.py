@@ -27,6 +27,7 @@ from distil.evaluate import agreement, generation_speed, greedy_continuations, p
 from distil.models import hf
 from distil.paths import replace_folder
 from distil.precision import teacher_dtype
+from distil.remembered import Measurement, model_files_key, remembered, tensor_key
 from distil.pipelines.classification import pick_device
 from distil.report import folder_size, measure_peak_memory, parameter_count, print_summary, write_summary
 from distil.train import distributed
@@ -225,18 +226,31 @@ def lm_feature_distiller(recipe: Recipe, student: Any, teacher: Any, batch: dict
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
+SPEED_KEYS = ("tokens_per_s_b1", "tokens_per_s_b8", "latency_ms", "peak_memory_bytes", "peak_memory_batch")
+
+
+def architecture(model: Any) -> tuple:
+    """Models with equal architectures (classes, parameter names, shapes, dtypes) run at the same speed."""
+    return type(model).__name__, tuple((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
+
+
 def _measure(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int, teacher_predictions: torch.Tensor | None,
-             tokenizer: Any, repeats: int = 2) -> tuple[dict[str, Any], torch.Tensor]:
+             tokenizer: Any, repeats: int = 2, speed: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+    """Held-out scores, size, generation speed and peak memory; `speed`: those last two already measured on a model
+    of the same architecture (the students of a run differ only in their weights)."""
     model.eval()
     ppl, predictions = perplexity_and_predictions(model, eval_blocks, vocab_size=vocab)
-    speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                               repeats=repeats)
-    speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                               repeats=repeats)
-    device = next(model.parameters()).device
-    batch = eval_blocks[:8].to(device)
-    with torch.inference_mode():
-        peak = measure_peak_memory(model, lambda: model(input_ids=batch, use_cache=False), device)
+    if speed is None:
+        speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                                   repeats=repeats)
+        speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                                   repeats=repeats)
+        device = next(model.parameters()).device
+        batch = eval_blocks[:8].to(device)
+        with torch.inference_mode():
+            peak = measure_peak_memory(model, lambda: model(input_ids=batch, use_cache=False), device)
+        speed = {"tokens_per_s_b1": speed_1, "tokens_per_s_b8": speed_8, "latency_ms": 1000.0 / speed_1,
+                 "peak_memory_bytes": peak, "peak_memory_batch": len(batch)}
     info_file = folder / "train.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -245,11 +259,7 @@ def _measure(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int, te
         "agreement": 1.0 if teacher_predictions is None else agreement(predictions, teacher_predictions),
         "params": parameter_count(model),
         "size_bytes": weights or folder_size(folder),
-        "tokens_per_s_b1": speed_1,
-        "tokens_per_s_b8": speed_8,
-        "latency_ms": 1000.0 / speed_1,
-        "peak_memory_bytes": peak,
-        "peak_memory_batch": len(batch),
+        **{key: speed[key] for key in SPEED_KEYS},
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "train_time_s": info.get("train_time_s"),
         "path": str(folder),
@@ -357,21 +367,30 @@ def run(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, console: C
     console.print("evaluating teacher and students on held-out text ...")
     repeats = min(2, recipe.latency_runs)  # timed generations per speed (each is 32 new tokens)
     arms: dict[str, Any] = {}
-    models: dict[str, Any] = {}
+    prompts = _prompts_for_samples(corpus, recipe.generations_shown)
+    samples: dict[str, list[str]] = {}
     if teacher_model is not None:
-        arms["teacher"], teacher_predictions = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer,
-                                                        repeats)
-        models["teacher"] = teacher_model
+        def measure_teacher() -> Measurement:
+            row, predictions = _measure(teacher_model, teacher_path, corpus.eval, vocab, None, tokenizer, repeats)
+            return row, predictions, greedy_continuations(teacher_model, tokenizer, prompts)
+
+        # The same teacher on the same held-out text measures the same every run: measured once, then reused.
+        what = {"model": model_files_key(teacher_path), "dtype": str(next(teacher_model.parameters()).dtype),
+                "eval": tensor_key(corpus.eval), "prompts": prompts, "vocab": vocab, "repeats": repeats,
+                "device": str(device)}
+        arms["teacher"], teacher_predictions, samples["teacher"] = remembered(what, measure_teacher)
     else:
         arms["teacher"] = {**cached.read_teacher_eval(Path(cache_spec.path)), "from_cache": True}  # type: ignore[union-attr]
         teacher_predictions = cached.eval_predictions(cache, len(corpus.eval), recipe.data.seq_len)
+    speeds: dict[tuple, dict[str, Any]] = {}
     for arm, folder in [("student_init", init)] + [(a, run_dir / ARM_FOLDERS[a]) for a in recipe.arms]:
         model = load_student_folder(folder, device)
-        arms[arm], _ = _measure(model, folder, corpus.eval, vocab, teacher_predictions, tokenizer, repeats)
+        shape = architecture(model)
+        arms[arm], _ = _measure(model, folder, corpus.eval, vocab, teacher_predictions, tokenizer, repeats,
+                                speed=speeds.get(shape))
+        speeds.setdefault(shape, arms[arm])
         if arm != "student_init":
-            models[arm] = model
-    prompts = _prompts_for_samples(corpus, recipe.generations_shown)
-    samples = {name: greedy_continuations(m, tokenizer, prompts) for name, m in models.items()}
+            samples[arm] = greedy_continuations(model, tokenizer, prompts)
     generations = [{"prompt": p, **{name: texts[i] for name, texts in samples.items()}} for i, p in enumerate(prompts)]
     metrics.close()
     summary = write_summary(run_dir, {
