@@ -11,6 +11,7 @@ from rich.console import Console
 
 from distil.config.load import recipe_to_yaml, validate_recipe
 from distil.config.schema import Recipe
+from distil.diskspace import DiskFullError
 from distil.errors import ConfigError, DistilError
 from distil.pipelines import classification, embedding, lm
 from distil.train import distributed
@@ -81,7 +82,7 @@ def _run(recipe: Recipe, run_dir: Path, show_progress: bool, console: Console | 
     with stop_signals():
         try:
             summary = PIPELINES[recipe.task].run(recipe, run_dir, show_progress=show_progress, console=console)
-        except (StopRequested, KeyboardInterrupt) as exc:  # the CLI's message says which folder to resume
+        except (StopRequested, KeyboardInterrupt, DiskFullError) as exc:  # the CLI's message says which to resume
             exc.run_dir = run_dir  # type: ignore[union-attr]
             if isinstance(exc, StopRequested):  # every rank stopped after the same step
                 distributed.shutdown()
