@@ -20,6 +20,7 @@ from safetensors.numpy import save as st_save
 
 from distil.cache import format as fmt
 from distil.diskspace import BLOCK, DiskFullError, check_space, disk_full_guard
+from distil.paths import library_versions
 
 # Told when the disk fills during a build: the finished shards stay, so running it again continues.
 RETRY = "run the same build again (finished shards are kept)"
@@ -169,6 +170,7 @@ def write_shard(root: Path, index: int, buffer: ShardBuffer, fingerprint: str) -
         max_length=int(lengths.max()) if len(lengths) else 0,
         fingerprint=fingerprint,
         sample_ids=fmt.ids_to_ranges(arrays["sample_ids"]),
+        versions=library_versions(),
     )
     try:
         atomic_write(root / fmt.shard_record_file(index), fmt.dump_model(record))

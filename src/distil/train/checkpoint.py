@@ -300,10 +300,16 @@ def _versions() -> dict[str, str]:
 
 def resume_warnings(checkpoint: Checkpoint, recipe: dict[str, Any] | None) -> list[str]:
     """What differs between the run that wrote `checkpoint` and this one: exact resume needs neither to differ."""
+    from distil.paths import release_mismatch
+
     found = []
     saved = checkpoint.state.get("versions", {})
     changed = [f"{k} {saved[k]} -> {v}" for k, v in _versions().items() if k in saved and saved[k] != v]
-    if changed:
+    release = release_mismatch(saved)
+    if release:  # another release line: the state loads (safetensors + JSON), but the arithmetic may differ
+        found.append(f"{checkpoint.path} was written with {release}; resuming from it, but the run will not match "
+                     f"an uninterrupted one bit for bit (to redo the stage on this machine, delete {checkpoint.path.parent})")
+    elif changed:
         found.append(f"{checkpoint.path} was written with other library versions ({', '.join(changed)}); "
                      "the resumed run may not match an uninterrupted one bit for bit")
     before = checkpoint.state.get("recipe")
