@@ -56,7 +56,10 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], *, files: int = 1, shared_once
     are views of the same memory (tied weights) count once, as save_pretrained writes them."""
     seen, total = set(), 0
     for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        try:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        except RuntimeError:  # no plain storage (a DTensor shard, a meta tensor): count it
+            key = (0,)
         if not shared_once or key not in seen or key[0] == 0:
             seen.add(key)
             total += t.numel() * t.element_size()

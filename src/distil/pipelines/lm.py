@@ -133,8 +133,9 @@ def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train.json", info or {})
 
-    needed = tensor_bytes((weights or model.state_dict()).values(), files=8)  # + config, tokenizer files
-    distributed.on_main(lambda: write_folder(folder, fill, needed))
+    # Sized on rank 0 only: under FSDP the others hold shards, and only rank 0 has the gathered weights.
+    distributed.on_main(lambda: write_folder(folder, fill, tensor_bytes(
+        (model.state_dict() if weights is None else weights).values(), files=8)))  # + config, tokenizer files
 
 
 def load_student_folder(folder: Path, device: torch.device) -> Any:
