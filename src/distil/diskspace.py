@@ -66,23 +66,24 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], *, files: int = 1, shared_once
     return total + BLOCK * files
 
 
-def _usage(path: Path) -> shutil._ntuple_diskusage:  # type: ignore[name-defined]
+def _usage(path: Path) -> tuple[int, int]:
+    """(total, free) bytes of the file system that holds `path`, or would hold it: the folder may not exist yet."""
     path = Path(path).absolute()
-    while not path.exists() and path != path.parent:  # the folder may not exist yet: ask its file system
+    while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path)
+    usage = shutil.disk_usage(path)  # free: what an unprivileged writer may still use
+    return usage.total, usage.free
 
 
 def free_bytes(path: Path) -> int:
-    """Free space for an unprivileged writer on the file system that holds `path` (or would hold it)."""
-    return _usage(path).free
+    return _usage(path)[1]
 
 
 def check_space(path: Path, needed: int, retry: str | None = None) -> None:
     """Refuse a write of `needed` bytes to `path` before it starts, when the file system has less free."""
-    usage = _usage(path)
-    if usage.total > 0 and needed > usage.free:  # total 0: a file system that reports nothing (some FUSE mounts)
-        raise DiskFullError(Path(path).absolute(), needed, usage.free, retry=retry)
+    total, free = _usage(path)
+    if total > 0 and needed > free:  # total 0: a file system that reports nothing (some FUSE mounts)
+        raise DiskFullError(Path(path).absolute(), needed, free, retry=retry)
 
 
 def disk_full_errno(exc: BaseException) -> int | None:
@@ -100,7 +101,7 @@ def disk_full_errno(exc: BaseException) -> int | None:
     return None
 
 
-def remove(path: Path) -> None:
+def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -115,7 +116,7 @@ def disk_full_guard(path: Path, needed: int, *, cleanup: Path | None = None, ret
         yield
     except BaseException as exc:
         if cleanup is not None:
-            remove(cleanup)
+            _remove(cleanup)
         code = disk_full_errno(exc)
         if code is None or isinstance(exc, DiskFullError):
             raise
