@@ -224,7 +224,8 @@ def test_run_whose_disk_is_full_at_a_checkpoint_is_refused_in_one_line_and_resum
     run = Run(reference.case, disk / "run", tmp_path / "cache")
     # Paused at the event just before the distilled arm's step-6 checkpoint (its last metrics line): the disk fills,
     # leaving 4 blocks, and the checkpoint (~78 kB) is refused before a byte of it is written.
-    event = _event(reference, "save_tensors", r"/\.step-00000006\.tmp", "distilled") - 1
+    save = _event(reference, "save_tensors", r"/\.step-00000006\.tmp", "distilled")
+    event = max(n for n, kind, _, stage in reference.events if kind == "metrics" and stage == "distilled" and n < save)
     child, release = _start_paused(run, event, tmp_path)
     ballast = fill(disk, 4 * BLOCK)
     release.touch()
