@@ -342,6 +342,25 @@ def test_checkpoint_without_recorded_versions_or_from_another_patch_release_load
     assert f"torch {patch} -> {torch_version}" in note and "may not match" in note
 
 
+def test_resume_from_a_checkpoint_of_another_release_warns_in_one_line_through_the_cli(reference, tmp_path):
+    run = Run(reference.case, tmp_path / "run", tmp_path / "cache")
+    during_step_8 = [n for n, kind, _, stage in reference.events if kind == "step" and stage == "distilled"][7]
+    code, child = fault_harness.run(run.run_args(), env=run.env, logs=tmp_path / "logs", plan={"kill_at": during_step_8})
+    assert code == -9, child.output()
+    latest = run.run_dir / "checkpoints" / "distilled" / "step-00000006"
+    state = json.loads((latest / "state.json").read_text())
+    state["versions"].update(OTHER)  # as if copied from a machine with older torch and transformers
+    ckpt.write_json(latest / "state.json", state)
+    _reseal(latest)
+
+    code, child = fault_harness.run(["resume", str(run.run_dir), "-q"], env=run.env, logs=tmp_path / "logs")
+    assert code == 0, child.output()
+    warned = [line for line in child.output().splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {latest} was written with torch 1.13.1 (this machine "
+                                                     f"has {torch.__version__}) and transformers 4.30.2"), warned
+    assert_equals_reference(reference, run)  # the tensors load the same: here, the same result
+
+
 def _edit_manifest_versions(root: Path, versions: dict[str, str] | None) -> None:
     manifest = json.loads((root / fmt.MANIFEST).read_text())
     for record in manifest["shards"]:
