@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,8 @@ from distil.distill.objectives import ClassifierObjective
 from distil.distill.pair import Teacher, check_pair
 from distil.errors import DistilError
 from distil.models.vision import build_classifier, classifier_config, load_classifier
-from distil.paths import cache_dir, replace_folder
+from distil.diskspace import tensor_bytes, write_folder
+from distil.paths import cache_dir
 from distil.report import (folder_size, measure_latency, measure_peak_memory, measure_throughput, parameter_count,
                            print_summary, write_summary)
 from distil.reporting import build_report
@@ -108,17 +107,12 @@ def save_model_folder(folder: Path, model: nn.Module, config: dict[str, Any], in
     FSDP every process first helps gather the weights)."""
     weights = distributed.full_state_dict(model)
 
-    def write() -> None:
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
-        tmp.mkdir(parents=True)
+    def fill(tmp: Path) -> None:
         save_tensors(tmp / "model.safetensors", weights)
         write_json(tmp / "config.json", config)
         write_json(tmp / "train.json", info)
-        replace_folder(tmp, folder)
 
-    distributed.on_main(write)
+    distributed.on_main(lambda: write_folder(folder, fill, tensor_bytes(weights.values(), files=3)))
 
 
 def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:

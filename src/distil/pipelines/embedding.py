@@ -12,7 +12,6 @@ Arms (same initial student, seed, data order and budget):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from distil.distill.feature_objective import FeatureDistiller, FeatureObjective
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.models import hf
-from distil.paths import replace_folder
+from distil.diskspace import tensor_bytes, write_folder
 from distil.pipelines.classification import pick_device
 from distil.report import folder_size, measure_latency, parameter_count, print_summary, write_summary
 from distil.train.checkpoint import write_json
@@ -125,18 +124,18 @@ def _is_model_folder(folder: Path) -> bool:
 def save_encoder_folder(folder: Path, model: nn.Module, tokenizer: Any, teacher_path: Path,
                         info: dict[str, Any]) -> None:
     """save_pretrained + tokenizer + the teacher's sentence-transformers files, written aside then moved in place."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name in ST_FILES:
-        source = teacher_path / name
-        if source.is_dir():
-            shutil.copytree(source, tmp / name)
-        elif source.is_file():
-            shutil.copy2(source, tmp / name)
-    write_json(tmp / "train.json", info)
-    replace_folder(tmp, folder)
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in ST_FILES:
+            source = teacher_path / name
+            if source.is_dir():
+                shutil.copytree(source, tmp / name)
+            elif source.is_file():
+                shutil.copy2(source, tmp / name)
+        write_json(tmp / "train.json", info)
+
+    write_folder(folder, fill, tensor_bytes(model.state_dict().values(), files=8))
 
 
 def _load_folder(folder: Path, device: torch.device) -> nn.Module:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.evaluate import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
 from distil.models import hf
-from distil.paths import replace_folder
+from distil.diskspace import tensor_bytes, write_folder
 from distil.precision import teacher_dtype
 from distil.remembered import Measurement, model_files_key, remembered, tensor_key
 from distil.pipelines.classification import pick_device
@@ -132,16 +130,14 @@ def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any
                 weights.pop(name, None)
             seen.add(id(param))
 
-    def write() -> None:
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train.json", info or {})
-        replace_folder(tmp, folder)
 
-    distributed.on_main(write)
+    # Sized on rank 0 only: under FSDP the others hold shards, and only rank 0 has the gathered weights.
+    distributed.on_main(lambda: write_folder(folder, fill, tensor_bytes(
+        (model.state_dict() if weights is None else weights).values(), files=8)))  # + config, tokenizer files
 
 
 def load_student_folder(folder: Path, device: torch.device) -> Any:
