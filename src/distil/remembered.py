@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distil.paths import cache_dir, library_versions
@@ -42,7 +43,7 @@ def remembered(what: dict[str, Any], measure: Callable[[], Measurement]) -> Meas
     try:
         saved = json.loads(row_file.read_text())
         return {**saved["row"], "measured": saved["measured"]}, load_file(tensors_file)["predictions"], saved["samples"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, SafetensorError):
         pass  # not measured yet, or an unreadable entry: measure again
     row, predictions, samples = measure()
     from datetime import datetime, timezone
