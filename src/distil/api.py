@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from distil.data.stream import BatchStream
+from distil.diskspace import tensor_bytes
 from distil.distill.embedding import EmbeddingObjective, encode
 from distil.distill.lm import IGNORE, CausalLMObjective
 from distil.distill.objectives import ClassifierObjective, LogitLoss
@@ -245,7 +246,7 @@ def _save_student(folder: Path, student: nn.Module, tokenizer: Any, info: dict[s
             write_json(tmp / "config.json", {"class": f"{type(student).__module__}.{type(student).__qualname__}"})
         write_json(tmp / "train.json", info)
 
-    save_model_folder(folder, fill)
+    save_model_folder(folder, fill, lambda: tensor_bytes(student.state_dict().values(), files=8))
 
 
 def _load_student(student: nn.Module, folder: Path) -> nn.Module:

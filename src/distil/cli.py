@@ -347,6 +347,13 @@ def _call(args: argparse.Namespace, err: Console) -> int:
     except OSError as exc:  # disk full, permissions, a path that vanished: the environment, not the recipe
         _error(err, os_error_message(exc))
         return EXIT_USAGE
+    except Exception as exc:  # a library's own error for a full disk (safetensors' SafetensorError): still one line
+        from distil.diskspace import disk_full_errno
+
+        if disk_full_errno(exc) is None:
+            raise
+        _error(err, f"{exc}; free disk space and run the command again")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
+
+# Libraries whose releases change kernels, defaults and state formats: files written under another major.minor of
+# them may load but compute differently, so loading one says so.
+RELEASE_CHECKED = ("torch", "transformers")
 
 
 def cache_dir() -> Path:
@@ -31,27 +37,32 @@ def replace_folder(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def write_folder(folder: Path, fill: Callable[[Path], None]) -> None:
-    """Write a folder whole or not at all: `fill(tmp)` writes into a fresh temporary sibling, which then replaces
-    `folder`. Temporary and old folders left by a process killed while writing are removed first."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def library_versions() -> dict[str, str]:
+    return dict(_library_versions())
+
+
+@functools.cache  # read once per process: package metadata lookups are slow, and versions do not change
+def _library_versions() -> tuple[tuple[str, str], ...]:
     versions = {"python": platform.python_version()}
     for name in ("distil", "torch", "transformers", "safetensors", "pydantic", "numpy"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return versions
+    return tuple(versions.items())
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(re.split(r"[.+]", version)[:2])
+
+
+def release_mismatch(saved: Mapping[str, str] | None) -> str | None:
+    """"torch 2.5.1 (this machine has 2.13.0)" when the versions recorded in a file differ from this machine's in the
+    major.minor of torch or transformers; None when they agree or nothing was recorded (files from before versions
+    were recorded stay loadable without a warning)."""
+    if not saved:
+        return None
+    here = library_versions()
+    changed = [f"{name} {saved[name]} (this machine has {here[name]})" for name in RELEASE_CHECKED
+               if name in saved and name in here and _major_minor(saved[name]) != _major_minor(here[name])]
+    return " and ".join(changed) or None

@@ -21,8 +21,8 @@ SHORT = ["train.steps=3", "train.warmup_steps=1", "train.log_every=1", "train.ev
          "data.eval_tokens=256", "latency_runs=1", "generations_shown=1"]
 
 
-def test_flagship_runs_end_to_end_on_the_real_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTIL_CACHE", str(tmp_path / "cache"))  # a fresh cache: the GGUF conversion runs too
+def test_flagship_runs_end_to_end_on_the_real_model(tmp_path, monkeypatch, smollm2):
+    monkeypatch.setenv("DISTIL_CACHE", str(smollm2.cache))  # converted once for the session (tests/conftest.py)
     run = tmp_path / "run"
     assert main(["run", "smollm2-distil", "-q", f"output_dir={run}", *SHORT]) == 0
     arms = json.loads((run / "summary.json").read_text())["arms"]

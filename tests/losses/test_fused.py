@@ -110,6 +110,15 @@ def test_all_masked_gives_zero_and_zero_grad():
     assert torch.equal(hs.grad, torch.zeros_like(hs)) and torch.equal(ws.grad, torch.zeros_like(ws))
 
 
+@pytest.mark.parametrize("name", ["generalized_jsd", "jsd", "skew_kl", "skew_reverse_kl"])
+def test_parameters_default_like_the_plain_functions(name):
+    """Without beta / alpha the fused path uses the plain functions' defaults (beta 0.5, alpha 0.1)."""
+    h_s, w_s, h_t, w_t = _heads()
+    fused = fused_linear_divergence(h_s, w_s, h_t, w_t, divergence=name, temperature=2.0)
+    plain = DIVERGENCES[name](h_s @ w_s.T, h_t @ w_t.T, temperature=2.0)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_shared_vocabulary_of_padded_heads():
     h_s, w_s, h_t, w_t = _heads(v=40, vt=37)
     with pytest.raises(DistilError, match="vocab_size"):

@@ -161,25 +161,20 @@ def test_model_size_counts_tied_weights_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_conversion_matches_the_gguf_model(monkeypatch, tmp_path):
-    """The real GGUF, converted once into a fresh cache: plain transformers loads the folder, and it gives the same
-    logits as the model transformers loaded from the GGUF; weights match gguf's own dequantization."""
+def test_smollm2_conversion_matches_the_gguf_model(smollm2, monkeypatch):
+    """The real GGUF, converted once into a fresh cache (the session's `smollm2` fixture) over an interrupted
+    leftover: plain transformers loads the folder, and it gives the same logits as the model transformers loaded
+    from the GGUF; weights match gguf's own dequantization."""
     import gguf as gguf_lib
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
-    monkeypatch.setenv("DISTIL_CACHE", str(tmp_path))
-    dest = tmp_path / "models" / "smollm2-135m-instruct"
-    dest.mkdir(parents=True)
-    (dest / "leftover.bin").write_bytes(b"interrupted")  # no marker: must be replaced
-    references = []
-    convert = hf._convert_gguf
-    monkeypatch.setattr(hf, "_convert_gguf", lambda src, d: references.append(convert(src, d)) or references[-1])
-
-    assert hf.resolve_model_path("smollm2-135m-instruct") == dest
-    assert len(references) == 1 and not (dest / "leftover.bin").exists() and (dest / hf.COMPLETE_MARKER).is_file()
-    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no temporary folder left behind
-    ref_model, ref_tok = references[0]
+    monkeypatch.setenv("DISTIL_CACHE", str(smollm2.cache))
+    dest = smollm2.cache / "models" / "smollm2-135m-instruct"
+    assert smollm2.folder == dest and smollm2.conversions == 1 and smollm2.leftover_removed
+    assert (dest / hf.COMPLETE_MARKER).is_file()
+    assert smollm2.models_listed == [dest.name]  # no temporary folder left behind
+    ref_tok = smollm2.reference_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(dest).eval()
     tok = AutoTokenizer.from_pretrained(dest)
@@ -187,13 +182,15 @@ def test_smollm2_conversion_matches_the_gguf_model(monkeypatch, tmp_path):
     assert hf.tokenizer_differences(tok, ref_tok) == []
     assert hf.shared_vocab_size(tok, ref_tok, 49152, 49152) == 49152
     ids = tok("The quick brown fox jumps over", return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, smollm2.reference_ids)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, smollm2.reference_logits, rtol=1e-5, atol=1e-5)
     reader = gguf_lib.GGUFReader(gguf)
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     expected = torch.from_numpy(gguf_lib.dequantize(embd.data, embd.tensor_type).copy())
     torch.testing.assert_close(model.model.embed_tokens.weight.detach(), expected, rtol=0, atol=0)
 
     stamp = (dest / hf.COMPLETE_MARKER).stat().st_mtime_ns
+    monkeypatch.setattr(hf, "_convert_gguf", lambda src, d: pytest.fail("a completed conversion was redone"))
     assert hf.resolve_model_path("smollm2-135m-instruct") == dest
-    assert len(references) == 1 and (dest / hf.COMPLETE_MARKER).stat().st_mtime_ns == stamp
+    assert (dest / hf.COMPLETE_MARKER).stat().st_mtime_ns == stamp

@@ -73,6 +73,8 @@ def test_every_file_a_run_writes_is_json_yaml_text_or_safetensors(reference):
             assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         elif file.suffix == ".html":
             assert file.read_text().lstrip().lower().startswith("<!doctype html")
+        elif file.name == ".lock":  # the run directory's lock: the pid of the run that held it, as text
+            assert file.read_text().strip().isdigit()
         else:
             pytest.fail(f"{file}: a file of unknown format")
 

@@ -130,6 +130,7 @@ def test_embedding_recipe_end_to_end(tiny_bert, tmp_path):
     assert out.returncode == 0 and out.stdout.split()[-1] == "2", out.stderr
 
 
+@pytest.mark.skipif(wordnet_problems(None), reason="needs the Debian package wordnet-base")
 def test_embedding_validate_names_wrong_modules(tiny_bert, tmp_path):
     bad = _recipe(tiny_bert, tmp_path, loss={"features": [
         {"student": "encoder.layers.{}", "teacher": "encoder.layer.{}", "loss": "mse"}]})

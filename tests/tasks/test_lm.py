@@ -95,6 +95,21 @@ def test_fused_objective_equals_plain_objective(tiny_lm, divergence):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_micro_batch_with_every_label_masked_gives_zero_not_nan(tiny_lm, fused):
+    """A micro-batch of prompts only (every label -100) adds nothing to an accumulated step: 0, zero gradient."""
+    teacher, student, _ = models(tiny_lm)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
+    objective = CausalLMObjective(student, Teacher(teacher), LossSpec(alpha=0.5, fused=fused),
+                                  vocab_size=teacher.config.vocab_size, device=CPU)
+    student.zero_grad()
+    terms = objective.loss(batch)
+    terms["loss"].backward()
+    assert {k: float(v.detach()) for k, v in terms.items()} == {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+    assert all(p.grad is None or not p.grad.any() for p in student.parameters())
+
+
 def test_accumulation_with_padded_batches_weights_by_tokens(tiny_lm, tmp_path):
     """4 x 2 accumulation equals a batch of 8 even when micro-batches hold different numbers of label tokens."""
     teacher, _, tokenizer = models(tiny_lm)

@@ -11,6 +11,7 @@ under FSDP ~2e-6.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -32,6 +33,22 @@ pytestmark = pytest.mark.slow
 INJECT = str(Path(__file__).resolve().parent / "inject")
 DIGITS = ["teacher.train.steps=20", "train.steps=12", "train.save_every=4", "train.eval_every=6", "train.log_every=1",
           "latency_runs=2"]
+
+
+# digits-kd's soft term: T = 4, alpha = 0.9, 10 classes (the recipe's values).
+TEMPERATURE, ALPHA, CLASSES = 4.0, 0.9, 10
+
+
+def fp32_reorder_tolerance(key: str, value: float) -> float:
+    """How far a logged fp32 loss term may move when its sums run in another order (2 x 8 rows instead of 16).
+
+    A reordered fp32 sum of n terms differs by about sqrt(n) units of roundoff times the terms' size (Higham); n is
+    at most 16 rows x 10 classes here, so 16 eps (eps = 2**-23) of the size covers it. The size is the value itself,
+    except for the soft term: T^2 * KL is a difference of two cross-entropies each about T^2 ln(C), so its error
+    scales with T^2 ln(C), not with the (small) KL. Measured on an AMD EPYC: at most 6e-7 on loss/kd, against the
+    7e-5 this allows; a real divergence (a wrong share or reduction) moves a term by percents."""
+    cancelled = {"loss/kd": TEMPERATURE**2 * math.log(CLASSES), "loss": ALPHA * TEMPERATURE**2 * math.log(CLASSES)}
+    return 16 * 2.0**-23 * (cancelled.get(key, 0.0) + abs(value))
 
 
 def distil(args: list[str], **kwargs):
@@ -81,8 +98,11 @@ def test_two_processes_equal_one_through_the_cli(digits):
     one = [r for r in _metrics(root / "one") if r["arm"] != "teacher"]  # the teacher was trained there, reused here
     assert [(r["arm"], r["step"]) for r in two] == [(r["arm"], r["step"]) for r in one]  # written once
     for x, y in zip(two, one):
-        for key in (k for k in x if k.startswith(("loss", "eval/"))):
+        for key in (k for k in x if k.startswith("eval/")):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["arm"], x["step"], key)
+        for key in (k for k in x if k.startswith("loss")):
+            tolerance = fp32_reorder_tolerance(key, y[key])
+            assert abs(x[key] - y[key]) <= tolerance, (x["arm"], x["step"], key, x[key], y[key], tolerance)
 
 
 def test_run_directory_written_once(digits):
@@ -237,4 +257,4 @@ def test_feature_kd_two_processes_equal_one(digits, tmp_path):
     one = [r for r in _metrics(tmp_path / "one") if "loss" in r]
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for x, y in zip(two, one):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), x["step"]
+        assert abs(x["loss"] - y["loss"]) <= fp32_reorder_tolerance("loss", y["loss"]), (x["step"], x["loss"], y["loss"])

@@ -143,6 +143,8 @@ class ShardRecord(_Strict):
     fingerprint: str  # of the shard's samples: a resumed build with other samples is caught at the first shard
     # Sample ids covered, as sorted half-open ranges [start, stop).
     sample_ids: list[tuple[int, int]]
+    # Library versions of the process that computed it ({} in caches built before they were recorded).
+    versions: dict[str, str] = Field(default_factory=dict)
 
 
 class StreamInfo(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from distil.cache import format as fmt
 from distil.errors import DistilError
+from distil.paths import release_mismatch
 
 _VERIFY = ("lazy", "full", "size")
 
@@ -55,6 +57,18 @@ class _Shard:
             self.ent_off = np.concatenate([[0], np.cumsum(a["row_counts"], dtype=np.int64)])[self.tok_off]
 
 
+def _warn_other_release(root: Path, manifest: fmt.CacheManifest) -> None:
+    """One warning when shards were computed under another torch or transformers release (a cache copied from
+    another machine): the targets load exactly, but this machine's teacher may compute slightly different ones."""
+    for record in manifest.shards:
+        release = release_mismatch(record.versions)
+        if release:
+            warnings.warn(f"the teacher cache {root} was built with {release}; using it, but the teacher's targets "
+                          "may differ from what it computes here; rebuild the cache on this machine if results look "
+                          "off", stacklevel=3)
+            return
+
+
 class TeacherCache:
     """A complete teacher cache on disk. ``targets(ids)`` returns padded target tensors for a batch of samples."""
 
@@ -70,6 +84,7 @@ class TeacherCache:
                                   "build, or run finalize once all parts are done (distil cache info shows coverage)")
             raise DistilError(f"{self.root} is not a teacher cache (no {fmt.MANIFEST}); build one first")
         self.manifest: fmt.CacheManifest = fmt.read_model(manifest_path, fmt.CacheManifest)
+        _warn_other_release(self.root, self.manifest)
         for record in self.manifest.shards:
             file = self.root / record.file
             if not file.exists():

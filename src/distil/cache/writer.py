@@ -19,7 +19,11 @@ import torch
 from safetensors.numpy import save as st_save
 
 from distil.cache import format as fmt
+from distil.diskspace import BLOCK, DiskFullError, check_space, disk_full_guard
+from distil.paths import library_versions
 
+# Told when the disk fills during a build: the finished shards stay, so running it again continues.
+RETRY = "run the same build again (finished shards are kept)"
 _ROW_CHUNK = 1024  # rows of [rows, V] processed at once: bounds the extra memory of the exact tail computation
 
 
@@ -134,15 +138,14 @@ def fsync_dir(path: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one, never a part."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    needed = len(data) + BLOCK
+    check_space(path, needed, retry=RETRY)
+    with disk_full_guard(path, needed, cleanup=tmp, retry=RETRY):  # removes the partial file on any failure
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     fsync_dir(path.parent)
 
 
@@ -167,6 +170,11 @@ def write_shard(root: Path, index: int, buffer: ShardBuffer, fingerprint: str) -
         max_length=int(lengths.max()) if len(lengths) else 0,
         fingerprint=fingerprint,
         sample_ids=fmt.ids_to_ranges(arrays["sample_ids"]),
+        versions=library_versions(),
     )
-    atomic_write(root / fmt.shard_record_file(index), fmt.dump_model(record))
+    try:
+        atomic_write(root / fmt.shard_record_file(index), fmt.dump_model(record))
+    except DiskFullError:
+        (root / name).unlink(missing_ok=True)  # without its record it would be computed again: free its space now
+        raise
     return record

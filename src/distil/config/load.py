@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from distil.config.schema import Recipe
 from distil.errors import ConfigError
+from distil.precision import resolve_precision
 
 DEFAULT_RECIPE = "smollm2-distil"
 
@@ -96,7 +97,7 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
     broken = task_of(recipe.task).rules(recipe)
     if broken:
         raise ConfigError([f"recipe: {line}" for line in broken])
-    return recipe
+    return resolve_precision(recipe)  # `auto` becomes what this machine runs natively, recorded in the run
 
 
 def _describe(err: dict[str, Any], data: dict[str, Any]) -> str:

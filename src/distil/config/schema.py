@@ -39,7 +39,9 @@ class HFModelSpec(Strict):
 
     arch: Literal["hf"]
     source: str = Field(min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="None keeps the saved dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="None keeps the saved dtype; auto: bfloat16 where bf16 is native (and train.precision "
+        "resolves to bf16), else float32")
     trust_remote_code: bool = False
 
 
@@ -134,7 +136,9 @@ class TrainSpec(Strict):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr (linear/cosine)")
     clip_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the device runs bf16 natively (CUDA, CPUs with AVX-512-BF16 "
+        "or AMX), else fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, gt=0)
     eval_every: int | None = Field(None, gt=0)

@@ -7,12 +7,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from torch import nn
 
 from distil.distill.objectives import LogitLoss, divergence_params, soft_term
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.losses import fused_linear_cross_entropy, fused_linear_divergence
+from distil.losses.fused_kd import fused_linear_kd_and_ce
+from distil.train import distributed
 from distil.train.objective import Objective, teacher_models
 
 IGNORE = -100
@@ -30,16 +33,33 @@ class OnPolicy:
     top_k: int | None = None
 
 
-def check_fusable(model: nn.Module, who: str) -> None:
-    """The fused path computes logits as hidden @ lm_head.weight.T; refuse models that post-process their logits."""
+def fused_problem(model: nn.Module, who: str, ids: torch.Tensor, attention: torch.Tensor) -> str | None:
+    """Why the fused path cannot compute this model's logits as ``hidden @ lm_head.weight.T`` (None when it can).
+
+    Checked by name (soft-capping, a logit scale) and numerically on a slice of a real batch, since models rescale
+    their logits under many names (Granite's logits_scaling, FalconH1's lm_head_multiplier: KD values 64x off)."""
     config = getattr(model, "config", None)
-    for key in ("final_logit_softcapping", "logit_scale"):
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"):
         if getattr(config, key, None) not in (None, 1.0):
-            raise DistilError(f"the {who} rescales its logits ({key}={getattr(config, key)}); the fused LM-head path "
-                              "does not support that: set loss.fused=false")
+            return f"the {who} rescales its logits ({key}={getattr(config, key)})"
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
-        raise DistilError(f"the {who} has no bias-free linear LM head; set loss.fused=false")
+        return f"the {who} has no bias-free linear LM head"
+    ids, attention = ids[:1, :16], attention[:1, :16]
+    was_training = model.training
+    model.eval()  # no dropout: the two forward passes below must see the same network
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+            expected = F.linear(final_hidden(model, ids, attention).to(head.weight.dtype), head.weight).float()
+    finally:
+        model.train(was_training)
+    # The same product in the model's dtype agrees to rounding (bf16: about 0.4% of the largest logit); a rescaled
+    # or post-processed head is off by far more than 1%.
+    worst = float((logits - expected).abs().max())
+    if worst > 1e-2 * float(expected.abs().max()) + 1e-6:
+        return f"the {who}'s logits are not hidden @ lm_head.weight.T (max difference {worst:.3g})"
+    return None
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -75,10 +95,19 @@ class CausalLMObjective(Objective):
         self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
         self.vocab_size, self.onpolicy, self.pad_token_id = vocab_size, onpolicy, pad_token_id
         self.modules = {"student": student}
-        if spec.fused:
-            check_fusable(student, "student")
-            if teacher is not None:
-                check_fusable(teacher.model, "teacher")
+        self.fused: bool | None = None if spec.fused else False  # None: decided on the first batch
+
+    def _use_fused(self, ids: torch.Tensor, attention: torch.Tensor) -> bool:
+        """Once, on the first batch: the fused path where both heads are plain linear maps, else the plain one."""
+        if self.fused is None:
+            models = [("student", self.student)] + ([("teacher", self.teacher.model)] if self.teacher else [])
+            problem = next((p for who, m in models if (p := fused_problem(m, who, ids, attention))), None)
+            self.fused = problem is None
+            if problem and distributed.is_main():
+                Console(stderr=True, highlight=False).print(
+                    f"note: {problem}; the LM losses take the plain path (full logits) instead of the fused one",
+                    soft_wrap=True)
+        return self.fused
 
     def teachers(self) -> dict[str, nn.Module]:
         return teacher_models(teacher=self.teacher)
@@ -111,10 +140,12 @@ class CausalLMObjective(Objective):
         attention = batch["attention_mask"].to(self.device)
         targets, keep = next_token_targets(batch["labels"].to(self.device))
         onpolicy = bool(batch.get("onpolicy"))
-        if self.spec.fused:
+        if self._use_fused(ids, attention):
             terms = self._fused(ids, attention, targets, keep, onpolicy)
         else:
             terms = self._plain(ids, attention, targets, keep, onpolicy)
+        if "loss" in terms:  # already combined (the fused KD + CE pass)
+            return terms
         if "kd" not in terms:
             terms["loss"] = terms["ce"]
         elif onpolicy:
@@ -126,6 +157,18 @@ class CausalLMObjective(Objective):
     def _fused(self, ids, attention, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
         weight = self.student.get_output_embeddings().weight
         hidden = final_hidden(self.student, ids, attention)[:, :-1].to(weight.dtype)
+        if self.teacher is not None and not onpolicy:  # both terms from one pass over the heads
+            t_weight = self.teacher.model.get_output_embeddings().weight
+            with torch.no_grad():
+                t_hidden = final_hidden(self.teacher.model, ids, attention)[:, :-1].to(t_weight.dtype)
+            T, alpha = self.spec.temperature, self.spec.alpha
+            t2 = T * T if self.spec.scale_by_t2 else 1.0
+            loss, kd, ce = fused_linear_kd_and_ce(
+                hidden, weight, t_hidden, t_weight, targets, kd_weight=alpha * t2, ce_weight=1 - alpha,
+                divergence=self.spec.divergence, temperature=T, chunk_size=self.spec.chunk_size,
+                vocab_size=self.vocab_size, **divergence_params(self.spec),
+            )
+            return {"ce": ce, "kd": kd * t2, "loss": loss}
         terms: dict[str, torch.Tensor] = {}
         if not onpolicy:
             terms["ce"] = fused_linear_cross_entropy(hidden, weight, targets, chunk_size=self.spec.chunk_size)
@@ -145,7 +188,11 @@ class CausalLMObjective(Objective):
         logits = self.student(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
         terms: dict[str, torch.Tensor] = {}
         if not onpolicy:
-            terms["ce"] = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+            # A mean over the counted positions that is 0 (zero gradient) when there are none, as on the fused path:
+            # F.cross_entropy's mean is NaN then, and a NaN micro-batch poisons the whole accumulated step.
+            summed = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                     reduction="sum")
+            terms["ce"] = summed / keep.sum().clamp_min(1)
         if self.teacher is not None:
             t_logits = self.teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
             V = self.vocab_size

@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from distil.errors import DistilError
-from distil.paths import replace_folder
+from distil.diskspace import BLOCK, tensor_bytes, write_folder
 from distil.reporting import EXPORT_FILE, build_report, read_exports
 from distil.train.checkpoint import write_json
 
@@ -70,12 +70,12 @@ def export_hf(folder: Path, out: Path) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    replace_folder(tmp, out)
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    write_folder(out, fill, tensor_bytes(model.state_dict().values(), files=8))
     notes = [] if tokenizer else [f"{folder} holds no tokenizer, so the export has none; save one beside it"]
     return {"path": str(out), "files": sorted(p.name for p in out.iterdir()), "tokenizer": tokenizer is not None,
             "size_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors")), "notes": notes}
@@ -85,13 +85,12 @@ def export_safetensors(folder: Path, out: Path) -> dict[str, Any]:
     """Copy a built-in classifier's weights and config; checked by rebuilding the model from the copy."""
     from distil.models.vision import load_classifier
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("model.safetensors", "config.json"):
-        shutil.copy2(folder / name, tmp / name)
-    load_classifier(tmp)
-    replace_folder(tmp, out)
+    def fill(tmp: Path) -> None:
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy2(folder / name, tmp / name)
+        load_classifier(tmp)
+
+    write_folder(out, fill, sum((folder / n).stat().st_size + BLOCK for n in ("model.safetensors", "config.json")))
     return {"path": str(out), "files": ["config.json", "model.safetensors"],
             "size_bytes": (out / "model.safetensors").stat().st_size,
             "rebuild": "distil.models.vision.load_classifier(path)"}

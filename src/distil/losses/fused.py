@@ -16,6 +16,7 @@ supported.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -198,6 +199,55 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
+@dataclass
+class _HeadPair:
+    """A checked student/teacher pair of hidden states and LM heads, with the kept rows and shared vocabulary."""
+
+    hs: torch.Tensor  # kept student rows [N, H_s]
+    ws: torch.Tensor  # student head over the shared vocabulary (keeps the autograd link)
+    ht: torch.Tensor  # kept teacher rows [N, H_t], detached
+    wt: torch.Tensor
+    vocab_size: int
+    kernel: Callable
+    params: dict[str, float]
+
+
+def _head_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, mask,
+               vocab_size, divergence_params) -> _HeadPair:
+    """Check a student/teacher pair of hidden states and heads; keep the masked rows and the shared vocabulary."""
+    spec = divergence_spec(divergence)
+    divergence_params = spec.resolve(divergence_params)  # missing parameters take the plain function's defaults
+    _check_temperature(temperature)
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise DistilError(
+            f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} cover different positions; they need the same leading dimensions"
+        )
+    _check_head("student", student_hidden, student_weight)
+    _check_head("teacher", teacher_hidden, teacher_weight)
+    if vocab_size is None:
+        if student_weight.shape[0] != teacher_weight.shape[0]:
+            raise DistilError(
+                f"student vocabulary {student_weight.shape[0]} differs from the teacher's {teacher_weight.shape[0]}; "
+                "pass vocab_size= the shared vocabulary when they differ only by padding rows"
+            )
+        vocab_size = student_weight.shape[0]
+    elif not 0 < vocab_size <= min(student_weight.shape[0], teacher_weight.shape[0]):
+        raise DistilError(
+            f"vocab_size={vocab_size} must be in 1..{min(student_weight.shape[0], teacher_weight.shape[0])} "
+            "(the smaller of the two vocabularies)"
+        )
+    keep = _check_mask(mask, lead)
+    hs = _flat_rows(student_hidden, keep)
+    ht = _flat_rows(teacher_hidden.detach(), keep)
+    wt = teacher_weight.detach()[:vocab_size]
+    # Slicing keeps the autograd link (padding rows beyond vocab_size get a zero gradient); no slice when not needed,
+    # since its backward would allocate another weight-sized tensor.
+    ws = student_weight if vocab_size == student_weight.shape[0] else student_weight[:vocab_size]
+    return _HeadPair(hs, ws, ht, wt, vocab_size, spec.kernel, divergence_params)
+
+
 def fused_linear_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -232,45 +282,15 @@ def fused_linear_divergence(
     Equal to the plain path ``DIVERGENCES[divergence](h_s @ W_s.T, h_t @ W_t.T, ...)`` up to float rounding; no T**2
     factor. Gradients reach ``student_hidden`` and ``student_weight`` only.
     """
-    spec = divergence_spec(divergence)
-    params = spec.resolve(divergence_params)  # missing parameters take the plain function's defaults
-    _check_temperature(temperature)
-    lead = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead:
-        raise DistilError(
-            f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
-            f"{tuple(teacher_hidden.shape)} cover different positions; they need the same leading dimensions"
-        )
-    _check_head("student", student_hidden, student_weight)
-    _check_head("teacher", teacher_hidden, teacher_weight)
-    if vocab_size is None:
-        if student_weight.shape[0] != teacher_weight.shape[0]:
-            raise DistilError(
-                f"student vocabulary {student_weight.shape[0]} differs from the teacher's {teacher_weight.shape[0]}; "
-                "pass vocab_size= the shared vocabulary when they differ only by padding rows"
-            )
-        vocab_size = student_weight.shape[0]
-    elif not 0 < vocab_size <= min(student_weight.shape[0], teacher_weight.shape[0]):
-        raise DistilError(
-            f"vocab_size={vocab_size} must be in 1..{min(student_weight.shape[0], teacher_weight.shape[0])} "
-            "(the smaller of the two vocabularies)"
-        )
-    keep = _check_mask(mask, lead)
-    hs = _flat_rows(student_hidden, keep)
-    ht = _flat_rows(teacher_hidden.detach(), keep)
-    wt = teacher_weight.detach()[:vocab_size]
-    # Slicing keeps the autograd link (padding rows beyond vocab_size get a zero gradient); no slice when not needed,
-    # since its backward would allocate another weight-sized tensor.
-    ws = student_weight if vocab_size == student_weight.shape[0] else student_weight[:vocab_size]
-
-    kernel = spec.kernel
+    pair = _head_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, mask,
+                      vocab_size, divergence_params)
 
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Grad mode is off here (no_grad or inside _Fused.forward): these matmuls build no graph.
-        logits = [F.linear(h, ws), F.linear(ht[start:end], wt)]
-        return _divergence_value_and_grad(kernel, params, logits, temperature, want_grad)
+        logits = [F.linear(h, pair.ws), F.linear(pair.ht[start:end], pair.wt)]
+        return _divergence_value_and_grad(pair.kernel, pair.params, logits, temperature, want_grad)
 
-    return _apply(hs, ws, _chunk_tokens(chunk_size, vocab_size), step, reduction)
+    return _apply(pair.hs, pair.ws, _chunk_tokens(chunk_size, pair.vocab_size), step, reduction)
 
 
 def fused_linear_cross_entropy(
@@ -286,7 +306,8 @@ def fused_linear_cross_entropy(
 
     ``labels`` has the leading shape of ``hidden`` and is already aligned with it (for next-token prediction the
     caller shifts: hidden ``[:, :-1]`` with labels ``[:, 1:]``). Positions labelled ``ignore_index`` do not count;
-    "mean" is over the others (0 with a zero gradient when there are none), like ``F.cross_entropy``. Computed in
+    "mean" is over the others, like ``F.cross_entropy``, except with none at all: 0 with a zero gradient, where
+    ``F.cross_entropy`` gives NaN (a NaN would poison a whole accumulated step). Computed in
     fp32 (fp64 stays fp64); the gradient ``softmax - onehot`` is formed per chunk.
     """
     _check_head("student", hidden, weight)

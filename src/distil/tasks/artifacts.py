@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from distil.errors import DistilError
-from distil.paths import write_folder
+from distil.diskspace import write_folder
 from distil.train import distributed
 
 # Arm -> its folder in the run directory; the recipe's full distillation is the run's `student`.
@@ -28,10 +28,11 @@ def is_model_folder(folder: Path) -> bool:
     return distributed.agree((folder / "config.json").is_file() and any(folder.glob("*.safetensors")))
 
 
-def save_model_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+def save_model_folder(folder: Path, fill: Callable[[Path], None], needed: Callable[[], int]) -> None:
     """`fill(tmp)` writes the model into a temporary folder that then replaces `folder`, on rank 0 only (the others
-    wait; under FSDP gather the weights on every rank before calling this)."""
-    distributed.on_main(write_folder, folder, fill)
+    wait; under FSDP gather the weights on every rank before calling this). Refused before writing when the disk
+    has less than `needed()` bytes free (sized on rank 0, which alone holds gathered weights)."""
+    distributed.on_main(lambda: write_folder(folder, fill, needed()))
 
 
 def pick_device(name: str) -> torch.device:

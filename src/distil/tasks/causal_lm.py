@@ -29,6 +29,8 @@ from distil.losses.registry import SPARSE_DIVERGENCES
 from distil.measure.cost import folder_size, measure_peak_memory, parameter_count
 from distil.measure.lm import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
 from distil.models import hf
+from distil.precision import teacher_dtype
+from distil.remembered import Measurement, model_files_key, remembered, tensor_key
 from distil.reporting.summary import write_summary
 from distil.tasks import causal_lm_cache as cached
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
@@ -136,7 +138,7 @@ def load_teacher(recipe: Recipe) -> Any:
 
 def as_teacher(model: Any, recipe: Recipe, device: torch.device) -> Any:
     """The teacher in the recipe's dtype on `device`, in eval mode."""
-    dtype = recipe.teacher.model.dtype  # type: ignore[union-attr]
+    dtype = teacher_dtype(recipe.teacher.model.dtype, recipe.train.precision, device.type)  # type: ignore[union-attr]
     return (model.to(getattr(torch, dtype)) if dtype else model).to(device).eval()
 
 
@@ -268,22 +270,32 @@ class CausalLMRun:
         self.ctx.console.print("evaluating teacher and students on held-out text ...")
         repeats = min(2, recipe.latency_runs)  # timed generations per speed (each is 32 new tokens)
         rows: dict[str, Any] = {}
-        models: dict[str, Any] = {}
+        prompts = _prompts_for_samples(corpus, recipe.generations_shown)
+        samples: dict[str, list[str]] = {}
         if teacher is not None:
-            rows["teacher"], teacher_predictions = measure_lm(teacher, self.teacher_path, corpus.eval, self.vocab,
-                                                              None, tokenizer, repeats)
-            models["teacher"] = teacher
+            def measure_teacher() -> Measurement:
+                row, predictions = measure_lm(teacher, self.teacher_path, corpus.eval, self.vocab, None, tokenizer,
+                                              repeats)
+                return row, predictions, greedy_continuations(teacher, tokenizer, prompts)
+
+            # The same teacher on the same held-out text measures the same every run: measured once, then reused.
+            what = {"model": model_files_key(self.teacher_path), "dtype": str(next(teacher.parameters()).dtype),
+                    "eval": tensor_key(corpus.eval), "prompts": prompts, "vocab": self.vocab, "repeats": repeats,
+                    "device": str(device)}
+            rows["teacher"], teacher_predictions, samples["teacher"] = remembered(what, measure_teacher)
         else:
             rows["teacher"] = {**cached.read_teacher_eval(Path(recipe.teacher.cache.path)),  # type: ignore[union-attr]
                                "from_cache": True}
             teacher_predictions = cached.eval_predictions(self.cache, len(corpus.eval), recipe.data.seq_len)
+        speeds: dict[tuple, dict[str, Any]] = {}  # the students of a run differ only in their weights
         for arm, folder in [("student_init", self.init)] + [(a, arm_folder(self.ctx.run_dir, a)) for a in recipe.arms]:
             model = load_student_folder(folder, device)
-            rows[arm], _ = measure_lm(model, folder, corpus.eval, self.vocab, teacher_predictions, tokenizer, repeats)
+            shape = architecture(model)
+            rows[arm], _ = measure_lm(model, folder, corpus.eval, self.vocab, teacher_predictions, tokenizer, repeats,
+                                      speed=speeds.get(shape))
+            speeds.setdefault(shape, rows[arm])
             if arm != "student_init":
-                models[arm] = model
-        prompts = _prompts_for_samples(corpus, recipe.generations_shown)
-        samples = {name: greedy_continuations(m, tokenizer, prompts) for name, m in models.items()}
+                samples[arm] = greedy_continuations(model, tokenizer, prompts)
         self.generations = [{"prompt": p, **{name: texts[i] for name, texts in samples.items()}}
                             for i, p in enumerate(prompts)]
         return rows
@@ -302,21 +314,32 @@ class CausalLMRun:
         return write_summary(self.ctx.run_dir, summary)
 
 
+SPEED_KEYS = ("tokens_per_s_b1", "tokens_per_s_b8", "latency_ms", "peak_memory_bytes", "peak_memory_batch")
+
+
+def architecture(model: Any) -> tuple:
+    """Models with equal architectures (classes, parameter names, shapes, dtypes) run at the same speed."""
+    return type(model).__name__, tuple((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
+
+
 def measure_lm(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int,
-               teacher_predictions: torch.Tensor | None, tokenizer: Any, repeats: int = 2
-               ) -> tuple[dict[str, Any], torch.Tensor]:
+               teacher_predictions: torch.Tensor | None, tokenizer: Any, repeats: int = 2,
+               speed: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """A model's summary row (held-out perplexity and agreement, size, generation speed, peak memory) and its top-1
-    predictions."""
+    predictions; `speed`: the speed and memory already measured on a model of the same architecture."""
     model.eval()
     ppl, predictions = perplexity_and_predictions(model, eval_blocks, vocab_size=vocab)
-    speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                               repeats=repeats)
-    speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                               repeats=repeats)
-    device = next(model.parameters()).device
-    batch = eval_blocks[:8].to(device)
-    with torch.inference_mode():
-        peak = measure_peak_memory(model, lambda: model(input_ids=batch, use_cache=False), device)
+    if speed is None:
+        speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                                   repeats=repeats)
+        speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
+                                   repeats=repeats)
+        device = next(model.parameters()).device
+        batch = eval_blocks[:8].to(device)
+        with torch.inference_mode():
+            peak = measure_peak_memory(model, lambda: model(input_ids=batch, use_cache=False), device)
+        speed = {"tokens_per_s_b1": speed_1, "tokens_per_s_b8": speed_8, "latency_ms": 1000.0 / speed_1,
+                 "peak_memory_bytes": peak, "peak_memory_batch": len(batch)}
     info_file = folder / "train.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -325,11 +348,7 @@ def measure_lm(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int,
         "agreement": 1.0 if teacher_predictions is None else agreement(predictions, teacher_predictions),
         "params": parameter_count(model),
         "size_bytes": weights or folder_size(folder),
-        "tokens_per_s_b1": speed_1,
-        "tokens_per_s_b8": speed_8,
-        "latency_ms": 1000.0 / speed_1,
-        "peak_memory_bytes": peak,
-        "peak_memory_batch": len(batch),
+        **{key: speed[key] for key in SPEED_KEYS},
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "train_time_s": info.get("train_time_s"),
         "path": str(folder),

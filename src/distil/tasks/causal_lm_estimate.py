@@ -20,9 +20,10 @@ import torch
 
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
 from distil.errors import DistilError
-from distil.paths import cache_dir
 from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes,
                                     parameter_bytes, trace_saved)
+from distil.paths import cache_dir
+from distil.precision import device_kind, teacher_dtype
 
 FUSED_CHUNK_BUFFERS = 4  # student logits, teacher logits, their log-probs / the gradient, per chunk (fp32)
 PLAIN_LOGIT_BUFFERS = 5
@@ -95,7 +96,8 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     if recipe.student.freeze_embeddings:
         for head in (student.get_input_embeddings(), student.get_output_embeddings()):
             head.weight.requires_grad_(False)
-    t_bytes = getattr(torch, t_spec.dtype).itemsize if t_spec.dtype else 4
+    t_dtype = teacher_dtype(t_spec.dtype, recipe.train.precision, device_kind(recipe.train.device))
+    t_bytes = getattr(torch, t_dtype).itemsize if t_dtype else 4
     batch, length = recipe.train.batch_size, recipe.data.seq_len
     if recipe.method == "response" and recipe.generate is not None:
         length = min(length, 4 * recipe.generate.max_new_tokens + 256)  # prompt + answer, at most seq_len
@@ -126,7 +128,7 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
         if with_teacher and not cached:
             teacher_weights = sum(p.numel() for p in teacher.parameters()) * t_bytes
             width = max(t_config.hidden_size, getattr(t_config, "intermediate_size", 0))
-            items.insert(0, MemoryItem("teacher weights", teacher_weights, t_spec.dtype or "float32"))
+            items.insert(0, MemoryItem("teacher weights", teacher_weights, t_dtype or "float32"))
             items.append(MemoryItem("teacher forward", 3 * tokens * width * t_bytes, "largest layer, no grad"))
         stages.append(StageEstimate(arm, items))
     return MemoryEstimate("cuda" if recipe.train.device == "cuda" else "cpu", stages)

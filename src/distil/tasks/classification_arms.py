@@ -26,6 +26,7 @@ from torch import nn
 from distil.config.adapt import logit_loss, train_config
 from distil.config.schema import TEACHER_ARMS, LossSpec, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
+from distil.diskspace import tensor_bytes
 from distil.data.sources import LoadedData
 from distil.data.sources.vision import ClassificationData
 from distil.distill.feature_objective import FeatureDistiller, FeatureObjective
@@ -68,7 +69,7 @@ def save_classifier(folder: Path, model: nn.Module, config: dict[str, Any], info
         write_json(tmp / "config.json", config)
         write_json(tmp / "train.json", info)
 
-    save_model_folder(folder, fill)
+    save_model_folder(folder, fill, lambda: tensor_bytes(weights.values(), files=3))
 
 
 def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
+from distil.diskspace import tensor_bytes
 from distil.distill.feature_objective import FeatureDistiller
 from distil.models import hf
 from distil.students import make_student
@@ -64,7 +65,8 @@ def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any
             extra(tmp)
         write_json(tmp / "train.json", info or {})
 
-    save_model_folder(folder, fill)
+    save_model_folder(folder, fill, lambda: tensor_bytes(  # + config, tokenizer and pipeline files
+        (model.state_dict() if weights is None else weights).values(), files=8))
 
 
 def feature_distiller(recipe: Recipe, student: nn.Module, teacher: nn.Module, batch: dict[str, Any],

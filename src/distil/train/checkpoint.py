@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from distil.diskspace import check_space, disk_full_guard, tensor_bytes
 from distil.errors import DistilError
 
 SEAL = "COMPLETE"
@@ -189,35 +190,39 @@ def write_checkpoint(
     final = folder / f"{PREFIX}{step:08d}"
     for stale in folder.glob(f".{PREFIX}*.tmp-*"):  # left by a process killed while writing; never loaded
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    save_tensors(tmp / "modules.safetensors", weights)
+    # Everything to write is gathered first, so its size is known and a disk too small refuses before writing.
     state = dict(state, step=step)
     state.setdefault("versions", _versions())
+    files = {"modules.safetensors": weights}
     if optimizer is not None:
         opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-        opt_tensors, opt_rest = flatten_optimizer(opt_state)
-        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        state["optimizer"] = opt_rest
-    rng_tensors, rng_rest = rank_rng[0] if rank_rng else rng_state()
-    save_tensors(tmp / "rng.safetensors", rng_tensors)
-    state["rng"] = rng_rest
+        files["optimizer.safetensors"], state["optimizer"] = flatten_optimizer(opt_state)
+    rng_tensors, state["rng"] = rank_rng[0] if rank_rng else rng_state()
+    files["rng.safetensors"] = rng_tensors
     if rank_rng and len(rank_rng) > 1:
         state["world_size"] = len(rank_rng)
         state["rng_ranks"] = {}
         for r, (tensors, rest) in enumerate(rank_rng[1:], start=1):
-            save_tensors(tmp / f"rng-rank{r}.safetensors", tensors)
+            files[f"rng-rank{r}.safetensors"] = tensors
             state["rng_ranks"][str(r)] = rest
-    write_json(tmp / "state.json", state)
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    write_json(tmp / SEAL, {"files": {name: _sha256(tmp / name) for name in files}})
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after resuming at a checkpoint boundary)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    needed = (tensor_bytes((t for f in files.values() for t in f.values()), files=len(files) + 2, shared_once=False)
+              + len(json.dumps(state, indent=1)) + 100 * len(files))  # + state.json and the seal's lines
+    check_space(final, needed)
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    with disk_full_guard(final, needed, cleanup=tmp):  # a failed write leaves neither the folder nor its space used
+        tmp.mkdir()
+        for name, tensors in files.items():
+            save_tensors(tmp / name, tensors)
+        write_json(tmp / "state.json", state)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        write_json(tmp / SEAL, {"files": {name: _sha256(tmp / name) for name in names}})
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after resuming at a checkpoint boundary)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     _fsync_dir(folder)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -295,10 +300,16 @@ def _versions() -> dict[str, str]:
 
 def resume_warnings(checkpoint: Checkpoint, recipe: dict[str, Any] | None) -> list[str]:
     """What differs between the run that wrote `checkpoint` and this one: exact resume needs neither to differ."""
+    from distil.paths import release_mismatch
+
     found = []
     saved = checkpoint.state.get("versions", {})
     changed = [f"{k} {saved[k]} -> {v}" for k, v in _versions().items() if k in saved and saved[k] != v]
-    if changed:
+    release = release_mismatch(saved)
+    if release:  # another release line: the state loads (safetensors + JSON), but the arithmetic may differ
+        found.append(f"{checkpoint.path} was written with {release}; resuming from it, but the run will not match "
+                     f"an uninterrupted one bit for bit (to redo the stage on this machine, delete {checkpoint.path.parent})")
+    elif changed:
         found.append(f"{checkpoint.path} was written with other library versions ({', '.join(changed)}); "
                      "the resumed run may not match an uninterrupted one bit for bit")
     before = checkpoint.state.get("recipe")

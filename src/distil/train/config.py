@@ -22,7 +22,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
     clip_grad_norm: float | None = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 autocast only where the device runs it natively (distil.precision)
     log_every: int = 10
     eval_every: int | None = None
     save_every: int | None = None  # a final checkpoint is always written

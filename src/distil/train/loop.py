@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from distil.data.stream import BatchStream
 from distil.errors import DistilError
+from distil.precision import train_precision
 from distil.train import checkpoint as ckpt
 from distil.train import distributed as dist
 from distil.train.config import ParallelConfig, TrainConfig
@@ -94,7 +95,8 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
             state["recipe"] = stage.recipe
         return par.save(stage.checkpoint_dir, step, optimizer, state, spec.keep_checkpoints)
 
-    autocast = torch.autocast(stage.device.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16")
+    bf16 = train_precision(spec.precision, stage.device.type) == "bf16"
+    autocast = torch.autocast(stage.device.type, dtype=torch.bfloat16, enabled=bf16)
     for module in objective.modules.values():
         module.train()
     window_units, window_start, skipped_in_a_row = 0, time.perf_counter(), 0
