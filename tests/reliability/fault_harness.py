@@ -9,7 +9,8 @@ Faults are placed by *events*: calls of the functions that matter for durability
 checkpoint tensor or JSON write, fsync, rename, folder removal), each forward pass of a causal LM (one per generated
 token) and the start of each training stage. A plan says what to do just before event number N: `kill_at` (a real
 SIGKILL sent by the process to itself: no handler, no `finally`, no flush runs) or `pause_at` (write a marker file,
-then wait until a release file appears, so a test can send signals from outside while the run is at a known point).
+then wait until a release file appears, so a test can send signals from outside while the run is at a known point;
+`pause_on` pauses at the first event whose detail contains that text, e.g. the last rename of every run).
 `record` writes the list of events when the run ends. `file_size_limit` kills the process inside a write, at a chosen
 byte: the write that would take any file past that many bytes stores what fits and then dies of SIGXFSZ, as the
 kernel sends it (RLIMIT_FSIZE). `address_space_mb` caps the child's address space that far above what it maps at
@@ -68,7 +69,7 @@ class _Injector:
             self.events.append([self.count, kind, detail, self.stage])
         if self.count == self.plan.get("kill_at"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.count == self.plan.get("pause_at"):
+        if self.count == self.plan.get("pause_at") or self.plan.get("pause_on", "\0") in detail:
             Path(self.plan["marker"]).write_text(f"{kind} {detail} {self.stage}")
             deadline = time.monotonic() + 60
             while not Path(self.plan["release"]).exists() and time.monotonic() < deadline:
@@ -187,6 +188,7 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     classification._measure = training_ends_before(classification._measure)
     sampler = threading.Thread(target=sample_peak, daemon=True)
     sampler.start()
+    started = time.monotonic()
     try:
         code = distil.cli.main(argv)
     finally:
@@ -198,6 +200,7 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     Path(result).write_text(json.dumps({
         "events": injector.events,
         "maxrss_kb": training_peak,
+        "seconds": time.monotonic() - started,  # the run itself, without the process start
     }))
     sys.stdout.flush()
     sys.stderr.flush()
