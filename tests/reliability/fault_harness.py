@@ -8,13 +8,15 @@ interpreter start costs, so a test can afford many processes. Each child runs `d
 Faults are placed by *events*: calls of the functions that matter for durability (each optimizer step, metric write,
 checkpoint tensor or JSON write, fsync, rename, folder removal), each forward pass of a causal LM (one per generated
 token) and the start of each training stage. A plan says what to do just before event number N: `kill_at` (a real
-SIGKILL sent by the process to itself: no handler, no `finally`, no flush runs) or `pause_at` (write a marker file,
-then wait until a release file appears, so a test can send signals from outside while the run is at a known point;
-`pause_on` pauses at the first event whose detail contains that text, e.g. the last rename of every run).
-`record` writes the list of events when the run ends. `file_size_limit` kills the process inside a write, at a chosen
-byte: the write that would take any file past that many bytes stores what fits and then dies of SIGXFSZ, as the
-kernel sends it (RLIMIT_FSIZE). `address_space_mb` caps the child's address space that far above what it maps at
-start, so a large allocation fails for real (RLIMIT_AS: refused up front, never touching the machine's memory).
+SIGKILL sent by the process to itself: no handler, no `finally`, no flush runs; `kill_on` [kind, text, n]: just
+before the n-th event of that kind whose detail contains the text, e.g. a resumed run's 2nd optimizer step) or
+`pause_at` (write a marker file, then wait until a release file appears, so a test can send signals from outside
+while the run is at a known point; `pause_on` pauses at the first event whose detail contains that text, e.g. the
+last rename of every run). `record` writes the list of events when the run ends. `file_size_limit` kills the process
+inside a write, at a chosen byte: the write that would take any file past that many bytes stores what fits and then
+dies of SIGXFSZ, as the kernel sends it (RLIMIT_FSIZE). `address_space_mb` caps the child's address space that far
+above what it maps at start, so a large allocation fails for real (RLIMIT_AS: refused up front, never touching the
+machine's memory).
 
 `python -m distil` subprocesses get the same injection through tests/reliability/inject/sitecustomize.py when
 DISTIL_TEST_FAULTS holds a JSON plan.
@@ -61,7 +63,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 class _Injector:
     def __init__(self, plan: dict[str, Any]):
-        self.plan, self.count, self.stage, self.events = plan, 0, "-", []
+        self.plan, self.count, self.stage, self.events, self.matches = plan, 0, "-", [], 0
 
     def event(self, kind: str, detail: str = "") -> None:
         self.count += 1
@@ -69,6 +71,11 @@ class _Injector:
             self.events.append([self.count, kind, detail, self.stage])
         if self.count == self.plan.get("kill_at"):
             os.kill(os.getpid(), signal.SIGKILL)
+        target = self.plan.get("kill_on")  # [kind, text in the detail, n]: before the n-th such event
+        if target and kind == target[0] and target[1] in detail:
+            self.matches += 1
+            if self.matches == target[2]:
+                os.kill(os.getpid(), signal.SIGKILL)
         if self.count == self.plan.get("pause_at") or self.plan.get("pause_on", "\0") in detail:
             Path(self.plan["marker"]).write_text(f"{kind} {detail} {self.stage}")
             deadline = time.monotonic() + 60

@@ -1,0 +1,174 @@
+"""Exact resume of the language-model paths under SIGKILL, on a tiny Llama built on the fly.
+
+Each path runs once uninterrupted (the reference, with its list of events), then once killed twice: the run is
+SIGKILLed at a chosen moment, `distil resume` is SIGKILLed again at another, and a last `distil resume` finishes it.
+The finished run must hold the same student weights, bit for bit, and the same metrics.jsonl (wall-clock fields
+aside) as the reference, plus the same bytes of what the path writes on the way (the teacher's answers, the cache's
+shards and manifest), and no temporary file. Every kill must land (exit -9).
+
+Paths and kill points (events of fault_harness; `forward` is one forward pass of a causal LM, one per generated token):
+- fused token-level KD: after optimizer step 3, before its metrics line; then while the resume writes its first
+  checkpoint's optimizer state.
+- on-policy (GKD): in the middle of the student's sampling for a step after the first checkpoint; then after the
+  resume's 2nd optimizer step (sampling RNG and data position restored from the checkpoint).
+- response distillation: in the middle of the teacher's sampling of a batch of answers; then after the resume's 3rd
+  fine-tuning step.
+- cache build and cache-fed training: before the 2nd shard of the cache moves into place; then after the resume's
+  3rd training step.
+- feature terms with projectors (FitNets, 1x1 projector per layer pair): after optimizer step 3 (before the
+  scheduler step); then while the resume writes its second checkpoint's modules (student and projectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import fault_harness
+from reliability_runs import COUNTS, assert_same_weights, read_metrics, strip_timing
+
+Events = list[list[Any]]  # [number, kind, detail, stage]
+Plan = dict[str, Any]
+
+
+def _mid_sampling(events: Events, *, before_training: bool) -> Plan:
+    """A kill at the middle forward pass of the longest run of forward passes with nothing else in between: inside a
+    generation (the teacher's answers, before training; or an on-policy step's sampling, after the first checkpoint)."""
+    first_stage = next(n for n, kind, *_ in events if kind == "stage")
+    first_save = next(n for n, kind, *_ in events if kind == "save_tensors")
+    last_step = max(n for n, kind, *_ in events if kind == "step")
+    runs: list[list[int]] = [[]]
+    for n, kind, *_ in events:
+        inside = n < first_stage if before_training else first_save < n < last_step
+        if kind == "forward" and inside:
+            runs[-1].append(n)
+        elif runs[-1]:
+            runs.append([])
+    longest = max(runs, key=len)
+    assert len(longest) >= 4, f"no generation found in the reference's events: {runs}"
+    return {"kill_at": longest[len(longest) // 2]}
+
+
+@dataclass(frozen=True)
+class Path_:
+    recipe: dict[str, Any]  # merged over BASE; "{root}" in a string is the run's own folder
+    first: Callable[[Events], Plan]  # the first kill, from the reference's events
+    second: list[Any]  # the resume's kill: kill_on [kind, text, n]
+    outputs: tuple[str, ...] = ()  # other files that must be byte-equal, relative to the run's folder
+
+
+BASE: dict[str, Any] = {
+    "name": "tiny-lm-kill", "task": "causal_lm",
+    "data": {"kind": "text", "train": ["sonnets_gut"], "eval": ["phoenix_and_the_turtle_gut"], "seq_len": 24,
+             "max_train_tokens": 1200, "eval_tokens": 96},
+    "student": {"model": {"arch": "from_teacher", "num_layers": 2}},
+    "loss": {"alpha": 0.5, "temperature": 2.0},
+    "train": {"steps": 6, "batch_size": 4, "log_every": 1, "eval_every": 3, "save_every": 2},
+    "arms": ["distilled"], "generations_shown": 0, "latency_runs": 1,
+}
+PATHS = {
+    "fused token-level KD": Path_(
+        {}, lambda events: {"kill_on": ["metrics", "distilled 3", 1]}, ["save_tensors", "optimizer", 1]),
+    "on-policy sampling": Path_(
+        {"loss": {"divergence": "generalized_jsd", "beta": 0.5},
+         "onpolicy": {"lmbda": 0.5, "prompt_tokens": 8, "max_new_tokens": 8}},
+        lambda events: _mid_sampling(events, before_training=False), ["step", "", 2]),
+    "response generation then fine-tuning": Path_(
+        {"method": "response", "data": {"seq_len": 48},
+         "generate": {"num_prompts": 8, "eval_prompts": 2, "prompt_lines": 1, "max_new_tokens": 8, "batch_size": 3,
+                      "do_sample": True, "temperature": 1.2}},
+        lambda events: _mid_sampling(events, before_training=True), ["step", "", 3],
+        ("run/generations.jsonl", "run/eval_generations.jsonl")),
+    "cache build and cache-fed training": Path_(
+        {"teacher": {"cache": {"path": "{root}/teacher-cache", "k": 8, "shard_size": 16, "batch_size": 4}}},
+        lambda events: {"kill_on": ["replace", "/shard-", 2]}, ["step", "", 3],
+        ("teacher-cache/manifest.json", "teacher-cache/shard-*")),
+    "feature terms with projectors": Path_(
+        {"loss": {"features": [{"student": "model.layers.{}", "teacher": "model.layers.{}", "loss": "fitnets",
+                                "weight": 0.5}]}},
+        lambda events: {"kill_on": ["step", "", 3]}, ["save_tensors", "modules", 2]),
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and key in base else value
+    return merged
+
+
+def _fill(value: Any, root: Path) -> Any:
+    if isinstance(value, dict):
+        return {k: _fill(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, root) for v in value]
+    return value.replace("{root}", str(root)) if isinstance(value, str) else value
+
+
+def _files(root: Path, patterns: tuple[str, ...]) -> list[Path]:
+    found = [p for pattern in patterns for p in sorted(root.glob(pattern))]
+    assert found or not patterns, f"none of {patterns} under {root}"
+    return found
+
+
+class Job:
+    """One run of a path in its own folder: the recipe file, the run directory, and the commands."""
+
+    def __init__(self, path: Path_, tiny_lm: Path, root: Path):
+        self.root, self.run_dir, self.logs = root, root / "run", root / "logs"
+        recipe = _fill(_merge(BASE, path.recipe), root)
+        recipe["teacher"] = {**recipe.get("teacher", {}), "model": {"arch": "hf", "source": str(tiny_lm)}}
+        self.recipe = root / "recipe.yaml"
+        root.mkdir(parents=True, exist_ok=True)
+        self.recipe.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        self.env = {"DISTIL_CACHE": str(root / "distil-cache")}
+
+    def next_args(self) -> list[str]:
+        if (self.run_dir / "recipe.yaml").exists():
+            return ["resume", str(self.run_dir), "-q"]
+        return ["run", str(self.recipe), "-q", f"output_dir={self.run_dir}"]
+
+    def run(self, plan: Plan | None = None) -> tuple[int, Any]:
+        return fault_harness.run(self.next_args(), env=self.env, logs=self.logs, plan=plan)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Job, Events]]:
+    made: dict[str, tuple[Job, Events]] = {}
+
+    def get(name: str) -> tuple[Job, Events]:
+        if name not in made:
+            job = Job(PATHS[name], tiny_lm, tmp_path_factory.mktemp("reference"))
+            code, child = job.run({"record": True})
+            assert code == 0, child.output()
+            made[name] = job, child.outcome()["events"]
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(PATHS))
+def test_killed_lm_run_resumes_bitwise_equal(name: str, references, tiny_lm: Path, tmp_path: Path) -> None:
+    path = PATHS[name]
+    reference, events = references(name)
+    job = Job(path, tiny_lm, tmp_path)
+    for plan in (path.first(events), {"kill_on": path.second}):
+        code, child = job.run(plan)
+        assert code == -9, f"the kill {plan} did not happen (exit {code}):\n{child.output()}"
+    code, child = job.run()
+    assert code == 0, child.output()
+    assert "Traceback" not in child.output()
+
+    assert_same_weights(reference.run_dir / "student" / "model.safetensors", job.run_dir / "student" / "model.safetensors")
+    assert strip_timing(read_metrics(job.run_dir)) == strip_timing(read_metrics(reference.run_dir))
+    for expected, got in zip(_files(reference.root, path.outputs), _files(job.root, path.outputs), strict=True):
+        assert expected.name == got.name and expected.read_bytes() == got.read_bytes(), got
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+    assert leftovers == []
+    COUNTS["delivered"] += 2
+    COUNTS["scenarios"] += 1
