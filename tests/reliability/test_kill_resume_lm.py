@@ -1,22 +1,22 @@
 """Exact resume of the language-model paths under SIGKILL, on a tiny Llama built on the fly.
 
-Each path runs once uninterrupted (the reference, with its list of events), then once killed twice: the run is
-SIGKILLed at a chosen moment, `distil resume` is SIGKILLed again at another, and a last `distil resume` finishes it.
-The finished run must hold the same student weights, bit for bit, and the same metrics.jsonl (wall-clock fields
-aside) as the reference, plus the same bytes of what the path writes on the way (the teacher's answers, the cache's
-shards and manifest), and no temporary file. Every kill must land (exit -9).
+Each path runs once uninterrupted (the reference, with its list of events), then killed: the run is SIGKILLed at a
+chosen moment, each `distil resume` but the last is SIGKILLed again at another, and the last finishes it. The
+finished run must hold the same student weights, bit for bit, and the same metrics.jsonl (wall-clock fields aside)
+as the reference, plus the same bytes of what the path writes on the way (the teacher's answers, the cache's shards
+and manifest), and no temporary file. Every kill must land (exit -9).
 
 Paths and kill points (events of fault_harness; `forward` is one forward pass of a causal LM, one per generated token):
-- fused token-level KD: after optimizer step 3, before its metrics line; then while the resume writes its first
-  checkpoint's optimizer state.
+- fused token-level KD (arm logit_kd) then feature terms with projectors (arm distilled, FitNets: a projector per
+  layer pair): after logit_kd's optimizer step 3, before its metrics line; then while the resume writes distilled's
+  step-4 checkpoint (its optimizer state, after the modules: student and projectors); then after the next resume's
+  first step of distilled (projectors and their optimizer state restored from step 2).
 - on-policy (GKD): in the middle of the student's sampling for a step after the first checkpoint; then after the
   resume's 2nd optimizer step (sampling RNG and data position restored from the checkpoint).
 - response distillation: in the middle of the teacher's sampling of a batch of answers; then after the resume's 3rd
   fine-tuning step.
-- cache build and cache-fed training: before the 2nd shard of the cache moves into place; then after the resume's
-  3rd training step.
-- feature terms with projectors (FitNets, 1x1 projector per layer pair): after optimizer step 3 (before the
-  scheduler step); then while the resume writes its second checkpoint's modules (student and projectors).
+- cache build and cache-fed training: before the 2nd shard file of the cache moves into place; then after the
+  resume's 3rd training step.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def _mid_sampling(events: Events, *, before_training: bool) -> Plan:
 class Path_:
     recipe: dict[str, Any]  # merged over BASE; "{root}" in a string is the run's own folder
     first: Callable[[Events], Plan]  # the first kill, from the reference's events
-    second: list[Any]  # the resume's kill: kill_on [kind, text, n]
+    then: tuple[list[Any], ...]  # the kills of the resumes, each kill_on [kind, text, n]
     outputs: tuple[str, ...] = ()  # other files that must be byte-equal, relative to the run's folder
+    arms: tuple[str, ...] = ("student",)
 
 
 BASE: dict[str, Any] = {
@@ -72,26 +73,29 @@ BASE: dict[str, Any] = {
     "arms": ["distilled"], "generations_shown": 0, "latency_runs": 1,
 }
 PATHS = {
-    "fused token-level KD": Path_(
-        {}, lambda events: {"kill_on": ["metrics", "distilled 3", 1]}, ["save_tensors", "optimizer", 1]),
+    # Arm logit_kd is fused token-level KD alone; arm distilled adds the feature terms (a FitNets projector per
+    # layer pair), whose projectors the checkpoints must carry.
+    "fused token-level KD, then feature terms with projectors": Path_(
+        {"arms": ["logit_kd", "distilled"],
+         "loss": {"features": [{"student": "model.layers.{}", "teacher": "model.layers.{}", "loss": "fitnets",
+                                "weight": 0.5}]}},
+        lambda events: {"kill_on": ["metrics", "logit_kd 3", 1]},
+        (["save_tensors", "/distilled/.step-00000004", 2], ["step", "", 1]),
+        arms=("logit_kd", "student")),
     "on-policy sampling": Path_(
         {"loss": {"divergence": "generalized_jsd", "beta": 0.5},
          "onpolicy": {"lmbda": 0.5, "prompt_tokens": 8, "max_new_tokens": 8}},
-        lambda events: _mid_sampling(events, before_training=False), ["step", "", 2]),
+        lambda events: _mid_sampling(events, before_training=False), (["step", "", 2],)),
     "response generation then fine-tuning": Path_(
         {"method": "response", "data": {"seq_len": 48},
          "generate": {"num_prompts": 8, "eval_prompts": 2, "prompt_lines": 1, "max_new_tokens": 8, "batch_size": 3,
                       "do_sample": True, "temperature": 1.2}},
-        lambda events: _mid_sampling(events, before_training=True), ["step", "", 3],
+        lambda events: _mid_sampling(events, before_training=True), (["step", "", 3],),
         ("run/generations.jsonl", "run/eval_generations.jsonl")),
     "cache build and cache-fed training": Path_(
         {"teacher": {"cache": {"path": "{root}/teacher-cache", "k": 8, "shard_size": 16, "batch_size": 4}}},
-        lambda events: {"kill_on": ["replace", "/shard-", 2]}, ["step", "", 3],
+        lambda events: {"kill_on": ["replace", "/shard-", 2]}, (["step", "", 3],),
         ("teacher-cache/manifest.json", "teacher-cache/shard-*")),
-    "feature terms with projectors": Path_(
-        {"loss": {"features": [{"student": "model.layers.{}", "teacher": "model.layers.{}", "loss": "fitnets",
-                                "weight": 0.5}]}},
-        lambda events: {"kill_on": ["step", "", 3]}, ["save_tensors", "modules", 2]),
 }
 
 
@@ -157,18 +161,20 @@ def test_killed_lm_run_resumes_bitwise_equal(name: str, references, tiny_lm: Pat
     path = PATHS[name]
     reference, events = references(name)
     job = Job(path, tiny_lm, tmp_path)
-    for plan in (path.first(events), {"kill_on": path.second}):
+    plans = [path.first(events), *({"kill_on": target} for target in path.then)]
+    for plan in plans:
         code, child = job.run(plan)
         assert code == -9, f"the kill {plan} did not happen (exit {code}):\n{child.output()}"
     code, child = job.run()
     assert code == 0, child.output()
     assert "Traceback" not in child.output()
 
-    assert_same_weights(reference.run_dir / "student" / "model.safetensors", job.run_dir / "student" / "model.safetensors")
+    for arm in path.arms:
+        assert_same_weights(reference.run_dir / arm / "model.safetensors", job.run_dir / arm / "model.safetensors")
     assert strip_timing(read_metrics(job.run_dir)) == strip_timing(read_metrics(reference.run_dir))
     for expected, got in zip(_files(reference.root, path.outputs), _files(job.root, path.outputs), strict=True):
         assert expected.name == got.name and expected.read_bytes() == got.read_bytes(), got
     leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
     assert leftovers == []
-    COUNTS["delivered"] += 2
+    COUNTS["delivered"] += len(plans)
     COUNTS["scenarios"] += 1
