@@ -87,6 +87,7 @@ def generate_responses(
     output.parent.mkdir(parents=True, exist_ok=True)
     if not output.exists() or output.read_bytes() != kept:
         _replace_file(output, kept)
+    output.with_name(output.name + ".tmp").unlink(missing_ok=True)  # a killed rewrite's, when none was needed now
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
     progress = Progress(TextColumn("[bold]generate[/bold]"), BarColumn(), MofNCompleteColumn(),
