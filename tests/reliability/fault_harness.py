@@ -163,7 +163,8 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     injector = install(plan)
     if plan.get("file_size_limit"):  # a write past this many bytes of any file kills the process (SIGXFSZ)
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it, turning the kill into an OSError
-        resource.setrlimit(resource.RLIMIT_FSIZE, (plan["file_size_limit"], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (plan["file_size_limit"], hard))
     if plan.get("address_space_mb"):  # a real allocation failure: allow only this much beyond what is mapped now
         mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:")))
         limit = mapped * 1024 + plan["address_space_mb"] * 2**20

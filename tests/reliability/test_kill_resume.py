@@ -1,11 +1,11 @@
 """Exact resume under SIGKILL.
 
-A run is killed (SIGKILL: nothing of the process runs after it) at a chosen moment: inside the teacher stage, while a
-checkpoint is being written, sealed or renamed, while the teacher moves into the cache, between the arms, while the
-final student is saved, before the report's rename, at events drawn at random, and at random wall-clock times. It is
-then continued with `distil resume RUN_DIR` (or `distil run` again when it died before writing its recipe), which
-half of the scenarios kill once more. Every scenario must end with the teacher and both students bitwise equal to the uninterrupted run,
-the same metrics.jsonl (wall-clock fields aside), and no temporary file left behind.
+A run is killed (SIGKILL: nothing of the process runs after it) at a chosen moment: inside the teacher stage, while
+a checkpoint is being written, sealed or renamed, while the teacher moves into the cache, between the arms, while
+the final student is saved, before the report's rename, at events drawn at random, and at random wall-clock times.
+It is then continued with `distil resume RUN_DIR` (or `distil run` again when it died before writing its recipe),
+which half of the scenarios kill once more. Every scenario must end with the teacher and both students bitwise equal
+to the uninterrupted run, the same metrics.jsonl (wall-clock fields aside), and no temporary file left behind.
 
 Moments are events of fault_harness (each optimizer step, metric write, checkpoint write, fsync, rename, removal,
 stage start), drawn with a fixed seed from the reference run's own event list, so every run of the test tries the

@@ -11,12 +11,13 @@ Paths and kill points (events of fault_harness; `forward` is one forward pass of
   layer pair): after logit_kd's optimizer step 3, before its metrics line; then while the resume writes distilled's
   step-4 checkpoint (its optimizer state, after the modules: student and projectors); then after the next resume's
   first step of distilled (projectors and their optimizer state restored from step 2).
-- on-policy (GKD): in the middle of the student's sampling for a step after the first checkpoint; then after the
-  resume's 2nd optimizer step (sampling RNG and data position restored from the checkpoint).
-- response distillation: in the middle of the teacher's sampling of a batch of answers; then after the resume's 3rd
-  fine-tuning step.
-- cache build and cache-fed training: before the 2nd shard file of the cache moves into place; then after the
-  resume's 3rd training step.
+- on-policy (GKD): in the middle of the student's sampling for the second on-policy step after the first
+  checkpoint; then after the resume's 2nd optimizer step (sampling RNG and data position restored from the
+  checkpoint).
+- response distillation: in the middle of the teacher's sampling of its second batch of answers; then after the
+  resume's 3rd fine-tuning step.
+- cache build and cache-fed training: before the first shard's record moves into place (its data file is there,
+  the record a temporary); then after the resume's 3rd training step.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ Plan = dict[str, Any]
 
 
 def _mid_sampling(events: Events, *, before_training: bool) -> Plan:
-    """A kill at the middle forward pass of the longest run of forward passes with nothing else in between: inside a
-    generation (the teacher's answers, before training; or an on-policy step's sampling, after the first checkpoint)."""
+    """A kill at the middle forward pass of the second generation: a run of forward passes with nothing else in
+    between, before training (the teacher's second batch of answers, after the first was written) or after the first
+    checkpoint (an on-policy step's sampling)."""
     first_stage = next(n for n, kind, *_ in events if kind == "stage")
     first_save = next(n for n, kind, *_ in events if kind == "save_tensors")
     last_step = max(n for n, kind, *_ in events if kind == "step")
@@ -49,18 +51,19 @@ def _mid_sampling(events: Events, *, before_training: bool) -> Plan:
             runs[-1].append(n)
         elif runs[-1]:
             runs.append([])
-    longest = max(runs, key=len)
-    assert len(longest) >= 4, f"no generation found in the reference's events: {runs}"
-    return {"kill_at": longest[len(longest) // 2]}
+    generations = [run for run in runs if len(run) >= 4]
+    assert len(generations) >= 2, f"no second generation in the reference's events: {runs}"
+    return {"kill_at": generations[1][len(generations[1]) // 2]}
 
 
 @dataclass(frozen=True)
-class Path_:
+class LMPath:
     recipe: dict[str, Any]  # merged over BASE; "{root}" in a string is the run's own folder
     first: Callable[[Events], Plan]  # the first kill, from the reference's events
     then: tuple[list[Any], ...]  # the kills of the resumes, each kill_on [kind, text, n]
     outputs: tuple[str, ...] = ()  # other files that must be byte-equal, relative to the run's folder
     arms: tuple[str, ...] = ("student",)
+    landed: Callable[[Path], bool] | None = None  # what the run's folder shows after the first kill
 
 
 BASE: dict[str, Any] = {
@@ -75,27 +78,31 @@ BASE: dict[str, Any] = {
 PATHS = {
     # Arm logit_kd is fused token-level KD alone; arm distilled adds the feature terms (a FitNets projector per
     # layer pair), whose projectors the checkpoints must carry.
-    "fused token-level KD, then feature terms with projectors": Path_(
+    "fused token-level KD, then feature terms with projectors": LMPath(
         {"arms": ["logit_kd", "distilled"],
          "loss": {"features": [{"student": "model.layers.{}", "teacher": "model.layers.{}", "loss": "fitnets",
                                 "weight": 0.5}]}},
         lambda events: {"kill_on": ["metrics", "logit_kd 3", 1]},
         (["save_tensors", "/distilled/.step-00000004", 2], ["step", "", 1]),
         arms=("logit_kd", "student")),
-    "on-policy sampling": Path_(
+    "on-policy sampling": LMPath(
         {"loss": {"divergence": "generalized_jsd", "beta": 0.5},
          "onpolicy": {"lmbda": 0.5, "prompt_tokens": 8, "max_new_tokens": 8}},
         lambda events: _mid_sampling(events, before_training=False), (["step", "", 2],)),
-    "response generation then fine-tuning": Path_(
+    "response generation then fine-tuning": LMPath(
         {"method": "response", "data": {"seq_len": 48},
          "generate": {"num_prompts": 8, "eval_prompts": 2, "prompt_lines": 1, "max_new_tokens": 8, "batch_size": 3,
                       "do_sample": True, "temperature": 1.2}},
         lambda events: _mid_sampling(events, before_training=True), (["step", "", 3],),
-        ("run/generations.jsonl", "run/eval_generations.jsonl")),
-    "cache build and cache-fed training": Path_(
+        ("run/generations.jsonl", "run/eval_generations.jsonl"),
+        landed=lambda root: len((root / "run" / "generations.jsonl").read_text().splitlines()) == 3),  # batch 0
+    "cache build and cache-fed training": LMPath(
         {"teacher": {"cache": {"path": "{root}/teacher-cache", "k": 8, "shard_size": 16, "batch_size": 4}}},
         lambda events: {"kill_on": ["replace", "/shard-", 2]}, (["step", "", 3],),
-        ("teacher-cache/manifest.json", "teacher-cache/shard-*")),
+        ("teacher-cache/manifest.json", "teacher-cache/shard-*"),
+        landed=lambda root: not (root / "teacher-cache/shard-000000.json").exists() and sorted(
+            p.name.split(".tmp-")[0] for p in (root / "teacher-cache").glob("shard-*")) == [
+            "shard-000000.json", "shard-000000.safetensors"]),  # the data file; the record still a temporary
 }
 
 
@@ -123,7 +130,7 @@ def _files(root: Path, patterns: tuple[str, ...]) -> list[Path]:
 class Job:
     """One run of a path in its own folder: the recipe file, the run directory, and the commands."""
 
-    def __init__(self, path: Path_, tiny_lm: Path, root: Path):
+    def __init__(self, path: LMPath, tiny_lm: Path, root: Path):
         self.root, self.run_dir, self.logs = root, root / "run", root / "logs"
         recipe = _fill(_merge(BASE, path.recipe), root)
         recipe["teacher"] = {**recipe.get("teacher", {}), "model": {"arch": "hf", "source": str(tiny_lm)}}
@@ -162,9 +169,11 @@ def test_killed_lm_run_resumes_bitwise_equal(name: str, references, tiny_lm: Pat
     reference, events = references(name)
     job = Job(path, tiny_lm, tmp_path)
     plans = [path.first(events), *({"kill_on": target} for target in path.then)]
-    for plan in plans:
+    for i, plan in enumerate(plans):
         code, child = job.run(plan)
         assert code == -9, f"the kill {plan} did not happen (exit {code}):\n{child.output()}"
+        if i == 0 and path.landed is not None:
+            assert path.landed(job.root), f"the first kill {plan} landed elsewhere"
     code, child = job.run()
     assert code == 0, child.output()
     assert "Traceback" not in child.output()
