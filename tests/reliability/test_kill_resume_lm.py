@@ -148,26 +148,14 @@ class Job:
         return fault_harness.run(self.next_args(), env=self.env, logs=self.logs, plan=plan)
 
 
-@pytest.fixture(scope="module")
-def references(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Job, Events]]:
-    made: dict[str, tuple[Job, Events]] = {}
-
-    def get(name: str) -> tuple[Job, Events]:
-        if name not in made:
-            job = Job(PATHS[name], tiny_lm, tmp_path_factory.mktemp("reference"))
-            code, child = job.run({"record": True})
-            assert code == 0, child.output()
-            made[name] = job, child.outcome()["events"]
-        return made[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", list(PATHS))
-def test_killed_lm_run_resumes_bitwise_equal(name: str, references, tiny_lm: Path, tmp_path: Path) -> None:
+def test_killed_lm_run_resumes_bitwise_equal(name: str, tiny_lm: Path, tmp_path: Path) -> None:
     path = PATHS[name]
-    reference, events = references(name)
-    job = Job(path, tiny_lm, tmp_path)
+    reference = Job(path, tiny_lm, tmp_path / "reference")
+    code, child = reference.run({"record": True})
+    assert code == 0, child.output()
+    events = child.outcome()["events"]
+    job = Job(path, tiny_lm, tmp_path / "killed")
     plans = [path.first(events), *({"kill_on": target} for target in path.then)]
     for i, plan in enumerate(plans):
         code, child = job.run(plan)
@@ -183,7 +171,7 @@ def test_killed_lm_run_resumes_bitwise_equal(name: str, references, tiny_lm: Pat
     assert strip_timing(read_metrics(job.run_dir)) == strip_timing(read_metrics(reference.run_dir))
     for expected, got in zip(_files(reference.root, path.outputs), _files(job.root, path.outputs), strict=True):
         assert expected.name == got.name and expected.read_bytes() == got.read_bytes(), got
-    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+    leftovers = [p for p in job.root.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
     assert leftovers == []
     COUNTS["delivered"] += len(plans)
     COUNTS["scenarios"] += 1
