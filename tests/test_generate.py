@@ -36,6 +36,21 @@ def test_generation_is_deduplicated_and_resumes_to_the_same_file(tiny_lm, tmp_pa
     assert partial.read_text() == whole.read_text()
 
 
+def test_a_partly_written_batch_is_generated_again_to_the_same_bytes(tiny_lm, tmp_path):
+    """A kill while a batch was being written leaves some of its answers on disk (and maybe a torn line). The batch is
+    answered again whole, with its own seed: the file ends byte for byte as an uninterrupted run writes it."""
+    model, tokenizer = load(tiny_lm)
+    spec = GenerateSpec(max_new_tokens=6, batch_size=2, do_sample=True, temperature=0.9, chat_template=False)
+    whole = tmp_path / "whole.jsonl"
+    generate_responses(model, tokenizer, PROMPTS, whole, spec=spec, teacher_id="tiny", seed=3, show_progress=False)
+    lines = whole.read_text().splitlines(keepends=True)
+    assert len(lines) == 5  # batches [0, 1], [2, 3], [4] of the distinct prompts
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(lines[:3]) + lines[3][:20])  # batch 1: one answer on disk, then a torn line
+    generate_responses(model, tokenizer, PROMPTS, partial, spec=spec, teacher_id="tiny", seed=3, show_progress=False)
+    assert partial.read_bytes() == whole.read_bytes()
+
+
 def test_greedy_generation_matches_single_prompt_generation(tiny_lm, tmp_path):
     """Left padding in batches must not change greedy answers."""
     model, tokenizer = load(tiny_lm)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -40,6 +41,31 @@ def _settings(spec: GenerateSpec) -> dict[str, Any]:
             "top_p": spec.top_p, "chat_template": spec.chat_template}
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The sampling seed of batch `index`: a function of (seed, index) alone, so that a resumed run samples each batch
+    exactly as an uninterrupted run does, whatever was generated before it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all (temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append(sink: Any, data: bytes) -> None:
+    """One batch's lines in one write (looping only on a short write), then fsync: a kill leaves whole batches, plus
+    at most one torn one that the next run rewrites."""
+    view, done = memoryview(data), 0
+    while done < len(data):
+        done += sink.write(view[done:])
+    os.fsync(sink.fileno())
+
+
 @torch.inference_mode()
 def generate_responses(
     model: Any, tokenizer: Any, prompts: list[str], output: Path, *, spec: GenerateSpec, teacher_id: str,
@@ -47,30 +73,34 @@ def generate_responses(
 ) -> list[dict[str, Any]]:
     """Answer every distinct prompt once, appending one JSON line per answer to `output`.
 
-    Prompts already answered in `output` are skipped, so an interrupted generation resumes. Each batch is sampled
-    with its own seed (seed + index of its first prompt), so resumed output equals uninterrupted output."""
+    The distinct prompts are batched on a fixed grid (batch i holds prompts i*batch_size ... of the list) and batch i
+    is sampled with the seed batch_seed(seed, i). A resumed run keeps the batches already answered whole, answers a
+    batch left partly on disk again whole, and so writes the same bytes as an uninterrupted run."""
     unique = list(dict.fromkeys(prompts))
-    done = read_generations(output)
-    answered = {r["prompt"] for r in done}
-    # Rewrite the file from the parsed records: drops a torn last line left by a kill.
+    grid = [unique[b : b + spec.batch_size] for b in range(0, len(unique), spec.batch_size)]
+    records = read_generations(output)
+    answered = {r["prompt"] for r in records}
+    todo = [i for i, batch in enumerate(grid) if not all(p in answered for p in batch)]
+    redo = {p for i in todo for p in grid[i]}
+    # Keep whole batches only (and records of other prompts): drops a torn line and a batch the kill cut short.
+    kept = "".join(json.dumps(r) + "\n" for r in records if r["prompt"] not in redo).encode("utf-8")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in done), encoding="utf-8")
-    os.replace(tmp, output)
-    todo = [(i, p) for i, p in enumerate(unique) if p not in answered]
+    if not output.exists() or output.read_bytes() != kept:
+        _replace_file(output, kept)
+    output.with_name(output.name + ".tmp").unlink(missing_ok=True)  # a killed rewrite's, when none was needed now
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation pads on the left
     progress = Progress(TextColumn("[bold]generate[/bold]"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), disable=not show_progress)
-    task = progress.add_task("generate", total=len(unique), completed=len(unique) - len(todo), rate="-")
+    task = progress.add_task("generate", total=len(unique), completed=len(unique) - len(redo), rate="-")
     new_tokens, start = 0, time.perf_counter()
     try:
-        with progress, open(output, "a", encoding="utf-8") as sink:
-            for b in range(0, len(todo), spec.batch_size):
-                batch = todo[b : b + spec.batch_size]
-                texts = [format_prompt(tokenizer, p, spec.chat_template) for _, p in batch]
+        with progress, open(output, "ab", buffering=0) as sink:
+            for index in todo:
+                batch = grid[index]
+                texts = [format_prompt(tokenizer, p, spec.chat_template) for p in batch]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                torch.manual_seed(seed + batch[0][0])
+                torch.manual_seed(batch_seed(seed, index))
                 out = model.generate(
                     **enc, max_new_tokens=spec.max_new_tokens, do_sample=spec.do_sample,
                     temperature=spec.temperature if spec.do_sample else None,
@@ -78,17 +108,17 @@ def generate_responses(
                     pad_token_id=tokenizer.pad_token_id, use_cache=True,
                 )
                 answers = out[:, enc["input_ids"].shape[1] :]
-                for (index, prompt), row, mask in zip(batch, answers, enc["attention_mask"]):
+                lines = []
+                for prompt, row, mask in zip(batch, answers, enc["attention_mask"]):
                     ids = row.tolist()
                     if tokenizer.eos_token_id in ids:
                         ids = ids[: ids.index(tokenizer.eos_token_id)]
                     record = {"prompt": prompt, "response": tokenizer.decode(ids, skip_special_tokens=True),
                               "prompt_tokens": int(mask.sum()), "response_tokens": len(ids), "teacher": teacher_id,
                               "settings": _settings(spec)}
-                    sink.write(json.dumps(record) + "\n")
+                    lines.append(json.dumps(record) + "\n")
                     new_tokens += len(ids)
-                sink.flush()
-                os.fsync(sink.fileno())
+                _append(sink, "".join(lines).encode("utf-8"))
                 rate = new_tokens / max(time.perf_counter() - start, 1e-9)
                 progress.update(task, advance=len(batch), rate=f"{rate:.1f}")
     finally:

@@ -73,6 +73,26 @@ def test_a_partial_shard_is_never_trusted(tmp_path, samples, teacher_fn, helpers
     assert helpers.files_of(run) == helpers.files_of(tmp_path / "ref")
 
 
+def test_a_killed_writers_temporary_is_removed_when_the_file_is_written_again(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from distil.cache.writer import atomic_write
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, target = socket.gethostname(), tmp_path / fmt.shard_file(0)
+    stale = tmp_path / f"{target.name}.tmp-{host}-{int(dead.stdout)}-0123abcd"  # its writer was killed
+    live = tmp_path / f"{target.name}.tmp-{host}-{os.getpid()}-0123abcd"  # another part, still writing
+    remote = tmp_path / f"{target.name}.tmp-elsewhere-{int(dead.stdout)}-0123abcd"  # another machine's
+    for tmp in (stale, live, remote):
+        tmp.write_bytes(b"partial")
+    atomic_write(target, b"shard")
+    assert target.read_bytes() == b"shard"
+    assert not stale.exists() and live.exists() and remote.exists()
+
+
 def test_parts_merge_to_the_single_process_cache(tmp_path, samples, teacher_fn, helpers):
     build_cache(tmp_path / "ref", samples, teacher_fn, **SETTINGS)
     run = tmp_path / "parts"

@@ -28,8 +28,12 @@ def reference(make_reference: Callable[[str], Run]) -> Run:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if COUNTS["scenarios"]:
-        terminalreporter.write_line(f"reliability: {COUNTS['delivered']} SIGKILLs delivered over "
+        terminalreporter.write_line(f"reliability: {COUNTS['delivered']} kills delivered over "
                                     f"{COUNTS['scenarios']} passing kill scenarios, each resumed to a bitwise-equal run")
+    if COUNTS["time_kills"]:
+        terminalreporter.write_line(f"reliability: {COUNTS['time_kills']} kills at random times, "
+                                    f"{COUNTS['time_kills_at_backstop']} of them at the run's last rename (it got "
+                                    "there first), the others mid-run")
     for line in COUNTS.get("estimates", []):
         terminalreporter.write_line(f"reliability: memory {line}")
     if COUNTS["fuzzed"]:

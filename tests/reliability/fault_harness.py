@@ -6,12 +6,17 @@ interpreter start costs, so a test can afford many processes. Each child runs `d
 `python -m distil` runs -- with its own environment, stdout and stderr going to a log file.
 
 Faults are placed by *events*: calls of the functions that matter for durability (each optimizer step, metric write,
-checkpoint tensor or JSON write, fsync, rename, folder removal) and the start of each training stage. A plan says
-what to do just before event number N: `kill_at` (a real SIGKILL sent by the process to itself: no handler, no
-`finally`, no flush runs) or `pause_at` (write a marker file, then wait until a release file appears, so a test can
-send signals from outside while the run is at a known point). `record` writes the list of events when the run ends.
-`address_space_mb` caps the child's address space that far above what it maps at start, so a large allocation fails
-for real (RLIMIT_AS: refused up front, never touching the machine's memory).
+checkpoint tensor or JSON write, fsync, rename, folder removal), each forward pass of a causal LM (one per generated
+token) and the start of each training stage. A plan says what to do just before event number N: `kill_at` (a real
+SIGKILL sent by the process to itself: no handler, no `finally`, no flush runs; `kill_on` [kind, text, n]: just
+before the n-th event of that kind whose detail contains the text, e.g. a resumed run's 2nd optimizer step) or
+`pause_at` (write a marker file, then wait until a release file appears, so a test can send signals from outside
+while the run is at a known point; `pause_on` pauses at the first event whose detail contains that text, e.g. the
+last rename of every run). `record` writes the list of events when the run ends. `file_size_limit` kills the process
+inside a write, at a chosen byte: the write that would take any file past that many bytes stores what fits and then
+dies of SIGXFSZ, as the kernel sends it (RLIMIT_FSIZE). `address_space_mb` caps the child's address space that far
+above what it maps at start, so a large allocation fails for real (RLIMIT_AS: refused up front, never touching the
+machine's memory).
 
 `python -m distil` subprocesses get the same injection through tests/reliability/inject/sitecustomize.py when
 DISTIL_TEST_FAULTS holds a JSON plan.
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import distil.cli  # noqa: F401
@@ -57,7 +63,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 class _Injector:
     def __init__(self, plan: dict[str, Any]):
-        self.plan, self.count, self.stage, self.events = plan, 0, "-", []
+        self.plan, self.count, self.stage, self.events, self.matches = plan, 0, "-", [], 0
 
     def event(self, kind: str, detail: str = "") -> None:
         self.count += 1
@@ -65,7 +71,12 @@ class _Injector:
             self.events.append([self.count, kind, detail, self.stage])
         if self.count == self.plan.get("kill_at"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.count == self.plan.get("pause_at"):
+        target = self.plan.get("kill_on")  # [kind, text in the detail, n]: before the n-th such event
+        if target and kind == target[0] and target[1] in detail:
+            self.matches += 1
+            if self.matches == target[2]:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if self.count == self.plan.get("pause_at") or self.plan.get("pause_on", "\0") in detail:
             Path(self.plan["marker"]).write_text(f"{kind} {detail} {self.stage}")
             deadline = time.monotonic() + 60
             while not Path(self.plan["release"]).exists() and time.monotonic() < deadline:
@@ -125,6 +136,12 @@ def install(plan: dict[str, Any]) -> _Injector:
 
     MetricsLog.write = write  # type: ignore[method-assign]
     register_optimizer_step_post_hook(lambda *a: injector.event("step"))
+
+    def forward(module: torch.nn.Module, args: Any) -> None:
+        if type(module).__name__.endswith("ForCausalLM"):  # one per generated token: a kill lands mid-generation
+            injector.event("forward", type(module).__name__)
+
+    register_module_forward_pre_hook(forward)
     return injector
 
 
@@ -144,6 +161,10 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     # Free heap pages inherited from the server go back to the OS, so that the run's peak counts what it allocates.
     distil.measure.cost._trim_heap()
     injector = install(plan)
+    if plan.get("file_size_limit"):  # a write past this many bytes of any file kills the process (SIGXFSZ)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it, turning the kill into an OSError
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (plan["file_size_limit"], hard))
     if plan.get("address_space_mb"):  # a real allocation failure: allow only this much beyond what is mapped now
         mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize:")))
         limit = mapped * 1024 + plan["address_space_mb"] * 2**20
@@ -175,6 +196,7 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     classification.ClassificationRun._measure = training_ends_before(classification.ClassificationRun._measure)
     sampler = threading.Thread(target=sample_peak, daemon=True)
     sampler.start()
+    started = time.monotonic()
     try:
         code = distil.cli.main(argv)
     finally:
@@ -186,6 +208,7 @@ def _child(argv: list[str], env: dict[str, str], log: str, plan: dict[str, Any],
     Path(result).write_text(json.dumps({
         "events": injector.events,
         "maxrss_kb": training_peak,
+        "seconds": time.monotonic() - started,  # the run itself, without the process start
     }))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -199,7 +222,9 @@ def _forkserver() -> Any:
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload([__name__])
+        # Also what the language-model scenarios import (a missing one is skipped): seconds saved in every child.
+        _context.set_forkserver_preload([__name__, "matplotlib.backends.backend_agg", "transformers.generation.utils",
+                                         "transformers.models.llama.modeling_llama"])
     return _context
 
 

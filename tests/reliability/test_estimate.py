@@ -125,7 +125,9 @@ def test_a_recipe_that_cannot_fit_is_refused_before_any_work(capsys, tmp_path, m
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
-@pytest.mark.skipif(TASKS["causal_lm"].estimate is not None, reason="the causal_lm estimator exists")
 def test_a_task_without_an_estimator_says_so(capsys):
-    assert main(["estimate", "smollm2-distil"]) == 2
-    assert "no memory estimate for task 'causal_lm' yet" in capsys.readouterr().err
+    # embedding is the task without an estimator (classification and causal_lm have theirs); once it gets one, this
+    # test has nothing left to check: delete it.
+    assert TASKS["embedding"].estimate is None
+    assert main(["estimate", "minilm-embed-distil"]) == 2
+    assert "no memory estimate for task 'embedding' yet" in capsys.readouterr().err

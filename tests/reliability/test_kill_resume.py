@@ -1,15 +1,17 @@
 """Exact resume under SIGKILL.
 
-A run is killed (SIGKILL: nothing of the process runs after it) at a chosen moment: inside the teacher stage, while a
-checkpoint is being written, sealed or renamed, while the teacher moves into the cache, between the arms, while the
-final student is saved, at events drawn at random, and at random wall-clock times. It is then continued with
-`distil resume RUN_DIR` (or `distil run` again when it died before writing its recipe), which half of the scenarios
-kill once more at a random event. Every scenario must end with the teacher and both students bitwise equal to the
-uninterrupted run, the same metrics.jsonl (wall-clock fields aside), and no temporary file left behind.
+A run is killed (SIGKILL: nothing of the process runs after it) at a chosen moment: inside the teacher stage, while
+a checkpoint is being written, sealed or renamed, while the teacher moves into the cache, between the arms, while
+the final student is saved, before the report's rename, at events drawn at random, and at random wall-clock times.
+It is then continued with `distil resume RUN_DIR` (or `distil run` again when it died before writing its recipe),
+which half of the scenarios kill once more. Every scenario must end with the teacher and both students bitwise equal
+to the uninterrupted run, the same metrics.jsonl (wall-clock fields aside), and no temporary file left behind.
 
 Moments are events of fault_harness (each optimizer step, metric write, checkpoint write, fsync, rename, removal,
 stage start), drawn with a fixed seed from the reference run's own event list, so every run of the test tries the
-same kill points.
+same kill points. Every kill must land: a run that finishes instead fails the scenario. A kill at a random time lands
+anywhere in the run, or, if the run got there first (a fast machine), while it waits just before its last rename
+(the report's): a kill that lands either way, and the resume of a time kill is killed at a random time too.
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ TARGETED: dict[str, Callable[[str, str, str], bool]] = {
     "arm, removing an old checkpoint": lambda kind, detail, stage: kind == "rmtree" and stage != "teacher",
     "arm, writing a metrics line": lambda kind, detail, stage: kind == "metrics" and stage == "distilled",
     "final student, moving into place": lambda kind, detail, stage: kind == "replace" and detail.endswith("/student"),
+    "report, before its rename": lambda kind, detail, stage: kind == "replace" and detail.endswith("/report.html"),
 }
 RANDOM_EVENTS = [f"random event {i}" for i in range(3)]
 RANDOM_TIMES = [f"random time {i}" for i in range(2)]
 SCENARIOS = list(TARGETED) + RANDOM_EVENTS + RANDOM_TIMES
+BACKSTOP = "/report.html"  # in the detail of every run's last event: where a time kill waits if the run got there
 
 
-def choose(scenario: str, reference: Run) -> tuple[tuple[str, float], int | None]:
-    """(first kill, second kill or None): the first as ("event", n) or ("time", seconds)."""
+def choose(scenario: str, reference: Run) -> tuple[tuple[str, float], tuple[str, float] | None]:
+    """(first kill, second kill or None), each as ("event", n) or ("time", seconds)."""
     rng = random.Random(f"{SEED}:{reference.case.recipe}:{scenario}")
     events: list[Event] = [tuple(e) for e in reference.events]  # type: ignore[misc]
     if scenario in TARGETED:
@@ -58,11 +62,30 @@ def choose(scenario: str, reference: Run) -> tuple[tuple[str, float], int | None
         first = ("event", rng.randint(1, len(events)))
     else:
         first = ("time", rng.uniform(0.05, reference.seconds))
-    # The resumed process has about the events the first one did not reach (plus the redone ones since the last
-    # checkpoint): draw the second kill among those.
-    left = len(events) - int(first[1]) if first[0] == "event" else len(events) // 2
-    second = rng.randint(1, max(1, left)) if rng.random() < 0.5 else None
-    return first, second
+    if rng.random() >= 0.5:
+        return first, None
+    if first[0] == "time":  # where it landed is unknown: the resume is killed at a random time as well
+        return first, ("time", rng.uniform(0.05, reference.seconds / 2))
+    # The resumed process has at least the events the first one did not reach (plus the redone ones since the last
+    # checkpoint): draw the second kill among those, so that it lands.
+    return first, ("event", rng.randint(1, max(1, len(events) - int(first[1]))))
+
+
+def kill(run: Run, args: list[str], moment: tuple[str, float], logs) -> None:
+    """Run `distil args` and kill it at `moment`; the kill must land."""
+    if moment[0] == "event":
+        code, child = fault_harness.run(args, env=run.env, logs=logs, plan={"kill_at": moment[1]})
+        assert code == -9, f"the kill at event {moment[1]} did not happen (exit {code}):\n{child.output()}"
+        return
+    marker = logs / f"backstop-{moment[1]}"
+    plan = {"pause_on": BACKSTOP, "marker": str(marker), "release": str(logs / "never")}
+    child = fault_harness.start(args, env=run.env, logs=logs, plan=plan)
+    child.process.join(moment[1])
+    child.process.kill()
+    code = child.wait()
+    assert code == -9, f"the kill at {moment[1]:.2f} s did not happen (exit {code}):\n{child.output()}"
+    COUNTS["time_kills"] += 1
+    COUNTS["time_kills_at_backstop"] += marker.exists()
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -71,27 +94,16 @@ def test_killed_run_resumes_bitwise_equal(case: str, scenario: str, make_referen
     reference = make_reference(case)
     first, second = choose(scenario, reference)
     run = Run(reference.case, tmp_path / "run", tmp_path / "cache")
-    logs, delivered = tmp_path / "logs", 0
-
-    if first[0] == "event":
-        code, child = fault_harness.run(run.run_args(), env=run.env, logs=logs, plan={"kill_at": first[1]})
-        assert code == -9, f"the kill at event {first[1]} did not happen (exit {code}):\n{child.output()}"
-    else:  # from outside, after a random time; the run may already have finished
-        child = fault_harness.start(run.run_args(), env=run.env, logs=logs)
-        child.process.join(first[1])
-        child.process.kill()
-        code = child.wait()
-        assert code in (0, -9), child.output()
-    delivered += code == -9
-
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    assert BACKSTOP in reference.events[-1][2], reference.events[-1]
+    kill(run, run.run_args(), first, logs)
     if second is not None:
-        code, child = fault_harness.run(run.next_args(), env=run.env, logs=logs, plan={"kill_at": second})
-        assert code in (0, -9), child.output()  # 0: the resumed run had fewer events left than `second`
-        delivered += code == -9
+        kill(run, run.next_args(), second, logs)
 
     code, child = fault_harness.run(run.next_args(), env=run.env, logs=logs)
     assert code == 0, child.output()
     assert "Traceback" not in child.output()
     assert_equals_reference(reference, run)
-    COUNTS["delivered"] += delivered
+    COUNTS["delivered"] += 1 + (second is not None)
     COUNTS["scenarios"] += 1

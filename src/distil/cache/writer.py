@@ -3,13 +3,15 @@
 The targets are computed in float32 (whatever the teacher's dtype) and stored in the dtypes of ``format``. A shard is
 written to a temporary name, flushed with fsync and renamed into place, then its record (checksum, size, sample ids)
 is written the same way: a reader or a resumed build never sees a partial shard, and a shard without its record is
-simply computed again.
+simply computed again (the temporary a killed writer left is removed when the file is written again).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,9 +137,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` left by writers killed before their rename on this machine. Those of live
+    writers (another part of a split build) and of other machines (a shared filesystem) are left alone."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        try:
+            writer_host, pid, _ = tmp.name[len(path.name) + len(".tmp-") :].rsplit("-", 2)
+            stale = writer_host == host and not _alive(int(pid))
+        except ValueError:  # not a name this module makes
+            continue
+        if stale:
+            tmp.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one, never a part."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    remove_stale_temporaries(path)  # before the space check: what they held is free again
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     needed = len(data) + BLOCK
     check_space(path, needed, retry=RETRY)
     with disk_full_guard(path, needed, cleanup=tmp, retry=RETRY):  # removes the partial file on any failure

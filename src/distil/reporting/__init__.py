@@ -50,6 +50,8 @@ def build_report(run_dir: str | Path) -> Path:
     recipe_text = recipe_file.read_text() if recipe_file.is_file() else "(no recipe.yaml in the run directory)"
     page = html.render(summary, curves=curves, compare=compare, recipe_text=recipe_text, exports=exports)
     target = run_dir / REPORT_FILE
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process killed before its rename
+        stale.unlink(missing_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, target)
