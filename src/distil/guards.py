@@ -1,4 +1,4 @@
-"""Guards against bad input that pipelines call before expensive work, and the one-line messages the CLI prints for
+"""Guards against bad input that the tasks call before expensive work, and the one-line messages the CLI prints for
 failures that cannot be known in advance (out of memory, operating-system errors).
 
 Every guard raises (or returns) `DistilError`-style text: what is wrong, then how to fix it, on one line.

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from distil.config.schema import DistributedSpec, LossSpec, OnPolicySpec, TrainSpec
+from distil.config.schema import DistributedSpec, FeatureTermSpec, LossSpec, OnPolicySpec, TrainSpec
+from distil.distill.feature_objective import FeatureTerm
 from distil.distill.lm import OnPolicy
 from distil.distill.objectives import LogitLoss
 from distil.train.config import ParallelConfig, TrainConfig
@@ -30,3 +31,7 @@ def logit_loss(spec: LossSpec) -> LogitLoss:
 
 def onpolicy(spec: OnPolicySpec | None) -> OnPolicy | None:
     return None if spec is None else _copy(spec, OnPolicy)
+
+
+def feature_terms(specs: list[FeatureTermSpec]) -> list[FeatureTerm]:
+    return [_copy(spec, FeatureTerm) for spec in specs]

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from distil.distill.feature_objective import ATTENTION_LOSSES, PROJECTED_LOSSES
 from distil.losses.registry import DIVERGENCES
 
 
@@ -157,8 +158,6 @@ class TrainSpec(Strict):
 FeatureLossName = Literal[
     "mse", "cosine", "fitnets", "at", "attention_kl", "minilm_relations", "rkd_distance", "rkd_angle"
 ]
-PROJECTED_LOSSES = ("mse", "cosine", "fitnets")
-ATTENTION_LOSSES = ("attention_kl", "minilm_relations")
 
 
 class FeatureTermSpec(Strict):

@@ -1,6 +1,6 @@
 """Feature, attention and relation terms on top of any objective: taps on both models, layer mapping, projectors.
 
-    distiller = FeatureDistiller(recipe.loss.features, student, teacher_model)   # names resolved: errors now
+    distiller = FeatureDistiller(terms, student, teacher_model)                  # names resolved: errors now
     distiller.build(lambda: student(x), lambda: teacher_model(x))                # shapes probed, projectors built
     objective = FeatureObjective(ClassifierObjective(...), distiller)            # adds the terms to its loss
 
@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from distil.config.schema import ATTENTION_LOSSES, PROJECTED_LOSSES, FeatureTermSpec
 from distil.distill.attention import AttentionRecorder
 from distil.distill.mapping import layer_mapping
 from distil.distill.projectors import FeaturePair, Projectors, build_projectors
@@ -41,12 +40,33 @@ def layer_count(model: nn.Module, template: str) -> int:
     return n
 
 
+PROJECTED_LOSSES = ("mse", "cosine", "fitnets")  # terms that may put a learned projector on the student's side
+ATTENTION_LOSSES = ("attention_kl", "minilm_relations")  # terms that read attention modules' projections
+
+
+@dataclass(frozen=True)
+class FeatureTerm:
+    """One intermediate-layer term: weight * loss(student module, teacher module). The fields are those of a
+    recipe's `loss.features` entries (distil.config.schema.FeatureTermSpec documents each)."""
+
+    student: str  # module name, glob, or layer template with one {}
+    teacher: str
+    loss: str  # mse, cosine, fitnets, at, attention_kl, minilm_relations, rkd_distance, rkd_angle
+    weight: float = 1.0
+    layers: str | list[tuple[int, int]] | None = None  # layer templates: uniform, last_of_block or explicit pairs
+    projector: str | None = None  # auto, always or never (mse, cosine, fitnets)
+    capture: str = "output"  # or "input"
+    p: float = 2.0  # at: the exponent of the attention map
+    head_map: str = "average"  # attention_kl: average or per_head
+    num_relation_heads: int | None = None  # minilm_relations
+
+
 @dataclass
 class Term:
     """One recipe term with its layer pairs resolved to module names."""
 
     index: int
-    spec: FeatureTermSpec
+    spec: FeatureTerm
     pairs: list[tuple[str, str]]
     mapping: list[tuple[int, int]] | None = None
     shapes: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
@@ -61,7 +81,7 @@ class Term:
         return f"{self.index}/{s}->{t}"
 
 
-def _resolve(i: int, spec: FeatureTermSpec, student: nn.Module, teacher: nn.Module) -> Term:
+def _resolve(i: int, spec: FeatureTerm, student: nn.Module, teacher: nn.Module) -> Term:
     where = f"loss.features[{i}] ({spec.loss})"
     try:
         if "{}" in spec.student:
@@ -93,7 +113,7 @@ def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None
 class FeatureDistiller:
     """The resolved terms of a recipe, their projectors, and the hooks that feed them."""
 
-    def __init__(self, specs: Sequence[FeatureTermSpec], student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, specs: Sequence[FeatureTerm], student: nn.Module, teacher: nn.Module) -> None:
         if not specs:
             raise DistilError("no feature terms given; add entries to loss.features")
         self.student, self.teacher = student, teacher

@@ -21,7 +21,7 @@ Runner = Callable[[Any], torch.Tensor]
 
 # ------------------------------------------------------------------------------------------------- classifiers
 def classifier_eval_data(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The recipe's evaluation split (test-set images and labels), as the classification pipeline evaluates it."""
+    """The recipe's evaluation split (test-set images and labels), as the classification task evaluates it."""
     from distil.data.sources.vision import load_vision
 
     recipe = _recipe(run_dir)
@@ -51,7 +51,7 @@ def _recipe(run_dir: Path) -> Any:
 
 def lm_eval_batches(run_dir: Path, tokenizer: Any, *, batch_size: int = 8,
                     max_blocks: int = 32) -> tuple[list[dict[str, torch.Tensor]], str]:
-    """The recipe's held-out text, packed into blocks exactly as the LM pipeline evaluates it (every position real
+    """The recipe's held-out text, packed into blocks exactly as the causal_lm task evaluates it (every position real
     text), at most `max_blocks` of them, in batches of `batch_size`; and a line that says what they are."""
     from distil.data.sources.text import load_corpus
 

@@ -57,7 +57,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
     metrics = summary.get("metrics") or []
     present = {k for values in arms.values() for k, v in values.items() if v is not None}
     speeds = sorted((k for k in present if _THROUGHPUT.match(k)), key=lambda k: int(_THROUGHPUT.match(k)[2]))
-    # Generation speed at batch 1 already says what a batch-1 latency would (the LM pipeline derives one from it).
+    # Generation speed at batch 1 already says what a batch-1 latency would (the causal_lm task derives one from it).
     latency = "latency_ms" in present and "tokens_per_s_b1" not in present
     table = Table(title=f"{summary.get('recipe', 'run')}: teacher vs students", padding=(0, 1))
     table.add_column("arm", style="bold", no_wrap=True)

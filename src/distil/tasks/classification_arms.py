@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from distil.config.adapt import logit_loss, train_config
+from distil.config.adapt import feature_terms, logit_loss, train_config
 from distil.config.schema import TEACHER_ARMS, LossSpec, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
@@ -104,7 +104,7 @@ def teacher_specs(recipe: Recipe) -> list[TeacherSpec]:
 
 def feature_distiller(recipe: Recipe, student: nn.Module, teacher: nn.Module, example: torch.Tensor
                       ) -> FeatureDistiller:
-    distiller = FeatureDistiller(recipe.loss.features, student, teacher)
+    distiller = FeatureDistiller(feature_terms(recipe.loss.features), student, teacher)
     distiller.build(lambda: student(example), lambda: teacher(example), seed=recipe.seed)
     return distiller
 

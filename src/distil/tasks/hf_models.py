@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distil.config.adapt import feature_terms
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
 from distil.diskspace import tensor_bytes
 from distil.distill.feature_objective import FeatureDistiller
@@ -72,7 +73,7 @@ def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any
 def feature_distiller(recipe: Recipe, student: nn.Module, teacher: nn.Module, batch: dict[str, Any],
                       device: torch.device, **call: Any) -> FeatureDistiller:
     """loss.features on a transformer pair, checked on one real batch (names, shapes, relation heads)."""
-    distiller = FeatureDistiller(recipe.loss.features, student, teacher)
+    distiller = FeatureDistiller(feature_terms(recipe.loss.features), student, teacher)
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device), **call}
     distiller.build(lambda: student(**inputs), lambda: teacher(**inputs), seed=recipe.seed)
     return distiller
