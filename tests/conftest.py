@@ -41,6 +41,26 @@ def tiny_lm(tmp_path_factory) -> Path:
     return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A real (tiny, random) 4-layer BERT with all-MiniLM-L6-v2's tokenizer, saved to a folder. No dropout: under
+    torchrun each rank draws its own dropout masks, so only a dropout-free model can equal one process bit for bit."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from distil.models.hf import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 SMOLLM2_TEXT = "The quick brown fox jumps over"
 
 

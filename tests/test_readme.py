@@ -19,19 +19,9 @@ def distill_examples() -> list[str]:
     return [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "distil.distill(" in block]
 
 
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from distil.models.hf import resolve_model_path
-
-    folder = tmp_path_factory.mktemp("tiny-encoder")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-minilm-l6-v2"))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+@pytest.fixture
+def encoder_dir(tiny_bert):
+    return tiny_bert
 
 
 def test_there_is_one_example_per_task():

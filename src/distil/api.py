@@ -16,8 +16,9 @@ The data is anything with `len()` and integer indexing (a `torch.utils.data.Data
 Text is tokenized with `tokenizer` (truncated to `max_length` tokens). The run directory holds what a recipe run
 holds: checkpoints, metrics.jsonl, the trained student (`student/`), summary.json and report.html. Calling
 `distill` again with the same `output_dir` resumes from the newest checkpoint, and returns at once when the student
-is already trained, like `distil resume`. Runs go through the same pieces as recipe runs: the objectives, the
-training loop, the model folders, the summary and the report.
+is already trained, like `distil resume`; a second call on an `output_dir` in use is refused. The run goes through
+the runner's arm loop (`distil.runner.run.run_arms`), as recipe runs do: the same objectives, training loop, model
+folders, summary and report.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
+from distil import runlock
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
 from distil.distill.embedding import EmbeddingObjective, encode
@@ -43,16 +46,16 @@ from distil.losses.registry import divergence_spec
 from distil.measure.classification import accuracy
 from distil.measure.cost import folder_size, measure_latency, parameter_count
 from distil.measure.embedding import similarity_spearman
-from distil.reporting import build_report
-from distil.reporting.summary import print_summary, write_summary
-from distil.tasks.artifacts import arm_folder, is_model_folder, pick_device, save_model_folder
+from distil.runner.run import run_arms
+from distil.tasks.artifacts import arm_folder, pick_device, save_model_folder
 from distil.train.checkpoint import load_tensors, save_tensors, write_json
 from distil.train.config import TrainConfig
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
 from distil.train.seed import seed_everything
+from distil.train.signals import stop_signals
 
-__all__ = ["DistillResult", "distill", "task_of_model"]
+__all__ = ["DistillResult", "PythonRun", "distill", "task_of_model"]
 
 ARM = "distilled"  # what the run trains, in the folder ARM_FOLDERS["distilled"] = student/
 DEFAULT_LOSS = {"classification": "forward_kl", "causal_lm": "forward_kl", "embedding": "cosine"}
@@ -113,36 +116,60 @@ def distill(
     place = pick_device(device)
     arguments = {"api": "distil.distill", "task": task, "loss": asdict(spec), "steps": steps,
                  "batch_size": batch_size, "lr": lr, "max_length": max_length, "seed": seed}
-    train_spec = TrainConfig(steps=steps, lr=lr, log_every=log_every, save_every=save_every)
-    collate = _collate(task, tokenizer, max_length)
-    teacher = teacher.to(place).eval()
-    folder = arm_folder(run_dir, ARM)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    runlock.acquire(run_dir)  # a second distill() or `distil run` on this folder is refused, never both writing
     try:
-        if is_model_folder(folder):  # finished earlier: read the saved student instead of training again
-            student = _load_student(student, folder).to(place)
-        else:
-            seed_everything(seed)
-            student = student.to(place).train()
-            objective = _objective(task, student, Teacher(teacher), spec, place, tokenizer)
-            stream = BatchStream(len(train_data), batch_size, lambda i: collate([train_data[j] for j in i.tolist()]),
-                                 seed=seed)
-            stage = Stage(ARM, objective, stream, train_spec, run_dir / "checkpoints" / ARM, metrics, place,
-                          recipe=arguments)
-            train(stage, show_progress=show_progress)
-            _save_student(folder, student, tokenizer, {"train_time_s": stage.elapsed_s, "steps": steps})
+        run = PythonRun(task, teacher.to(place).eval(), student, train_data, eval_data, spec, run_dir, place,
+                        TrainConfig(steps=steps, lr=lr, log_every=log_every, save_every=save_every), batch_size,
+                        seed, tokenizer, _collate(task, tokenizer, max_length), arguments, show_progress)
+        with stop_signals():
+            write_json(run_dir / "distill.json", arguments)
+            summary = run_arms(run, [ARM], run_dir, {"recipe": run_dir.name, "task": task}, device=place,
+                               metrics=run.log, console=Console(quiet=not show_progress), report=report)
     finally:
-        metrics.close()
-    write_json(run_dir / "distill.json", arguments)
-    batches = _batches(eval_data if eval_data is not None else train_data, collate, batch_size)
-    rows = _measure(task, teacher, student, batches, folder, place)
-    summary = write_summary(run_dir, {"recipe": run_dir.name, "task": task, "metrics": METRICS[task], "arms": rows,
-                                      "device": str(place), "torch_threads": torch.get_num_threads()})
-    if show_progress:
-        print_summary(summary)
-    if report:
-        build_report(run_dir)
+        runlock.release(run_dir)
     return DistillResult(run_dir, summary)
+
+
+class PythonRun:
+    """`distill`'s one arm, as the runner's `TaskRun`: the user's models and data instead of a recipe's."""
+
+    def __init__(self, task: str, teacher: nn.Module, student: nn.Module, train_data: Any, eval_data: Any,
+                 spec: LogitLoss, run_dir: Path, device: torch.device, config: TrainConfig, batch_size: int,
+                 seed: int, tokenizer: Any, collate: Any, arguments: dict[str, Any], show_progress: bool):
+        self.task, self.teacher, self.student, self.spec = task, teacher, student, spec
+        self.train_data, self.eval_data, self.run_dir, self.device = train_data, eval_data, run_dir, device
+        self.config, self.batch_size, self.seed, self.tokenizer = config, batch_size, seed, tokenizer
+        self.collate, self.arguments, self.show_progress = collate, arguments, show_progress
+        self.metrics = METRICS[task]
+        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.trained = False
+
+    def train_arm(self, arm: str, folder: Path) -> None:
+        seed_everything(self.seed)
+        student = self.student.to(self.device).train()
+        objective = _objective(self.task, student, Teacher(self.teacher), self.spec, self.device, self.tokenizer)
+        data, collate = self.train_data, self.collate
+        stream = BatchStream(len(data), self.batch_size, lambda i: collate([data[j] for j in i.tolist()]),
+                             seed=self.seed)
+        stage = Stage(arm, objective, stream, self.config, self.run_dir / "checkpoints" / arm, self.log, self.device,
+                      recipe=self.arguments)
+        train(stage, show_progress=self.show_progress)
+        _save_student(folder, student, self.tokenizer, {"train_time_s": stage.elapsed_s, "steps": self.config.steps})
+        self.trained = True
+
+    def measure(self) -> dict[str, dict[str, Any]]:
+        folder = arm_folder(self.run_dir, ARM)
+        if not self.trained:  # finished by an earlier call: read the saved student instead of training again
+            self.student = _load_student(self.student, folder).to(self.device)
+        data = self.eval_data if self.eval_data is not None else self.train_data
+        return _measure(self.task, self.teacher, self.student, _batches(data, self.collate, self.batch_size),
+                        folder, self.device)
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return summary
 
 
 # ---------------------------------------------------------------------------------------------- components

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from test_distributed import SRC, explain, torchrun
 from distil.cli import main as cli_main
+from distil.data.sources.sentences import wordnet_problems
 from distil.train.checkpoint import list_checkpoints, verify
 from distil.train.metrics import TIMING_KEYS
 
@@ -254,3 +255,40 @@ def test_feature_kd_two_processes_equal_one(digits, tmp_path):
     two = [r for r in _metrics(tmp_path / "two") if "loss" in r]
     one = [r for r in _metrics(tmp_path / "one") if "loss" in r]
     assert [(r["step"], r["loss"]) for r in two] == [(r["step"], r["loss"]) for r in one]
+
+
+EMBED_RECIPE = """name: tiny-embed
+task: embedding
+data: {{kind: sentences, max_train: 64, eval_pairs: 40, max_length: 24}}
+teacher: {{model: {{arch: hf, source: {teacher}}}}}
+student: {{model: {{arch: from_teacher, num_layers: 2}}}}
+loss:
+  embedding: cosine
+  features:
+    - {{student: "encoder.layer.{{}}", teacher: "encoder.layer.{{}}", loss: mse}}
+    - {{student: "encoder.layer.{{}}.attention.self", teacher: "encoder.layer.{{}}.attention.self", layers: [[1, 3]],
+       loss: minilm_relations}}
+train: {{steps: 3, batch_size: 4, lr: 0.001, log_every: 1}}
+arms: [student_alone, distilled]
+latency_runs: 2
+"""
+
+
+@pytest.mark.skipif(wordnet_problems(None), reason="needs the Debian package wordnet-base")
+def test_embedding_recipe_two_processes_equal_one(tmp_path, tiny_bert):
+    """The sentence-embedding task under torchrun: in-batch contrastive loss (student_alone), and pooled-embedding,
+    hidden-state and attention-relation terms (distilled). Two processes with batch 4 equal bit for bit one process
+    accumulating two micro-batches of 4: each rank's in-batch negatives are exactly its micro-batch's (see
+    test_two_processes_equal_one_through_the_cli for why exactly)."""
+    recipe = tmp_path / "embed.yaml"
+    recipe.write_text(EMBED_RECIPE.format(teacher=tiny_bert))
+    with one_thread():
+        assert cli_main(["run", str(recipe), "train.grad_accum=2", f"output_dir={tmp_path / 'one'}", "-q"]) == 0
+    proc = distil(["run", str(recipe), f"output_dir={tmp_path / 'two'}"])
+    assert proc.returncode == 0, explain(proc)
+    for arm in ("student", "student_alone"):
+        a, b = _arm_weights(tmp_path / "two", arm), _arm_weights(tmp_path / "one", arm)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), arm
+    two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [(r["arm"], r["step"], r.get("loss")) for r in two] == [(r["arm"], r["step"], r.get("loss")) for r in one]
+    assert (tmp_path / "two" / "report.html").is_file()

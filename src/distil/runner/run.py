@@ -1,9 +1,11 @@
-"""One run of a recipe, whatever its task: the task's data, teachers and initial student, then each arm trained from
-that student (skipped when its folder already holds it), then every model measured into summary.json, the end-of-run
-table and report.html."""
+"""One run, whatever its task: the task's data, teachers and initial student, then each arm trained from that student
+(skipped when its folder already holds it), then every model measured into summary.json, the end-of-run table and
+report.html. Recipes come in through `run_task`, Python objects through `distil.distill`; both go through
+`run_arms`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from distil.reporting import build_report
 from distil.reporting.summary import print_summary, write_summary
 from distil.tasks.artifacts import arm_folder, is_model_folder, pick_device
 from distil.tasks import task_of
-from distil.tasks.base import RunContext
+from distil.tasks.base import RunContext, TaskRun
 from distil.train import distributed
 from distil.train.metrics import MetricsLog
 
@@ -35,8 +37,20 @@ def run_task(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, conso
                      show_progress)
     try:
         run = task.start(ctx)
-        # Every arm trains the same initial student (same seed, same data order, same budget).
-        for arm in recipe.arms:
+    except BaseException:
+        ctx.metrics.close()
+        raise
+    return run_arms(run, recipe.arms, ctx.run_dir, {"recipe": recipe.name, "task": recipe.task}, device=device,
+                    metrics=ctx.metrics, console=console)
+
+
+def run_arms(run: TaskRun, arms: Sequence[str], run_dir: Path, head: dict[str, Any], *, device: torch.device,
+             metrics: MetricsLog, console: Console, report: bool = True) -> dict[str, Any]:
+    """The arm loop every run goes through, recipes and `distil.distill` alike: each arm trained from the initial
+    student unless its folder already holds it, then every model measured into summary.json (`head` first), the
+    end-of-run table and report.html. Closes `metrics`; returns the summary (empty on ranks > 0: rank 0 writes)."""
+    try:
+        for arm in arms:  # every arm trains the same initial student (same seed, same data order, same budget)
             folder = arm_folder(run_dir, arm)
             if is_model_folder(folder):
                 console.print(f"[bold]{arm}[/bold]: already trained ({folder})")
@@ -46,15 +60,16 @@ def run_task(recipe: Recipe, run_dir: Path, *, show_progress: bool = True, conso
             return {}
         rows = run.measure()
     finally:
-        ctx.metrics.close()
+        metrics.close()
     summary = write_summary(run_dir, {
-        "recipe": recipe.name, "task": recipe.task, "metrics": list(run.metrics), "arms": rows,
-        **run.summary_fields(), "device": str(device), "torch_threads": torch.get_num_threads(),
+        **head, "metrics": list(run.metrics), "arms": rows, **run.summary_fields(), "device": str(device),
+        "torch_threads": torch.get_num_threads(),
     })
     summary = run.finish(summary)
     print_summary(summary, console)
     print_extras(summary, console)
-    console.print(f"report: {build_report(run_dir)}")
+    if report:
+        console.print(f"report: {build_report(run_dir)}")
     return summary
 
 

@@ -166,6 +166,10 @@ class EmbeddingRun:
         student = load_encoder_folder(self.init, device).train()
         if recipe.student.freeze_embeddings:  # inherited from the teacher; most of a small student's parameters
             student.get_input_embeddings().weight.requires_grad_(False)
+        # The pooled embedding is the mean of the last hidden states: BERT's pooler gets no gradient (and DDP
+        # refuses parameters that get none), so it stays as inherited.
+        for p in getattr(student, "pooler", None).parameters() if getattr(student, "pooler", None) else ():
+            p.requires_grad_(False)
         max_length = _data(recipe).max_length
         collate = self.data.collate
         teacher = None if arm == "student_alone" else Teacher(self.teacher)
