@@ -1,12 +1,12 @@
 """Teacher generation for response distillation: resumable, de-duplicated; and the response recipe end to end."""
 
 import json
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distil.config.schema import GenerateSpec
-from distil.generate import generate_responses, read_generations
+from distil.generate import Sampling, generate_responses, read_generations
 
 PROMPTS = ["Shall I compare thee", "When forty winters", "Shall I compare thee", "Look in thy glass", "From fairest",
            "Thy glass will show"]
@@ -18,7 +18,7 @@ def load(tiny_lm):
 
 def test_generation_is_deduplicated_and_resumes_to_the_same_file(tiny_lm, tmp_path):
     model, tokenizer = load(tiny_lm)
-    spec = GenerateSpec(max_new_tokens=6, batch_size=2, do_sample=True, temperature=0.9, chat_template=False)
+    spec = Sampling(max_new_tokens=6, batch_size=2, do_sample=True, temperature=0.9, chat_template=False)
     whole = tmp_path / "whole.jsonl"
     records = generate_responses(model, tokenizer, PROMPTS, whole, spec=spec, teacher_id="tiny", show_progress=False)
     assert [r["prompt"] for r in records] == list(dict.fromkeys(PROMPTS))  # the duplicate is answered once
@@ -40,7 +40,7 @@ def test_a_partly_written_batch_is_generated_again_to_the_same_bytes(tiny_lm, tm
     """A kill while a batch was being written leaves some of its answers on disk (and maybe a torn line). The batch is
     answered again whole, with its own seed: the file ends byte for byte as an uninterrupted run writes it."""
     model, tokenizer = load(tiny_lm)
-    spec = GenerateSpec(max_new_tokens=6, batch_size=2, do_sample=True, temperature=0.9, chat_template=False)
+    spec = Sampling(max_new_tokens=6, batch_size=2, do_sample=True, temperature=0.9, chat_template=False)
     whole = tmp_path / "whole.jsonl"
     generate_responses(model, tokenizer, PROMPTS, whole, spec=spec, teacher_id="tiny", seed=3, show_progress=False)
     lines = whole.read_text().splitlines(keepends=True)
@@ -54,11 +54,11 @@ def test_a_partly_written_batch_is_generated_again_to_the_same_bytes(tiny_lm, tm
 def test_greedy_generation_matches_single_prompt_generation(tiny_lm, tmp_path):
     """Left padding in batches must not change greedy answers."""
     model, tokenizer = load(tiny_lm)
-    spec = GenerateSpec(max_new_tokens=5, batch_size=4, chat_template=False)
+    spec = Sampling(max_new_tokens=5, batch_size=4, chat_template=False)
     batched = generate_responses(model, tokenizer, PROMPTS, tmp_path / "a.jsonl", spec=spec, teacher_id="t",
                                  show_progress=False)
     single = generate_responses(model, tokenizer, PROMPTS, tmp_path / "b.jsonl",
-                                spec=spec.model_copy(update={"batch_size": 1}), teacher_id="t", show_progress=False)
+                                spec=replace(spec, batch_size=1), teacher_id="t", show_progress=False)
     assert [r["response"] for r in batched] == [r["response"] for r in single]
 
 

@@ -108,8 +108,8 @@ def cmd_student(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """The teacher answers prompts: from a recipe (its teacher and generate sections) or from flags."""
-    from distil.config.schema import GenerateSpec
-    from distil.generate import generate_responses
+    from distil.config.adapt import sampling
+    from distil.generate import Sampling, generate_responses
     from distil.models import hf
 
     hf.quiet_transformers()
@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         recipe = load_recipe(recipe_name, overrides)
         if recipe.task != "causal_lm" or recipe.generate is None:
             raise DistilError(f"recipe {recipe.name} has no generate section; use a response-distillation recipe")
-        source, spec, seed = recipe.teacher.model.source, recipe.generate, recipe.seed  # type: ignore[union-attr]
+        source, spec, seed = recipe.teacher.model.source, sampling(recipe.generate), recipe.seed  # type: ignore[union-attr]
         model, tokenizer = hf.load_causal_lm(source, dtype=recipe.teacher.model.dtype)  # type: ignore[union-attr]
         prompts = [p for p, _ in prompt_pairs(recipe, load_corpus(recipe.data, tokenizer), held_out=False)]
         output = Path(args.output or f"{recipe.name}-generations.jsonl")
@@ -131,9 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise DistilError("distil generate needs a RECIPE, or --teacher SOURCE and --prompts FILE.jsonl")
         from distil.data.sources.text import read_prompts_file
 
-        spec = GenerateSpec(prompts=args.prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-                            num_prompts=10**9)
+        spec = Sampling(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
+                        temperature=args.temperature, top_p=args.top_p)
         source, seed = args.teacher, 0
         prompts = [p for p, _ in read_prompts_file(args.prompts)]
         model, tokenizer = hf.load_causal_lm(source)

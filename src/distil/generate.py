@@ -6,13 +6,26 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from distil.config.schema import GenerateSpec
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the teacher answers: up to max_new_tokens, greedy or sampled (temperature, top_p), batch_size prompts at
+    once, each prompt wrapped in the tokenizer's chat template when chat_template and it has one."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+    chat_template: bool = True
 
 
 def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
@@ -36,7 +49,7 @@ def read_generations(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _settings(spec: GenerateSpec) -> dict[str, Any]:
+def _settings(spec: Sampling) -> dict[str, Any]:
     return {"max_new_tokens": spec.max_new_tokens, "do_sample": spec.do_sample, "temperature": spec.temperature,
             "top_p": spec.top_p, "chat_template": spec.chat_template}
 
@@ -68,7 +81,7 @@ def _append(sink: Any, data: bytes) -> None:
 
 @torch.inference_mode()
 def generate_responses(
-    model: Any, tokenizer: Any, prompts: list[str], output: Path, *, spec: GenerateSpec, teacher_id: str,
+    model: Any, tokenizer: Any, prompts: list[str], output: Path, *, spec: Sampling, teacher_id: str,
     seed: int = 0, show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Answer every distinct prompt once, appending one JSON line per answer to `output`.

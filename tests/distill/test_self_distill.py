@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil.config.schema import DeepSupervisionSpec, EMASpec, LossSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.distill.multi_teacher import MultiTeacherObjective, TeacherMixture
-from distil.distill.objectives import soft_term
+from distil.distill.objectives import LogitLoss, soft_term
 from distil.distill.pair import Teacher
 from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective, EMATeacher
 from distil.errors import DistilError
 from distil.losses import forward_kl
 from distil.models.exits import build_exits, default_exits, exit_accuracies
 from distil.models.vision import CNN, MLP
+from distil.train.config import TrainConfig
 from distil.train.loop import Stage, train
 from distil.train.metrics import MetricsLog
 
@@ -30,7 +30,7 @@ def cnn(seed=1):
 
 
 def stage(path, objective, spec):
-    stream = BatchStream(len(Y), spec.batch_size, lambda i: (X[i], Y[i]), seed=3)
+    stream = BatchStream(len(Y), 8, lambda i: (X[i], Y[i]), seed=3)
     return Stage("arm", objective, stream, spec, path / "ckpt", MetricsLog(path / "m.jsonl", tensorboard=False), CPU)
 
 
@@ -74,19 +74,19 @@ class CrashingEMA(EMAObjective):
 
 
 def test_ema_state_resumes_exactly(tmp_path, crash_at=6):  # call 6: step 3's second micro-batch; saved at step 2
-    spec = TrainSpec(steps=4, batch_size=8, grad_accum=2, lr=0.05, save_every=2, log_every=1)
-    ema_spec = EMASpec(decay=0.8, alpha=0.5, temperature=2.0)
+    spec = TrainConfig(steps=4, grad_accum=2, lr=0.05, save_every=2, log_every=1)
+    loss = LogitLoss(alpha=0.5, temperature=2.0)
     reference = cnn()
-    ref_objective = EMAObjective(reference, ema_spec, LossSpec(), CPU, grad_accum=2)
+    ref_objective = EMAObjective(reference, loss, CPU, decay=0.8, grad_accum=2)
     train(stage(tmp_path / "ref", ref_objective, spec), show_progress=False)
 
     model = cnn()
-    crashing = CrashingEMA(model, ema_spec, LossSpec(), CPU, grad_accum=2, crash_at=crash_at)
+    crashing = CrashingEMA(model, loss, CPU, decay=0.8, grad_accum=2, crash_at=crash_at)
     with pytest.raises(Boom):
         train(stage(tmp_path / "run", crashing, spec), show_progress=False)
     torch.manual_seed(123)
     resumed_model = cnn(seed=7)
-    resumed = EMAObjective(resumed_model, ema_spec, LossSpec(), CPU, grad_accum=2)
+    resumed = EMAObjective(resumed_model, loss, CPU, decay=0.8, grad_accum=2)
     train(stage(tmp_path / "run", resumed, spec), show_progress=False)
     for a, b in zip(ref_objective.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
@@ -106,8 +106,7 @@ def test_default_exits_and_single_block_models():
 def test_deep_supervision_loss_matches_the_formula_and_exits_stay_out_of_the_student():
     model = cnn().eval()  # no dropout: the hand computation below must see the same forward
     exits = build_exits(model, X[:2], 4)
-    spec = DeepSupervisionSpec(alpha=0.4, temperature=2.0, feature_weight=0.1)
-    objective = DeepSupervisionObjective(model, exits, spec, CPU)
+    objective = DeepSupervisionObjective(model, exits, CPU, alpha=0.4, temperature=2.0, feature_weight=0.1)
     x, y = X[:8], Y[:8]
     terms = objective.loss((x, y))
 
@@ -141,7 +140,7 @@ def test_per_teacher_objective_sums_weighted_soft_terms():
     torch.manual_seed(0)
     student, teachers = nn.Linear(5, 3), [Teacher(nn.Linear(5, 3)), Teacher(nn.Linear(5, 3))]
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    spec = LossSpec(alpha=0.6, temperature=3.0)
+    spec = LogitLoss(alpha=0.6, temperature=3.0)
     terms = MultiTeacherObjective(student, teachers, [1.0, 3.0], spec, CPU).loss((x, y))
     kd = 0.25 * soft_term(student(x), teachers[0](x), y, spec) + 0.75 * soft_term(student(x), teachers[1](x), y, spec)
     torch.testing.assert_close(terms["kd"], kd)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
-from distil.config.schema import DistributedSpec, FeatureTermSpec, LossSpec, OnPolicySpec, TrainSpec
+from distil.config.schema import (
+    BornAgainSpec, DistributedSpec, EMASpec, FeatureTermSpec, GenerateSpec, LossSpec, OnPolicySpec, TrainSpec,
+)
 from distil.distill.feature_objective import FeatureTerm
 from distil.distill.lm import OnPolicy
 from distil.distill.objectives import LogitLoss
+from distil.generate import Sampling
 from distil.train.config import ParallelConfig, TrainConfig
 
 
@@ -27,6 +30,16 @@ def parallel_config(spec: DistributedSpec) -> ParallelConfig:
 def logit_loss(spec: LossSpec) -> LogitLoss:
     """The loss section as the objectives read it (its feature terms go to distil.distill.feature_objective)."""
     return _copy(spec, LogitLoss)
+
+
+def self_distill_loss(loss: LossSpec, section: BornAgainSpec | EMASpec) -> LogitLoss:
+    """The loss section with a self-distillation section's alpha and temperature, where it gives them."""
+    changes = {k: v for k, v in (("alpha", section.alpha), ("temperature", section.temperature)) if v is not None}
+    return replace(logit_loss(loss), **changes)
+
+
+def sampling(spec: GenerateSpec) -> Sampling:
+    return _copy(spec, Sampling)
 
 
 def onpolicy(spec: OnPolicySpec | None) -> OnPolicy | None:

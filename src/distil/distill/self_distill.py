@@ -4,7 +4,7 @@
 - Deep supervision (`DeepSupervisionObjective`, "Be Your Own Teacher", Zhang et al. 2019): exits on shallower blocks
   learn from the labels, from the deepest classifier's softened outputs and from its features.
 - Born-again networks need no objective of their own: generation k is a ClassifierObjective whose teacher is
-  generation k-1 (see `born_again_loss`).
+  generation k-1 (its loss: `distil.config.adapt.born_again_loss`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil.config.schema import BornAgainSpec, DeepSupervisionSpec, EMASpec, LossSpec
-from distil.distill.objectives import soft_term
+from distil.distill.objectives import LogitLoss, soft_term
 from distil.losses import forward_kl
 from distil.models.exits import Exits, exit_outputs
 from distil.train.objective import Objective
-
-
-def born_again_loss(loss: LossSpec, spec: BornAgainSpec) -> LossSpec:
-    """The recipe's logit loss with the born-again section's alpha and temperature, where given."""
-    changes = {k: v for k, v in (("alpha", spec.alpha), ("temperature", spec.temperature)) if v is not None}
-    return loss.model_copy(update=changes)
 
 
 class EMATeacher(nn.Module):
@@ -78,12 +71,10 @@ class EMAObjective(Objective):
 
     unit = "samples"
 
-    def __init__(self, student: nn.Module, spec: EMASpec, loss: LossSpec, device: torch.device,
+    def __init__(self, student: nn.Module, loss: LogitLoss, device: torch.device, *, decay: float = 0.99,
                  grad_accum: int = 1) -> None:
-        self.student, self.device, self.grad_accum = student, device, grad_accum
-        self.loss_spec = loss.model_copy(update={k: v for k, v in (("alpha", spec.alpha),
-                                                                  ("temperature", spec.temperature)) if v is not None})
-        self.ema = EMATeacher(student, spec.decay).to(device)
+        self.student, self.device, self.grad_accum, self.loss_spec = student, device, grad_accum, loss
+        self.ema = EMATeacher(student, decay).to(device)
         self.modules = {"student": student, "ema": self.ema}
         self._micro = 0
 
@@ -113,8 +104,10 @@ class DeepSupervisionObjective(Objective):
 
     unit = "samples"
 
-    def __init__(self, student: nn.Module, exits: Exits, spec: DeepSupervisionSpec, device: torch.device) -> None:
-        self.student, self.exits, self.spec, self.device = student, exits, spec, device
+    def __init__(self, student: nn.Module, exits: Exits, device: torch.device, *, alpha: float = 0.3,
+                 temperature: float = 3.0, feature_weight: float = 0.03) -> None:
+        self.student, self.exits, self.device = student, exits, device
+        self.alpha, self.temperature, self.feature_weight = alpha, temperature, feature_weight
         self.modules = {"student": student, "exits": exits}
 
     def weight(self, batch: Any) -> int:
@@ -125,12 +118,12 @@ class DeepSupervisionObjective(Objective):
         logits, deepest, outs = exit_outputs(self.student, self.exits, x)
         ce = F.cross_entropy(logits.float(), y)
         target, features = logits.detach(), deepest.detach()
-        T, a = self.spec.temperature, self.spec.alpha
+        T, a = self.temperature, self.alpha
         exit_ce = exit_kd = exit_hint = torch.zeros((), device=logits.device)
         for exit_features, exit_logits in outs:
             exit_ce = exit_ce + F.cross_entropy(exit_logits.float(), y)
             exit_kd = exit_kd + forward_kl(exit_logits, target, temperature=T) * (T * T)
             exit_hint = exit_hint + (exit_features.float() - features.float()).pow(2).mean()
-        total = ce + (1 - a) * exit_ce + a * exit_kd + self.spec.feature_weight * exit_hint
+        total = ce + (1 - a) * exit_ce + a * exit_kd + self.feature_weight * exit_hint
         n = len(outs)
         return {"loss": total, "ce": ce, "exit_ce": exit_ce / n, "exit_kd": exit_kd / n, "exit_hint": exit_hint / n}

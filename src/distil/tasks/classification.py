@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distil.config.adapt import logit_loss
 from distil.config.schema import Recipe
 from distil.data.sources import LoadedData, data_problems, load_data
 from distil.data.sources.vision import ClassificationData
@@ -72,7 +73,7 @@ class ClassificationTask:
                 seed_everything(t_recipe.seed)
                 model = build_classifier(spec.model, data.input_shape, data.num_classes).to(ctx.device)
                 assert spec.train is not None  # guaranteed by problems()
-                seconds = train_classifier(name, model, None, recipe.loss, spec.train, loaded, t_recipe, ctx)
+                seconds = train_classifier(name, model, None, logit_loss(recipe.loss), spec.train, loaded, t_recipe, ctx)
                 config = classifier_config(spec.model, data.input_shape, data.num_classes)
                 save_classifier(folder, model, config, {"train_time_s": seconds})
             else:

@@ -23,17 +23,17 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from distil.config.adapt import feature_terms, logit_loss, train_config
-from distil.config.schema import TEACHER_ARMS, LossSpec, Recipe, TeacherSpec, TrainSpec
+from distil.config.adapt import feature_terms, logit_loss, self_distill_loss, train_config
+from distil.config.schema import TEACHER_ARMS, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
 from distil.data.sources import LoadedData
 from distil.data.sources.vision import ClassificationData
 from distil.distill.feature_objective import FeatureDistiller, FeatureObjective
 from distil.distill.multi_teacher import MultiTeacherObjective, TeacherMixture
-from distil.distill.objectives import ClassifierObjective
+from distil.distill.objectives import ClassifierObjective, LogitLoss
 from distil.distill.pair import Teacher, check_pair
-from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective, born_again_loss
+from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective
 from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
 from distil.models.vision import build_classifier, classifier_config, load_classifier
@@ -77,7 +77,7 @@ def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:
     return order[: subset or total]
 
 
-def train_classifier(name: str, model: nn.Module, teacher: Teacher | None, loss: LossSpec, spec: TrainSpec,
+def train_classifier(name: str, model: nn.Module, teacher: Teacher | None, loss: LogitLoss, spec: TrainSpec,
                      data: LoadedData, recipe: Recipe, ctx: RunContext, objective: Any = None) -> float:
     """Train one arm (or a teacher); returns the seconds its training took, summed over resumed runs (the work a
     killed run did after its last checkpoint is redone and counted once).
@@ -86,7 +86,7 @@ def train_classifier(name: str, model: nn.Module, teacher: Teacher | None, loss:
     indices = subset_indices(data.size, spec.subset, recipe.seed)
     stream = BatchStream(len(indices), spec.batch_size, lambda i: data.collate(indices[i]), seed=recipe.seed)
     test_x, test_y = data.eval
-    objective = objective or ClassifierObjective(model, teacher, logit_loss(loss), ctx.device)
+    objective = objective or ClassifierObjective(model, teacher, loss, ctx.device)
     stage = Stage(name, objective, stream, train_config(spec), ctx.run_dir / "checkpoints" / name, ctx.metrics, ctx.device,
                   evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, ctx.device)},
                   recipe=recipe.model_dump(mode="json"))
@@ -160,17 +160,21 @@ def train_arm(arm: str, folder: Path, loaded: LoadedData, teachers: list[nn.Modu
     elif arm == "distilled":
         objective = _distilled_objective(recipe, model, teachers, example, device, console)
     elif arm == "ema":
-        objective = EMAObjective(model, recipe.self_distill.ema, recipe.loss, device, recipe.train.grad_accum)
+        ema = recipe.self_distill.ema
+        objective = EMAObjective(model, self_distill_loss(recipe.loss, ema), device, decay=ema.decay,
+                                 grad_accum=recipe.train.grad_accum)
     elif arm == "deep_supervision":
         spec = recipe.self_distill.deep_supervision
         with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays the one of the other arms
             torch.manual_seed(recipe.seed)
             exits = build_exits(model, example, data.num_classes, spec.exits)
         console.print(f"[bold]deep_supervision[/bold]: exits on {', '.join(exits.names)}")
-        objective = DeepSupervisionObjective(model, exits, spec, device)
+        objective = DeepSupervisionObjective(model, exits, device, alpha=spec.alpha, temperature=spec.temperature,
+                                             feature_weight=spec.feature_weight)
     else:
         raise ValueError(f"unknown arm {arm}")
-    seconds = train_classifier(arm, model, None, recipe.loss, recipe.train, loaded, recipe, ctx, objective=objective)
+    seconds = train_classifier(arm, model, None, logit_loss(recipe.loss), recipe.train, loaded, recipe, ctx,
+                               objective=objective)
     report: dict[str, Any] = {}
     if exits is not None:
         report["exit_accuracy"] = exit_accuracies(model, exits, test_x, test_y, device)
@@ -185,7 +189,7 @@ def _born_again(arm_folder: Path, loaded: LoadedData, ctx: RunContext) -> None:
     generation k-1. The arm's folder holds the last generation; each generation's accuracy goes in its report."""
     recipe, run_dir, device, data = ctx.recipe, ctx.run_dir, ctx.device, loaded.corpus
     spec = recipe.self_distill.born_again
-    loss = born_again_loss(recipe.loss, spec)
+    loss = self_distill_loss(recipe.loss, spec)
     reuse = "student_alone" in recipe.arms
     folders = [run_dir / (ARM_FOLDERS["student_alone"] if reuse else "born_again-gen0")]
     folders += [run_dir / f"born_again-gen{k}" for k in range(1, spec.generations + 1)]
@@ -198,7 +202,7 @@ def _born_again(arm_folder: Path, loaded: LoadedData, ctx: RunContext) -> None:
         ctx.console.print(f"[bold]born_again[/bold]: generation {k}" + (f" learns from generation {k - 1}" if k else ""))
         seed_everything(recipe.seed)
         model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
-        seconds = train_classifier(name, model, teacher, recipe.loss if k == 0 else loss, recipe.train, loaded,
+        seconds = train_classifier(name, model, teacher, logit_loss(recipe.loss) if k == 0 else loss, recipe.train, loaded,
                                    recipe, ctx)
         save_classifier(folder, model, config, {"train_time_s": seconds, "report": {}})
     test_x, test_y = loaded.eval
