@@ -58,15 +58,25 @@ def _plain_and_fused(name, params, h_s, w_s, h_t, w_t, temperature=1.0, mask=Non
 
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
 def test_equals_plain_with_mask_and_ragged_chunks(name, params):
+    """In fp64 the fused and plain paths agree to rounding (the same formulas). In fp32 both round, differently:
+    the fused value and gradients must be about as close to the fp64 truth as the plain path's own (at most 4x its
+    largest error, plus a few ulps of the largest entry), since a fixed tolerance would only record one machine's
+    rounding (the gradients cancel: g - p_s * sum(g) subtracts terms far larger than the result)."""
     h_s, w_s, h_t, w_t = _heads()
     mask = torch.rand(2, 13, generator=torch.Generator().manual_seed(1)) > 0.3
+    wide = [t.double() for t in (h_s, w_s, h_t, w_t)]
     for chunk_size, m, temperature in [(7, mask, 2.0), (4, None, 1.0), (1000, mask, 0.5), (None, None, 1.0)]:
-        (pv, pgh, pgw), (fv, fgh, fgw) = _plain_and_fused(name, params, h_s, w_s, h_t, w_t, temperature, m, chunk_size)
-        torch.testing.assert_close(fv, pv, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fgh, pgh, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(fgw, pgw, rtol=1e-4, atol=1e-6)
+        exact, fused64 = _plain_and_fused(name, params, *wide, temperature, m, chunk_size)
+        for a, b in zip(fused64, exact):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        plain, fused = _plain_and_fused(name, params, h_s, w_s, h_t, w_t, temperature, m, chunk_size)
+        for f, p, e in zip(fused, plain, exact):
+            plain_error = float((p.double() - e).abs().max())
+            fused_error = float((f.double() - e).abs().max())
+            assert fused_error <= 4 * plain_error + 8 * torch.finfo(torch.float32).eps * float(e.abs().max()), \
+                (chunk_size, temperature, fused_error, plain_error)
         if m is not None:
-            assert (fgh[~m] == 0).all()
+            assert (fused[1][~m] == 0).all()
 
 
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)

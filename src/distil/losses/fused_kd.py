@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from distil.errors import DistilError
-from distil.losses.fused import _apply, _chunk_tokens, _divergence_value_and_grad, _head_pair
+from distil.losses.fused import (
+    _apply, _chunk_tokens, _divergence_value_and_grad, _floor_, _head_pair, _log_softmax_and_softmax_,
+)
 
 __all__ = ["fused_linear_kd_and_ce"]
 
@@ -60,7 +62,12 @@ def fused_linear_kd_and_ce(
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     sums = {"kd": [], "ce": []}
 
+    # At temperature 1 both terms read the same student log-softmax: formed once, in the logits' own buffer.
+    shared = temperature == 1.0 and not full_head
+
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if shared:
+            return shared_step(h, start, end, want_grad)
         z = F.linear(h, student_weight).to(acc)  # grad mode is off here: no graph
         y = targets[start:end].unsqueeze(-1)
         lse = z.logsumexp(-1, keepdim=True)
@@ -84,6 +91,29 @@ def fused_linear_kd_and_ce(
         if grad is None:  # both weights 0: a zero gradient of the right shape
             grad = torch.zeros_like(z)
         return kd_weight * kd + ce_weight * ce, grad
+
+    def shared_step(h: torch.Tensor, start: int, end: int, want_grad: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y = targets[start:end].unsqueeze(-1)
+        lp_s, p_s = _log_softmax_and_softmax_(F.linear(h, student_weight).to(acc))
+        ce = -lp_s.gather(-1, y).sum()
+        lp_t, p_t = _log_softmax_and_softmax_(F.linear(pair.ht[start:end], pair.wt).to(acc))
+        excluded = _floor_(lp_s)  # -inf student logits: floored, and they get no gradient (as in the plain path)
+        _floor_(lp_t)
+        values, g = pair.kernel(lp_s, lp_t, p_s, p_t, **pair.params)
+        kd = values.sum()
+        sums["kd"].append(kd)
+        sums["ce"].append(ce)
+        if not want_grad:
+            return kd_weight * kd + ce_weight * ce, None
+        # d/dz [kd_weight * KD + ce_weight * CE] = kd_weight * (g - p_s * sum(g)) + ce_weight * (p_s - onehot(y)),
+        # through lp_s = log_softmax(z): one pass over the chunk, in g's buffer.
+        if excluded is not None:
+            g.masked_fill_(excluded, 0.0)
+            p_s.masked_fill_(excluded, 0.0)
+        coef = ce_weight - kd_weight * g.sum(-1, keepdim=True)
+        grad = g.mul_(kd_weight).addcmul_(p_s, coef)
+        return kd_weight * kd + ce_weight * ce, grad.scatter_add_(-1, y, torch.full_like(y, -ce_weight, dtype=acc))
 
     loss = _apply(pair.hs, student_weight, _chunk_tokens(chunk_size, student_weight.shape[0]), step, "mean")
     count = max(pair.hs.shape[0], 1)

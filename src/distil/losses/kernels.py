@@ -5,8 +5,8 @@ Each kernel takes the floored log-probabilities lp_s, lp_t and the probabilities
 and returns the per-row divergence and g = d(divergence) / d(lp_s); the chain rule through log_softmax is applied
 once, in the fused loop. These are the analytic derivatives of the formulas in :mod:`distil.losses.logits`; the tests
 check them against autograd on the plain path. Mixtures are formed from probabilities (one log instead of a
-logaddexp), floored at the smallest normal number so that 0 * log(0) never appears. Several kernels reuse their inputs
-in place: the caller does not read them afterwards.
+logaddexp), floored at the smallest normal number so that 0 * log(0) never appears. Several kernels reuse lp_t and p_t
+in place (the caller does not read them afterwards); none changes lp_s or p_s, which the chain rule reads.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def _log_mix(p_a: torch.Tensor, p_b: torch.Tensor, w: float) -> torch.Tensor:
 
 
 def forward_kl_kernel(lp_s, lp_t, p_s, p_t):
-    values = (lp_t - lp_s).mul_(p_t).sum(-1)
-    return values, p_t.neg_()  # p_t is not used after the kernel
+    values = lp_t.sub_(lp_s).mul_(p_t).sum(-1)
+    return values, p_t.neg_()
 
 
 def reverse_kl_kernel(lp_s, lp_t, p_s, p_t):
