@@ -61,9 +61,9 @@ def main() -> None:
         targets = batch["labels"][:, 1:]
         keep = targets != -100
         weight = student.get_output_embeddings().weight
-        hidden = final_hidden(student, ids, mask)[:, :-1]
+        hidden = final_hidden(student, {"input_ids": ids, "attention_mask": mask})[:, :-1]
         with torch.no_grad():
-            t_hidden = final_hidden(teacher, ids, mask)[:, :-1]
+            t_hidden = final_hidden(teacher, {"input_ids": ids, "attention_mask": mask})[:, :-1]
         ce = fused_linear_cross_entropy(hidden, weight, targets)
         kd = fused_linear_divergence(hidden, weight, t_hidden, teacher.get_output_embeddings().weight,
                                      temperature=spec.temperature, mask=keep)
@@ -76,7 +76,7 @@ def main() -> None:
 
     def teacher_forward(batch) -> None:
         with torch.no_grad():
-            final_hidden(teacher, batch["input_ids"], batch["attention_mask"])
+            final_hidden(teacher, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
 
     kinds = {"ce": lambda b: step(alone.loss, b), "teacher_forward": teacher_forward,
              "kd_two_passes": lambda b: step(two_passes, b), "kd_one_pass": lambda b: step(one_pass.loss, b)}

@@ -35,6 +35,8 @@ from rich.console import Console
 from torch import nn
 
 from distil import runlock
+from distil.data.formats import Example
+from distil.data.packing import model_inputs, packed_batch
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
 from distil.distill.embedding import EmbeddingObjective, encode
@@ -222,6 +224,9 @@ def _collate(task: str, tokenizer: Any, max_length: int) -> Any:
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = 0 if pad is None else pad
         length = max(len(row["input_ids"]) for row in rows)
+        if all("position_ids" in row for row in rows):  # packed blocks (distil.data.load_lm_dataset(packing=True))
+            return packed_batch([(Example(list(r["input_ids"]), list(r["labels"])), list(r["position_ids"]))
+                                 for r in rows], pad, length)
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)  # padding never counts
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -310,16 +315,12 @@ def _measure(task: str, teacher: nn.Module, student: nn.Module, batches: list[An
     return rows
 
 
-def _inputs(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-
-
 def _cost(model: nn.Module, batch: Any, device: torch.device) -> dict[str, Any]:
     if isinstance(batch, tuple):
         example = batch[0][:1].to(device)
         forward = lambda: model(example)  # noqa: E731
     else:
-        example = {k: v[:1] for k, v in _inputs(batch, device).items()}
+        example = {k: v[:1] for k, v in model_inputs(batch, device).items()}
         forward = lambda: model(**example)  # noqa: E731
     return {"params": parameter_count(model), "latency_ms": measure_latency(forward, runs=5, warmup=1)}
 
@@ -330,7 +331,7 @@ def _lm_scores(model: nn.Module, batches: list[Any], vocab: int, device: torch.d
     """exp(mean next-token CE) over the positions that count, and the top-1 prediction at each of them."""
     nll, count, predictions = 0.0, 0, []
     for batch in batches:
-        logits = model(**_inputs(batch, device), use_cache=False).logits[:, :-1, :vocab].float()
+        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1, :vocab].float()
         targets = batch["labels"][:, 1:].to(device)
         keep = targets != IGNORE
         nll += float(torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
@@ -341,4 +342,4 @@ def _lm_scores(model: nn.Module, batches: list[Any], vocab: int, device: torch.d
 
 @torch.inference_mode()
 def _embeddings(model: nn.Module, batches: list[Any], device: torch.device) -> torch.Tensor:
-    return torch.cat([encode(model, **_inputs(batch, device)).cpu() for batch in batches])
+    return torch.cat([encode(model, **model_inputs(batch, device)).cpu() for batch in batches])

@@ -60,14 +60,15 @@ def test_a_plain_head_keeps_the_fused_path():
 
 def test_the_check_names_the_model_and_why():
     ids = batch()["input_ids"]
-    assert "logits_scaling=8.0" in fused_problem(granite(0), "teacher", ids, torch.ones_like(ids))
-    assert "not hidden @ lm_head.weight.T" in fused_problem(scaled_head(llama(0)), "student", ids, torch.ones_like(ids))
-    assert fused_problem(llama(0), "student", ids, torch.ones_like(ids)) is None
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert "logits_scaling=8.0" in fused_problem(granite(0), "teacher", inputs)
+    assert "not hidden @ lm_head.weight.T" in fused_problem(scaled_head(llama(0)), "student", inputs)
+    assert fused_problem(llama(0), "student", inputs) is None
 
 
 def test_the_check_leaves_training_mode_and_rng_as_they_were():
     model = llama(0).train()
     ids = batch()["input_ids"]
     state = torch.get_rng_state()
-    fused_problem(model, "student", ids, torch.ones_like(ids))
+    fused_problem(model, "student", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert model.training and torch.equal(torch.get_rng_state(), state)

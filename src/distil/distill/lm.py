@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from distil.data.packing import model_inputs
 from distil.distill.objectives import LogitLoss, divergence_params, soft_term
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
@@ -33,7 +34,7 @@ class OnPolicy:
     top_k: int | None = None
 
 
-def fused_problem(model: nn.Module, who: str, ids: torch.Tensor, attention: torch.Tensor) -> str | None:
+def fused_problem(model: nn.Module, who: str, inputs: dict[str, torch.Tensor]) -> str | None:
     """Why the fused path cannot compute this model's logits as ``hidden @ lm_head.weight.T`` (None when it can).
 
     Checked by name (soft-capping, a logit scale) and numerically on a slice of a real batch, since models rescale
@@ -45,13 +46,13 @@ def fused_problem(model: nn.Module, who: str, ids: torch.Tensor, attention: torc
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         return f"the {who} has no bias-free linear LM head"
-    ids, attention = ids[:1, :16], attention[:1, :16]
+    inputs = {key: value[:1, :16] for key, value in inputs.items()}
     was_training = model.training
     model.eval()  # no dropout: the two forward passes below must see the same network
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
-            expected = F.linear(final_hidden(model, ids, attention).to(head.weight.dtype), head.weight).float()
+            logits = model(**inputs, use_cache=False).logits.float()
+            expected = F.linear(final_hidden(model, inputs).to(head.weight.dtype), head.weight).float()
     finally:
         model.train(was_training)
     # The same product in the model's dtype agrees to rounding (bf16: about 0.4% of the largest logit); a rescaled
@@ -62,9 +63,10 @@ def fused_problem(model: nn.Module, who: str, ids: torch.Tensor, attention: torc
     return None
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states after the final norm, i.e. what the LM head multiplies (no logits are computed)."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def final_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Hidden states after the final norm, i.e. what the LM head multiplies (no logits are computed); `inputs`:
+    input_ids with attention_mask, or packed input_ids with position_ids (distil.data.packing.model_inputs)."""
+    out = model.base_model(**inputs, use_cache=False)
     return out.last_hidden_state
 
 
@@ -97,11 +99,11 @@ class CausalLMObjective(Objective):
         self.modules = {"student": student}
         self.fused: bool | None = None if spec.fused else False  # None: decided on the first batch
 
-    def _use_fused(self, ids: torch.Tensor, attention: torch.Tensor) -> bool:
+    def _use_fused(self, inputs: dict[str, torch.Tensor]) -> bool:
         """Once, on the first batch: the fused path where both heads are plain linear maps, else the plain one."""
         if self.fused is None:
             models = [("student", self.student)] + ([("teacher", self.teacher.model)] if self.teacher else [])
-            problem = next((p for who, m in models if (p := fused_problem(m, who, ids, attention))), None)
+            problem = next((p for who, m in models if (p := fused_problem(m, who, inputs))), None)
             self.fused = problem is None
             if problem and distributed.is_main():
                 Console(stderr=True, highlight=False).print(
@@ -136,14 +138,13 @@ class CausalLMObjective(Objective):
                 "onpolicy": True}
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        ids = batch["input_ids"].to(self.device)
-        attention = batch["attention_mask"].to(self.device)
+        inputs = model_inputs(batch, self.device)
         targets, keep = next_token_targets(batch["labels"].to(self.device))
         onpolicy = bool(batch.get("onpolicy"))
-        if self._use_fused(ids, attention):
-            terms = self._fused(ids, attention, targets, keep, onpolicy)
+        if self._use_fused(inputs):
+            terms = self._fused(inputs, targets, keep, onpolicy)
         else:
-            terms = self._plain(ids, attention, targets, keep, onpolicy)
+            terms = self._plain(inputs, targets, keep, onpolicy)
         if "loss" in terms:  # already combined (the fused KD + CE pass)
             return terms
         if "kd" not in terms:
@@ -154,13 +155,13 @@ class CausalLMObjective(Objective):
             terms["loss"] = self.spec.alpha * terms["kd"] + (1 - self.spec.alpha) * terms["ce"]
         return terms
 
-    def _fused(self, ids, attention, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
+    def _fused(self, inputs, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
         weight = self.student.get_output_embeddings().weight
-        hidden = final_hidden(self.student, ids, attention)[:, :-1].to(weight.dtype)
+        hidden = final_hidden(self.student, inputs)[:, :-1].to(weight.dtype)
         if self.teacher is not None and not onpolicy:  # both terms from one pass over the heads
             t_weight = self.teacher.model.get_output_embeddings().weight
             with torch.no_grad():
-                t_hidden = final_hidden(self.teacher.model, ids, attention)[:, :-1].to(t_weight.dtype)
+                t_hidden = final_hidden(self.teacher.model, inputs)[:, :-1].to(t_weight.dtype)
             T, alpha = self.spec.temperature, self.spec.alpha
             t2 = T * T if self.spec.scale_by_t2 else 1.0
             loss, kd, ce = fused_linear_kd_and_ce(
@@ -175,7 +176,7 @@ class CausalLMObjective(Objective):
         if self.teacher is not None:
             t_weight = self.teacher.model.get_output_embeddings().weight
             with torch.no_grad():
-                t_hidden = final_hidden(self.teacher.model, ids, attention)[:, :-1].to(t_weight.dtype)
+                t_hidden = final_hidden(self.teacher.model, inputs)[:, :-1].to(t_weight.dtype)
             T = self.spec.temperature
             kd = fused_linear_divergence(
                 hidden, weight, t_hidden, t_weight, divergence=self.spec.divergence, temperature=T, mask=keep,
@@ -184,8 +185,8 @@ class CausalLMObjective(Objective):
             terms["kd"] = kd * (T * T) if self.spec.scale_by_t2 else kd
         return terms
 
-    def _plain(self, ids, attention, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
-        logits = self.student(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+    def _plain(self, inputs, targets, keep, onpolicy) -> dict[str, torch.Tensor]:
+        logits = self.student(**inputs, use_cache=False).logits[:, :-1]
         terms: dict[str, torch.Tensor] = {}
         if not onpolicy:
             # A mean over the counted positions that is 0 (zero gradient) when there are none, as on the fused path:
@@ -194,7 +195,7 @@ class CausalLMObjective(Objective):
                                      reduction="sum")
             terms["ce"] = summed / keep.sum().clamp_min(1)
         if self.teacher is not None:
-            t_logits = self.teacher(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+            t_logits = self.teacher(**inputs, use_cache=False).logits[:, :-1]
             V = self.vocab_size
             terms["kd"] = soft_term(logits[..., :V], t_logits[..., :V], None, self.spec, mask=keep)
         return terms

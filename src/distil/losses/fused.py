@@ -342,11 +342,13 @@ def fused_linear_cross_entropy(
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = F.linear(h, weight).to(acc)
         y = targets[start:end].unsqueeze(-1)
-        lse = z.logsumexp(-1, keepdim=True)
-        loss = (lse - z.gather(-1, y)).sum()
+        z.sub_(z.amax(-1, keepdim=True))  # shifted in place: the chunk's raw logits are not needed
+        e = z.exp()
+        total = e.sum(-1, keepdim=True)
+        loss = (total.log() - z.gather(-1, y)).sum()
         if not want_grad:
             return loss, None
-        grad = z.sub_(lse).exp_()  # softmax, in place: the chunk's logits are not needed any more
+        grad = e.div_(total)  # softmax - onehot
         grad.scatter_add_(-1, y, torch.full_like(y, -1, dtype=acc))
         return loss, grad
 

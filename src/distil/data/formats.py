@@ -1,0 +1,176 @@
+"""Rows of a language-model dataset -> token examples whose labels say which tokens are trained on.
+
+Formats (the `format` of a data section), each reading named columns with the common conventions as defaults:
+- `text`: one document per row (`text`); every token is trained on; the tokenizer's EOS closes each document.
+- `prompt_completion`: `prompt` and `completion`; only the completion (and the EOS after it) is trained on.
+- `chat`: a `messages` list of {role, content} (OpenAI / TRL), or ShareGPT's `conversations` of {from, value};
+  rendered with the tokenizer's chat template; only assistant turns are trained on (each one, with its end-of-turn
+  tokens); system, user and tool turns are context.
+
+Labels follow the -100 convention: a label is the token itself where it counts, -100 where it does not, so that
+every loss, the fused path and the teacher cache read these examples unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from distil.errors import DistilError
+
+IGNORE = -100
+FORMATS = ("text", "prompt_completion", "chat")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "system": "system", "tool": "tool", "function": "tool",
+                  "observation": "tool"}
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where each format finds its fields (the defaults follow TRL's dataset formats)."""
+
+    text: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"  # a row without it may hold ShareGPT's "conversations" instead
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # the token where it is trained on, IGNORE elsewhere
+
+    @property
+    def trained(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@dataclass
+class Tally:
+    """What tokenizing a dataset kept and dropped, printed before training."""
+
+    rows: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows
+
+    def describe(self) -> str:
+        kept = self.rows - sum(self.dropped.values())
+        text = f"{kept} of {self.rows} examples kept, {self.truncated} truncated to max_length"
+        if self.dropped:
+            text += "; dropped: " + ", ".join(f"{n} {why}" for why, n in self.dropped.items())
+        return text
+
+
+def to_messages(row: dict[str, Any], columns: Columns, where: str) -> list[dict[str, str]]:
+    """A chat row's turns as [{role, content}], ShareGPT's {from, value} mapped to OpenAI roles."""
+    if columns.messages in row:
+        turns, role_key, content_key, names = row[columns.messages], "role", "content", {r: r for r in ROLES}
+    elif "conversations" in row:
+        turns, role_key, content_key, names = row["conversations"], "from", "value", SHAREGPT_ROLES
+    else:
+        raise DistilError(f"{where}: no '{columns.messages}' (or ShareGPT 'conversations') column; the row has "
+                          f"{sorted(row)}; name it with data.columns.messages")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DistilError(f"{where}: '{columns.messages}' must be a list of {{role, content}} objects")
+    messages = []
+    for turn in turns:
+        role = turn.get(role_key)
+        if role not in names:
+            raise DistilError(f"{where}: unknown role {role!r}; roles are {', '.join(sorted(names))}")
+        content = turn.get(content_key)
+        if not isinstance(content, str):
+            raise DistilError(f"{where}: a '{role}' turn has no text '{content_key}'")
+        messages.append({"role": names[role], "content": content})
+    return messages
+
+
+def text_example(tokenizer: Any, text: str) -> Example:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return Example(ids, list(ids))
+
+
+def prompt_completion_example(tokenizer: Any, prompt: str, completion: str) -> Example:
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    answer = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        answer.append(tokenizer.eos_token_id)
+    return Example(prompt_ids + answer, [IGNORE] * len(prompt_ids) + answer)
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str = "conversation") -> Example:
+    """The conversation through the chat template; the characters of each assistant turn (from the end of the
+    generation prompt before it to the end of the turn) are found by rendering it prefix by prefix, and the tokens
+    that start inside them are trained on."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DistilError("format chat needs a tokenizer with a chat template; this one has none (use format text "
+                          "or prompt_completion, or a model with a chat template)")
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, upto = render(tokenizer, messages[:i], generation_prompt=True), render(tokenizer, messages[: i + 1])
+        if not (upto.startswith(start) and text.startswith(upto)):
+            raise DistilError(f"{where}: the chat template does not render the conversation prefix by prefix (it "
+                              "rewrites earlier turns), so the assistant tokens cannot be found; use format "
+                              "prompt_completion")
+        spans.append((len(start), len(upto)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [token if any(a <= begin < b for a, b in spans) else IGNORE
+              for token, (begin, _) in zip(ids, encoded["offset_mapping"])]
+    return Example(ids, labels)
+
+
+def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, fmt: str, *, max_length: int,
+                  columns: Columns = Columns(), source: str = "data") -> tuple[list[Example], Tally]:
+    """Each row as an Example truncated to max_length, with a tally of what was truncated or dropped (empty rows,
+    conversations without an assistant turn, examples left with no trained token)."""
+    if fmt not in FORMATS:
+        raise DistilError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    tally, examples = Tally(rows=len(rows)), []
+    for number, row in enumerate(rows, 1):
+        where = f"{source} row {number}"
+        example = _example(row, tokenizer, fmt, columns, where, tally)
+        if example is None:
+            continue
+        if len(example.input_ids) > max_length:
+            tally.truncated += 1
+            example = Example(example.input_ids[:max_length], example.labels[:max_length])
+        if example.trained == 0:
+            tally.dropped["with no trained token within max_length"] += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise DistilError(f"{source}: no example left to train on ({tally.describe()})")
+    return examples, tally
+
+
+def _example(row: dict[str, Any], tokenizer: Any, fmt: str, columns: Columns, where: str,
+             tally: Tally) -> Example | None:
+    if fmt == "chat":
+        messages = to_messages(row, columns, where)
+        if not any(m["role"] == "assistant" for m in messages):
+            tally.dropped["conversations without an assistant turn"] += 1
+            return None
+        return chat_example(tokenizer, messages, where)
+    names = [columns.text] if fmt == "text" else [columns.prompt, columns.completion]
+    missing = [n for n in names if n not in row]
+    if missing:
+        raise DistilError(f"{where}: no column {', '.join(repr(m) for m in missing)} for format {fmt}; the row has "
+                          f"{sorted(row)} (name the columns with data.columns)")
+    values = [row[n] for n in names]
+    if not all(isinstance(v, str) for v in values):
+        raise DistilError(f"{where}: {', '.join(names)} must be text")
+    if not all(v.strip() for v in values):
+        tally.dropped["empty rows"] += 1
+        return None
+    return text_example(tokenizer, values[0]) if fmt == "text" else prompt_completion_example(tokenizer, *values)
