@@ -3,6 +3,7 @@ distil.distill(), with tiny models in `teacher_dir` (a Llama) and `encoder_dir` 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -24,18 +25,49 @@ def encoder_dir(tiny_bert):
     return tiny_bert
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_lm(tiny_lm, tmp_path_factory):
+    """The tiny Llama with a ChatML chat template (its own tokenizer has none)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-chat-lm")
+    shutil.copytree(tiny_lm, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_chats(folder: Path) -> None:
+    lines = []
+    for i in range(8):
+        messages = [{"role": "user", "content": f"Speak line {i}."},
+                    {"role": "assistant", "content": f"To be, or not to be, {i} times."}]
+        lines.append(json.dumps({"messages": messages}) + "\n")
+    (folder / "chats.jsonl").write_text("".join(lines), encoding="utf-8")
+
+
 def test_there_is_one_example_per_task():
     examples = distill_examples()
-    assert len(examples) == 3
+    assert len(examples) == 4
     assert [("AutoModelForCausalLM" in e, "AutoModel," in e) for e in examples] == [(False, False), (True, False),
-                                                                                    (False, True)]
+                                                                                    (False, True), (True, False)]
+    assert "load_lm_dataset" in examples[3]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["classifier", "causal_lm", "encoder"])
-def test_readme_example_runs(index, tiny_lm, encoder_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["classifier", "causal_lm", "encoder", "own-chat-data"])
+def test_readme_example_runs(index, tiny_lm, chat_lm, encoder_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    write_chats(tmp_path)
     code = distill_examples()[index]
-    exec(compile(code, f"README.md example {index}", "exec"), {"teacher_dir": tiny_lm, "encoder_dir": encoder_dir})
+    names = {"teacher_dir": chat_lm if index == 3 else tiny_lm, "encoder_dir": encoder_dir}
+    exec(compile(code, f"README.md example {index}", "exec"), names)
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file() and (run / "report.html").is_file()
     assert (run / "student" / "config.json").is_file()
@@ -44,5 +76,5 @@ def test_readme_example_runs(index, tiny_lm, encoder_dir, tmp_path, monkeypatch,
 
     # The same call again resumes: the trained student is read back, nothing is trained twice.
     lines = (run / "metrics.jsonl").read_text()
-    exec(compile(code, f"README.md example {index}", "exec"), {"teacher_dir": tiny_lm, "encoder_dir": encoder_dir})
+    exec(compile(code, f"README.md example {index}", "exec"), names)
     assert (run / "metrics.jsonl").read_text() == lines

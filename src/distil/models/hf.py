@@ -8,6 +8,7 @@ source is converted once into a plain safetensors folder in the cache (``$DISTIL
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -85,14 +87,44 @@ def _is_complete(folder: Path, expected: dict[str, Any]) -> bool:
     return all(recorded.get(k) == v for k, v in expected.items())
 
 
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """transformers parses a GGUF file once for the config, then again for the weights, with gguf.GGUFReader (about
+    9 s each for SmolLM2's 49k-token vocabulary on 2 cores), and builds gguf's tensor-name map once per module (397
+    times, 10 s): within this block each file is parsed once and each map built once. Both are read-only after
+    construction, so they can be shared."""
+    import gguf as gguf_lib
+
+    originals = {"GGUFReader": gguf_lib.GGUFReader, "get_tensor_name_map": gguf_lib.get_tensor_name_map}
+    made: dict[tuple, Any] = {}
+
+    def once(name: str) -> Any:
+        def shared(*args: Any) -> Any:
+            key = (name, *(os.path.realpath(a) if isinstance(a, (str, Path)) and os.path.exists(a) else a
+                           for a in args))
+            if key not in made:
+                made[key] = originals[name](*args)
+            return made[key]
+        return shared
+
+    for name in originals:
+        setattr(gguf_lib, name, once(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf_lib, name, original)
+
+
 def _convert_gguf(gguf: Path, dest: Path) -> tuple[Any, Any]:
     """Load a GGUF checkpoint with transformers and save it as a plain safetensors folder at ``dest``, atomically.
 
     Returns ``(model, tokenizer)`` as loaded from the GGUF: the reference the converted folder must reproduce."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _one_gguf_parse():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already dequantized; drop the GGUF quantizer so the folder loads as a plain float model.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
