@@ -78,12 +78,29 @@ def test_model_vocab_smaller_than_tokenizer_fails():
 
 # --- sources, cache and loading -------------------------------------------------------------------------------------
 
-def test_unknown_source_lists_builtins_and_local_folders(tmp_path):
+def test_unknown_source_lists_builtins_and_local_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     with pytest.raises(DistilError) as err:
         hf.resolve_model_path("HuggingFaceTB/SmolLM2-135M")
     assert "smollm2-135m-instruct" in str(err.value) and "local folder" in str(err.value)
+    assert "hf download HuggingFaceTB/SmolLM2-135M" in str(err.value)
     with pytest.raises(DistilError, match="no config.json"):
         hf.resolve_model_path(tmp_path)
+
+
+def test_a_hub_id_in_the_local_hugging_face_cache_is_found_offline(tiny_lm, tmp_path, monkeypatch):
+    """The cache's own layout (models--org--name/snapshots/REV, refs/main), as `hf download` leaves it."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--acme--tiny-llama"
+    shutil.copytree(tiny_lm, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    assert hf.resolve_model_path("acme/tiny-llama") == repo / "snapshots" / "0123abcd"
+    with pytest.raises(DistilError, match="hf download acme/other"):
+        hf.resolve_model_path("acme/other")
 
 
 def test_missing_package_says_how_to_install(monkeypatch):

@@ -89,8 +89,16 @@ def test_two_processes_with_batch_b_equal_one_with_batch_2b(two, one, name):
     ra, rb = _records(two, name), _records(one, name)
     assert [(r["step"], sorted(r)) for r in ra] == [(r["step"], sorted(r)) for r in rb]
     for x, y in zip(ra, rb):
+        # A loss term is a mean over tokens of sums of log-probability-sized terms; splitting the batch changes the
+        # matmul blocking, hence the rounding, by a few fp32 ulps of the largest such terms: of the cross-entropy's
+        # size (about log V), whatever the term's own size (the KD term is a small difference of such sums; with
+        # OMP_NUM_THREADS=1 it moved by 1.3e-7 on 0.0125).
+        scale = max(abs(y.get("loss/ce", 1.0)), 1.0)
         for key in x:
-            if key.startswith("loss") or key == "grad_norm":
+            if key.startswith("loss"):
+                tolerance = 16 * torch.finfo(torch.float32).eps * scale
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=tolerance), (name, x["step"], key)
+            elif key == "grad_norm":
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (name, x["step"], key)
             elif key.startswith("eval/"):
                 assert x[key] == y[key]

@@ -163,7 +163,8 @@ def builtin_model_path(name: str) -> Path:
 
 
 def resolve_model_path(source: str | os.PathLike[str]) -> Path:
-    """A local model folder for ``source``: an existing folder, or a built-in name (converted on first use)."""
+    """A local model folder for ``source``: an existing folder, a built-in name (converted on first use), or a hub
+    id (``org/name``) already in the local Hugging Face cache. Nothing is ever downloaded."""
     text = os.fspath(source)
     if text in BUILTIN_MODELS:
         return builtin_model_path(text)
@@ -172,11 +173,36 @@ def resolve_model_path(source: str | os.PathLike[str]) -> Path:
         if not (path / "config.json").is_file():
             raise DistilError(f"model folder {path} has no config.json; point to a folder saved by save_pretrained")
         return path
+    snapshot = _cached_hub_snapshot(text)
+    if snapshot is not None:
+        return snapshot
     names = ", ".join(sorted(BUILTIN_MODELS))
+    hint = (f"; if it is a hub id, download it once with `hf download {text}` (distil never downloads)"
+            if _looks_like_hub_id(text) else "")
     raise DistilError(
-        f"unknown model {text!r}: not a built-in name ({names}) and not a local folder; "
-        "give a built-in name or the path of a folder saved by save_pretrained (nothing is downloaded from a hub)"
+        f"unknown model {text!r}: not a built-in name ({names}), not a local folder and not in the local Hugging "
+        f"Face cache{hint}; or give the path of a folder saved by save_pretrained"
     )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path | None:
+    """The snapshot of a hub model in the local Hugging Face cache ($HF_HUB_CACHE, read at call time), or None:
+    looked up with local_files_only, so never a network call or a retry loop."""
+    if not _looks_like_hub_id(repo_id):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True,
+                                        cache_dir=os.environ.get("HF_HUB_CACHE") or None))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _ensure_pad_token(tokenizer: Any) -> Any:
