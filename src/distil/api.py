@@ -35,12 +35,12 @@ from rich.console import Console
 from torch import nn
 
 from distil import runlock
-from distil.data.formats import Example
-from distil.data.packing import model_inputs, packed_batch
+from distil.data.formats import IGNORE, Example
+from distil.data.packing import model_inputs, packed_batch, padded_batch
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
 from distil.distill.embedding import EmbeddingObjective, encode
-from distil.distill.lm import IGNORE, CausalLMObjective
+from distil.distill.lm import CausalLMObjective
 from distil.distill.objectives import ClassifierObjective, LogitLoss
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
@@ -213,6 +213,9 @@ def _collate(task: str, tokenizer: Any, max_length: int) -> Any:
     def texts(rows: list[Any]) -> list[str]:
         return [row if isinstance(row, str) else row["text"] for row in rows]
 
+    def tokens(values: Any) -> list[int]:  # a list, tensor or array of token ids
+        return torch.as_tensor(values, dtype=torch.long).tolist()
+
     def classification(rows: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [_input_and_label(row) for row in rows]
         return torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
@@ -223,19 +226,12 @@ def _collate(task: str, tokenizer: Any, max_length: int) -> Any:
             rows = [{"input_ids": ids} for ids in encoded]
         pad = getattr(tokenizer, "pad_token_id", None)
         pad = 0 if pad is None else pad
-        length = max(len(row["input_ids"]) for row in rows)
         if all("position_ids" in row for row in rows):  # packed blocks (distil.data.load_lm_dataset(packing=True))
-            return packed_batch([(Example(list(r["input_ids"]), list(r["labels"])), list(r["position_ids"]))
-                                 for r in rows], pad, length)
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)  # padding never counts
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            row_ids = torch.as_tensor(row["input_ids"], dtype=torch.long)[:max_length]
-            n = len(row_ids)
-            ids[i, :n], mask[i, :n] = row_ids, 1
-            labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)[:n] if "labels" in row else row_ids
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            return packed_batch([(Example(tokens(r["input_ids"]), tokens(r["labels"])), tokens(r["position_ids"]))
+                                 for r in rows], pad, max(len(r["input_ids"]) for r in rows))
+        return padded_batch([Example(tokens(r["input_ids"])[:max_length],
+                                     tokens(r["labels"] if "labels" in r else r["input_ids"])[:max_length])
+                             for r in rows], pad)
 
     def embedding(rows: list[Any]) -> dict[str, Any]:
         enc = tokenizer(texts(rows), padding=True, truncation=True, max_length=max_length, return_tensors="pt")

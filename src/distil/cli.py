@@ -122,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         recipe = load_recipe(recipe_name, overrides)
         if recipe.task != "causal_lm" or recipe.generate is None:
             raise DistilError(f"recipe {recipe.name} has no generate section; use a response-distillation recipe")
-        source, spec, seed = recipe.teacher.model.source, sampling(recipe.generate), recipe.seed  # type: ignore[union-attr]
+        source, seed = recipe.teacher.model.source, recipe.seed  # type: ignore[union-attr]
+        spec = sampling(recipe.generate)
         model, tokenizer = hf.load_causal_lm(source, dtype=recipe.teacher.model.dtype)  # type: ignore[union-attr]
         prompts = [p for p, _ in prompt_pairs(recipe, load_corpus(recipe.data, tokenizer), held_out=False)]
         output = Path(args.output or f"{recipe.name}-generations.jsonl")

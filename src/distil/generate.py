@@ -14,7 +14,6 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
-
 @dataclass(frozen=True)
 class Sampling:
     """How the teacher answers: up to max_new_tokens, greedy or sampled (temperature, top_p), batch_size prompts at

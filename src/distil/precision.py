@@ -1,8 +1,9 @@
 """Precision follows the hardware: bf16 only where the device runs it natively, fp32 otherwise.
 
 On a CPU without AVX-512-BF16 or AMX (e.g. AMD EPYC with AVX2 only) bf16 matmuls are emulated and several times
-slower than fp32, so `auto` must not pick it there. A recipe's `train.precision: auto` and `teacher.model.dtype: auto` are resolved once, when the recipe is
-loaded, into the values the run records in its recipe.yaml; a resumed run keeps what was chosen.
+slower than fp32, so `auto` must not pick it there. A recipe's `train.precision: auto` and `teacher.model.dtype:
+auto` are resolved once, when the recipe is loaded, into the values the run records in its recipe.yaml; a resumed
+run keeps what was chosen.
 """
 
 from __future__ import annotations

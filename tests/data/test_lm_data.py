@@ -119,7 +119,8 @@ def test_sharegpt_conversations_map_to_roles_and_bad_turns_are_named():
                                                      {"role": "assistant", "content": "hello"}]
     with pytest.raises(DistilError, match="row 3: unknown role 'narrator'"):
         to_messages({"messages": [{"role": "narrator", "content": "x"}]}, Columns(), "row 3")
-    with pytest.raises(DistilError, match=r"no 'messages' \(or ShareGPT 'conversations'\) column; the row has \['text'\]"):
+    no_messages = r"no 'messages' \(or ShareGPT 'conversations'\) column; the row has \['text'\]"
+    with pytest.raises(DistilError, match=no_messages):
         to_messages({"text": "x"}, Columns(), "row 1")
 
 
@@ -177,8 +178,8 @@ def test_packed_equals_unpacked_per_example(tiny_lm):
     teacher = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float64).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float64)
     for fused in (True, False):
-        objective = CausalLMObjective(student, Teacher(teacher), LogitLoss(fused=fused), vocab_size=model.config.vocab_size,
-                                      device=torch.device("cpu"))
+        objective = CausalLMObjective(student, Teacher(teacher), LogitLoss(fused=fused),
+                                      vocab_size=model.config.vocab_size, device=torch.device("cpu"))
         with torch.no_grad():
             a, b = objective.loss(packed), objective.loss(padded_batch(examples, pad_id=1))
         assert objective.weight(packed) == objective.weight(padded_batch(examples, pad_id=1))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distil.cache import TeacherCache
-from distil.distill.lm import IGNORE, next_token_targets
+from distil.data.formats import IGNORE
+from distil.distill.lm import next_token_targets
 from distil.distill.objectives import LogitLoss, divergence_params
 from distil.losses import cached_divergence
 from distil.train.objective import Objective

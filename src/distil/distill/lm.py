@@ -10,16 +10,14 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from distil.data.formats import IGNORE
 from distil.data.packing import model_inputs
 from distil.distill.objectives import LogitLoss, divergence_params, soft_term
 from distil.distill.pair import Teacher
-from distil.errors import DistilError
 from distil.losses import fused_linear_cross_entropy, fused_linear_divergence
 from distil.losses.fused_kd import fused_linear_kd_and_ce
 from distil.train import distributed
 from distil.train.objective import Objective, teacher_models
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)

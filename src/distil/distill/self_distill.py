@@ -4,7 +4,7 @@
 - Deep supervision (`DeepSupervisionObjective`, "Be Your Own Teacher", Zhang et al. 2019): exits on shallower blocks
   learn from the labels, from the deepest classifier's softened outputs and from its features.
 - Born-again networks need no objective of their own: generation k is a ClassifierObjective whose teacher is
-  generation k-1 (its loss: `distil.config.adapt.born_again_loss`).
+  generation k-1 (its loss: `distil.config.adapt.self_distill_loss`).
 """
 
 from __future__ import annotations

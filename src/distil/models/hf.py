@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -99,11 +99,11 @@ def _one_gguf_parse() -> Iterator[None]:
     made: dict[tuple, Any] = {}
 
     def once(name: str) -> Any:
-        def shared(*args: Any) -> Any:
+        def shared(*args: Any, **kwargs: Any) -> Any:
             key = (name, *(os.path.realpath(a) if isinstance(a, (str, Path)) and os.path.exists(a) else a
-                           for a in args))
+                           for a in args), *sorted(kwargs.items()))
             if key not in made:
-                made[key] = originals[name](*args)
+                made[key] = originals[name](*args, **kwargs)
             return made[key]
         return shared
 

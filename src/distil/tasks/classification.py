@@ -73,7 +73,8 @@ class ClassificationTask:
                 seed_everything(t_recipe.seed)
                 model = build_classifier(spec.model, data.input_shape, data.num_classes).to(ctx.device)
                 assert spec.train is not None  # guaranteed by problems()
-                seconds = train_classifier(name, model, None, logit_loss(recipe.loss), spec.train, loaded, t_recipe, ctx)
+                seconds = train_classifier(name, model, None, logit_loss(recipe.loss), spec.train, loaded, t_recipe,
+                                           ctx)
                 config = classifier_config(spec.model, data.input_shape, data.num_classes)
                 save_classifier(folder, model, config, {"train_time_s": seconds})
             else:

@@ -202,8 +202,8 @@ def _born_again(arm_folder: Path, loaded: LoadedData, ctx: RunContext) -> None:
         ctx.console.print(f"[bold]born_again[/bold]: generation {k}" + (f" learns from generation {k - 1}" if k else ""))
         seed_everything(recipe.seed)
         model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
-        seconds = train_classifier(name, model, teacher, logit_loss(recipe.loss) if k == 0 else loss, recipe.train, loaded,
-                                   recipe, ctx)
+        seconds = train_classifier(name, model, teacher, logit_loss(recipe.loss) if k == 0 else loss, recipe.train,
+                                   loaded, recipe, ctx)
         save_classifier(folder, model, config, {"train_time_s": seconds, "report": {}})
     test_x, test_y = loaded.eval
     accuracies, times = [], []

@@ -168,8 +168,9 @@ class EmbeddingRun:
             student.get_input_embeddings().weight.requires_grad_(False)
         # The pooled embedding is the mean of the last hidden states: BERT's pooler gets no gradient (and DDP
         # refuses parameters that get none), so it stays as inherited.
-        for p in getattr(student, "pooler", None).parameters() if getattr(student, "pooler", None) else ():
-            p.requires_grad_(False)
+        pooler = getattr(student, "pooler", None)
+        if pooler is not None:
+            pooler.requires_grad_(False)
         max_length = _data(recipe).max_length
         collate = self.data.collate
         teacher = None if arm == "student_alone" else Teacher(self.teacher)

@@ -13,6 +13,7 @@ from torch import nn
 
 from distil.config.adapt import feature_terms
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
+from distil.data.packing import model_inputs
 from distil.diskspace import tensor_bytes
 from distil.distill.feature_objective import FeatureDistiller
 from distil.models import hf
@@ -74,6 +75,6 @@ def feature_distiller(recipe: Recipe, student: nn.Module, teacher: nn.Module, ba
                       device: torch.device, **call: Any) -> FeatureDistiller:
     """loss.features on a transformer pair, checked on one real batch (names, shapes, relation heads)."""
     distiller = FeatureDistiller(feature_terms(recipe.loss.features), student, teacher)
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device), **call}
+    inputs = {**model_inputs(batch, device), **call}
     distiller.build(lambda: student(**inputs), lambda: teacher(**inputs), seed=recipe.seed)
     return distiller

@@ -68,11 +68,12 @@ def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any
                           "add them or set arms=[distilled]")
     console.print(f"[bold]generate[/bold]: the teacher answers {len(pairs)} prompts (+{spec.eval_prompts} held out)")
     # Under torchrun rank 0 generates and writes the answers; every rank gets them.
+    settings = sampling(spec)
     answers = on_main(generate_responses, teacher, tokenizer, [p for p, _ in pairs], run_dir / "generations.jsonl",
-                      spec=sampling(spec), teacher_id=teacher_id, seed=recipe.seed, show_progress=show_progress)
+                      spec=settings, teacher_id=teacher_id, seed=recipe.seed, show_progress=show_progress)
     held_out = prompt_pairs(recipe, corpus, held_out=True)
     on_main(generate_responses, teacher, tokenizer, [p for p, _ in held_out], run_dir / "eval_generations.jsonl",
-            spec=sampling(spec), teacher_id=teacher_id, seed=recipe.seed + 1, show_progress=show_progress)
+            spec=settings, teacher_id=teacher_id, seed=recipe.seed + 1, show_progress=show_progress)
     max_len, chat = recipe.data.seq_len, spec.chat_template
     teacher_examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], max_len, chat) for r in answers]
     result = {"distilled": (collate_pairs(teacher_examples, tokenizer.pad_token_id), len(teacher_examples))}
