@@ -61,6 +61,15 @@ def test_every_file_kind_reads_to_the_same_rows(tmp_path):
     assert len(read_rows(resolve_paths([str(tmp_path / "d.csv"), str(tmp_path / "d.json")]))) == 6
 
 
+def test_a_csv_field_over_several_lines_keeps_its_newlines(tmp_path):
+    rows = [{"prompt": "Write two lines:", "completion": "To be, or not to be,\nthat is the question."}]
+    with open(tmp_path / "multi.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "completion"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert read_rows(resolve_paths(str(tmp_path / "multi.csv"))) == rows
+
+
 def test_bad_files_are_one_line_each(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", completion: "b"}\n', encoding="utf-8")

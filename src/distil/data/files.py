@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def _read(path: Path, split: str | None) -> list[dict[str, Any]]:
         return _jsonl(path, text)
     if suffix == ".json":
         return _json(path, text)
-    return list(csv.DictReader(text.splitlines()))
+    return list(csv.DictReader(io.StringIO(text, newline="")))  # quoted fields may span lines
 
 
 def _text(path: Path) -> str:
