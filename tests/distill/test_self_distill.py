@@ -77,16 +77,16 @@ def test_ema_state_resumes_exactly(tmp_path, crash_at=6):  # call 6: step 3's se
     spec = TrainConfig(steps=4, grad_accum=2, lr=0.05, save_every=2, log_every=1)
     loss = LogitLoss(alpha=0.5, temperature=2.0)
     reference = cnn()
-    ref_objective = EMAObjective(reference, loss, CPU, decay=0.8, grad_accum=2)
+    ref_objective = EMAObjective(reference, loss, CPU, decay=0.8)
     train(stage(tmp_path / "ref", ref_objective, spec), show_progress=False)
 
     model = cnn()
-    crashing = CrashingEMA(model, loss, CPU, decay=0.8, grad_accum=2, crash_at=crash_at)
+    crashing = CrashingEMA(model, loss, CPU, decay=0.8, crash_at=crash_at)
     with pytest.raises(Boom):
         train(stage(tmp_path / "run", crashing, spec), show_progress=False)
     torch.manual_seed(123)
     resumed_model = cnn(seed=7)
-    resumed = EMAObjective(resumed_model, loss, CPU, decay=0.8, grad_accum=2)
+    resumed = EMAObjective(resumed_model, loss, CPU, decay=0.8)
     train(stage(tmp_path / "run", resumed, spec), show_progress=False)
     for a, b in zip(ref_objective.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)

@@ -132,23 +132,68 @@ def test_accumulation_with_padded_batches_weights_by_tokens(tiny_lm, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_onpolicy_batches_are_student_samples_scored_on_the_continuation(tiny_lm):
+def onpolicy_objective(tiny_lm, **spec):
     teacher, student, tokenizer = models(tiny_lm)
-    spec = OnPolicySpec(lmbda=1.0, prompt_tokens=5, max_new_tokens=7)
     objective = CausalLMObjective(student, Teacher(teacher), LossSpec(divergence="jsd"), vocab_size=len(tokenizer),
-                                  device=CPU, onpolicy=spec, pad_token_id=tokenizer.pad_token_id)
+                                  device=CPU, onpolicy=OnPolicySpec(**spec), pad_token_id=tokenizer.pad_token_id)
+    return objective, tokenizer
+
+
+def test_onpolicy_batches_are_student_samples_scored_on_the_continuation(tiny_lm):
+    objective, tokenizer = onpolicy_objective(tiny_lm, lmbda=1.0, prompt_tokens=5, max_new_tokens=7)
     ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     torch.manual_seed(3)
-    sampled = objective.prepare(batch)
+    [sampled] = objective.prepare([batch], step=0)
     torch.manual_seed(3)
-    again = objective.prepare(batch)
+    [again] = objective.prepare([batch], step=0)
     assert torch.equal(sampled["input_ids"], again["input_ids"])  # sampling follows the (checkpointed) torch RNG
-    assert sampled["input_ids"].shape == (2, 12) and torch.equal(sampled["input_ids"][:, :5], ids[:, :5])
-    assert (sampled["labels"][:, :5] == -100).all() and (sampled["labels"][:, 5:] >= 0).all()
-    assert objective.weight(sampled) == 2 * 7
+    assert torch.equal(sampled["input_ids"][:, :5], ids[:, :5]) and (sampled["labels"][:, :5] == -100).all()
+    eos = objective.student.generation_config.eos_token_id
+    for row, labels, mask in zip(sampled["input_ids"], sampled["labels"], sampled["attention_mask"]):
+        n = int(mask.sum())
+        scored = labels[5:n]
+        assert 1 <= len(scored) <= 7 and torch.equal(scored, row[5:n])  # the sampled tokens, each one scored
+        assert len(scored) == 7 or int(scored[-1]) == eos  # shorter only where the student ended with EOS
+        assert (labels[n:] == -100).all()
+    assert objective.weight(sampled) == int((sampled["labels"][:, 1:] != -100).sum())
     terms = objective.loss(sampled)
     assert "ce" not in terms and torch.equal(terms["loss"], terms["kd"])
-    off = CausalLMObjective(student, Teacher(teacher), LossSpec(), vocab_size=len(tokenizer), device=CPU,
-                            onpolicy=OnPolicySpec(lmbda=0.0))
-    assert off.prepare(batch) is batch  # lmbda = 0 is plain off-policy KD
+    off, _ = onpolicy_objective(tiny_lm, lmbda=0.0)
+    assert off.prepare([batch], step=0)[0] is batch  # lmbda = 0 is plain off-policy KD
+
+
+def test_onpolicy_prompts_are_the_untrained_prefix_of_each_example(tiny_lm):
+    """Chat or prompt_completion rows: the prompt is everything before the first trained token, whatever its
+    length, and the student's continuation replaces the reference answer."""
+    from distil.data.formats import Example
+    from distil.data.packing import padded_batch
+
+    objective, tokenizer = onpolicy_objective(tiny_lm, lmbda=1.0, prompt_tokens=2, max_new_tokens=5)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, len(tokenizer), (n,), generator=g).tolist() for n in (3, 8)]
+    answers = [torch.randint(5, len(tokenizer), (n,), generator=g).tolist() for n in (9, 2)]
+    batch = padded_batch([Example(p + a, [-100] * len(p) + a) for p, a in zip(prompts, answers)],
+                         tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    [sampled] = objective.prepare([batch], step=0)
+    for prompt, ids, labels in zip(prompts, sampled["input_ids"], sampled["labels"]):
+        assert ids[: len(prompt)].tolist() == prompt and (labels[: len(prompt)] == -100).all()
+        assert 1 <= int((labels != -100).sum()) <= 5
+
+
+def test_onpolicy_is_decided_once_per_optimizer_step_after_the_warm_up(tiny_lm):
+    objective, tokenizer = onpolicy_objective(tiny_lm, lmbda=0.5, prompt_tokens=4, max_new_tokens=3, start_step=2)
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    for step in (0, 1):  # the warm-up: off-policy, and no random number drawn
+        assert all(b is batch for b in objective.prepare([batch] * 4, step=step))
+    assert torch.equal(torch.get_rng_state(), state)
+    kinds = set()
+    for step in range(2, 14):
+        on = [bool(b.get("onpolicy")) for b in objective.prepare([batch] * 4, step=step)]
+        assert len(set(on)) == 1  # the four micro-batches of a step are all on-policy or all off-policy
+        kinds.add(on[0])
+    assert kinds == {True, False}  # both kinds occur (seeded; 12 steps all alike would have odds 2 * 0.5**12)

@@ -228,14 +228,17 @@ class LossSpec(Strict):
 class OnPolicySpec(Strict):
     """GKD (Agarwal et al. 2024): with probability lmbda a step trains on continuations sampled from the student.
 
-    Each block's first `prompt_tokens` tokens are the prompt; the student samples `max_new_tokens`; the teacher scores
-    them; only the soft term (the recipe's divergence) is applied to those tokens. lmbda = 0 is plain logit KD."""
+    The choice is made once per optimizer step, from `start_step` on (the steps before are an off-policy warm-up). An
+    example's prompt is its untrained prefix (chat, prompt_completion data); a text block's is its first
+    `prompt_tokens` tokens. The student samples up to `max_new_tokens` (stopping at EOS); the teacher scores them;
+    only the soft term (the recipe's divergence) is applied to those tokens. lmbda = 0 is plain logit KD."""
 
     lmbda: float = Field(0.5, ge=0.0, le=1.0)
-    prompt_tokens: int = Field(32, gt=0)
+    prompt_tokens: int = Field(32, gt=0, description="text blocks: tokens of each block given as the prompt")
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0.0)
     top_k: int | None = Field(None, gt=0)
+    start_step: int = Field(0, ge=0, description="off-policy warm-up: on-policy steps begin at this optimizer step")
 
 
 class GenerateSpec(Strict):

@@ -288,8 +288,8 @@ class FeatureObjective(Objective):
         if len(distiller.projectors):
             self.modules["projectors"] = distiller.projectors
 
-    def prepare(self, batch: Any) -> Any:
-        return self.base.prepare(batch)
+    def prepare(self, batches: list[Any], step: int) -> list[Any]:
+        return self.base.prepare(batches, step)
 
     def teachers(self) -> dict[str, nn.Module]:
         return self.base.teachers()

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from distil.data.formats import IGNORE
-from distil.data.packing import model_inputs
+from distil.data.formats import IGNORE, Example
+from distil.data.packing import model_inputs, padded_batch
 from distil.distill.objectives import LogitLoss, divergence_params, soft_term
 from distil.distill.pair import Teacher
+from distil.errors import DistilError
 from distil.losses import fused_linear_cross_entropy, fused_linear_divergence
 from distil.losses.fused_kd import fused_linear_kd_and_ce
 from distil.train import distributed
@@ -22,14 +23,19 @@ from distil.train.objective import Objective, teacher_models
 
 @dataclass(frozen=True)
 class OnPolicy:
-    """GKD's on-policy steps: with probability lmbda a batch becomes the student's own continuations of its first
-    prompt_tokens tokens (max_new_tokens sampled at temperature, top_k), scored by the soft term only."""
+    """GKD's on-policy steps: from optimizer step `start_step` on, with probability lmbda a whole step's batches
+    become the student's own continuations of their prompts (up to max_new_tokens, sampled at temperature, top_k,
+    stopping at EOS), scored by the soft term only.
+
+    An example's prompt is its untrained prefix (chat and prompt_completion data: everything before the first trained
+    token); a text block, trained on every token, is prompted with its first prompt_tokens tokens."""
 
     lmbda: float = 0.5
     prompt_tokens: int = 32
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int | None = None
+    start_step: int = 0  # off-policy warm-up: the steps before this one are never on-policy
 
 
 def fused_problem(model: nn.Module, who: str, inputs: dict[str, torch.Tensor]) -> str | None:
@@ -66,6 +72,20 @@ def final_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
     input_ids with attention_mask, or packed input_ids with position_ids (distil.data.packing.model_inputs)."""
     out = model.base_model(**inputs, use_cache=False)
     return out.last_hidden_state
+
+
+def _prompt(ids: list[int], labels: list[int], prompt_tokens: int, length: int) -> list[int]:
+    """The untrained prefix of an example (`length` real tokens), or its first prompt_tokens tokens when its first
+    token is trained on (a text block)."""
+    first = next((i for i, label in enumerate(labels[:length]) if label != IGNORE), length)
+    return ids[: first if first > 0 else min(prompt_tokens, length - 1)]
+
+
+def _eos_ids(model: nn.Module) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,25 +135,42 @@ class CausalLMObjective(Objective):
     def weight(self, batch: dict[str, Any]) -> int:
         return int(next_token_targets(batch["labels"])[1].sum())
 
-    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """With probability lmbda, replace the batch by student samples continuing its first prompt_tokens tokens."""
+    def prepare(self, batches: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+        """With probability lmbda (decided once per optimizer step), replace every micro-batch by student samples."""
         spec = self.onpolicy
-        if spec is None or self.teacher is None or not bool(torch.rand(()) < spec.lmbda):
-            return batch
-        prompt = batch["input_ids"][:, : spec.prompt_tokens].to(self.device)
+        if spec is None or self.teacher is None or step < spec.start_step or not bool(torch.rand(()) < spec.lmbda):
+            return batches
+        return [self._sample(batch) for batch in batches]
+
+    def _sample(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's prompts continued by the student; only the sampled tokens (up to and with EOS) are scored."""
+        spec = self.onpolicy
+        assert spec is not None
+        if batch.get("position_ids") is not None:
+            raise DistilError("on-policy sampling needs one example per row: set data.packing to false")
+        mask = batch.get("attention_mask")
+        prompts = [_prompt(ids, labels, spec.prompt_tokens, int(m.sum()) if mask is not None else len(ids))
+                   for ids, labels, m in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                             mask if mask is not None else batch["labels"])]
+        pad = self.pad_token_id if self.pad_token_id is not None else _eos_ids(self.student)[0]
+        width = max(len(p) for p in prompts)
+        left = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
             sequences = self.student.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                temperature=spec.temperature, top_k=spec.top_k or 0, top_p=1.0, max_new_tokens=spec.max_new_tokens,
-                min_new_tokens=spec.max_new_tokens, pad_token_id=self.pad_token_id, use_cache=True,
+                input_ids=left, attention_mask=attention, do_sample=True, temperature=spec.temperature,
+                top_k=spec.top_k or 0, top_p=1.0, max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
+                use_cache=True,
             )
         self.student.train(was_training)
-        labels = sequences.clone()
-        labels[:, : spec.prompt_tokens] = IGNORE  # only the sampled continuation is scored
-        return {"input_ids": sequences, "attention_mask": torch.ones_like(sequences), "labels": labels,
-                "onpolicy": True}
+        eos = set(_eos_ids(self.student))
+        examples = []
+        for prompt, row in zip(prompts, sequences[:, width:].tolist()):
+            sampled = next((row[: i + 1] for i, token in enumerate(row) if token in eos), row)
+            examples.append(Example(prompt + sampled, [IGNORE] * len(prompt) + sampled))
+        return {**padded_batch(examples, pad), "onpolicy": True}  # right-padded again, as training batches are
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         inputs = model_inputs(batch, self.device)

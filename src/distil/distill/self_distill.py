@@ -65,27 +65,23 @@ class EMATeacher(nn.Module):
 class EMAObjective(Objective):
     """alpha * [T^2] * divergence(student, EMA teacher) + (1 - alpha) * CE.
 
-    The loop has no post-step hook, so the average is updated at the first micro-batch of each step, from the weights
-    the previous optimizer step produced (`prepare` runs once per micro-batch, `grad_accum` times per step). A
-    checkpoint is written at a step boundary, so the EMA it holds is exactly the one the next step starts from."""
+    The loop has no post-step hook, so the average is updated in `prepare`, before each step, from the weights the
+    previous optimizer step produced. A checkpoint is written at a step boundary, so the EMA it holds is exactly the
+    one the next step starts from."""
 
     unit = "samples"
 
-    def __init__(self, student: nn.Module, loss: LogitLoss, device: torch.device, *, decay: float = 0.99,
-                 grad_accum: int = 1) -> None:
-        self.student, self.device, self.grad_accum, self.loss_spec = student, device, grad_accum, loss
+    def __init__(self, student: nn.Module, loss: LogitLoss, device: torch.device, *, decay: float = 0.99) -> None:
+        self.student, self.device, self.loss_spec = student, device, loss
         self.ema = EMATeacher(student, decay).to(device)
         self.modules = {"student": student, "ema": self.ema}
-        self._micro = 0
 
     def weight(self, batch: Any) -> int:
         return int(batch[1].shape[0])
 
-    def prepare(self, batch: Any) -> Any:
-        if self._micro % self.grad_accum == 0:
-            self.ema.update(self.student)
-        self._micro += 1
-        return batch
+    def prepare(self, batches: list[Any], step: int) -> list[Any]:
+        self.ema.update(self.student)
+        return batches
 
     def loss(self, batch: Any) -> dict[str, torch.Tensor]:
         x, y = (t.to(self.device, non_blocking=True) for t in batch)

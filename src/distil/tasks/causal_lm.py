@@ -70,6 +70,9 @@ class CausalLMTask:
         if recipe.onpolicy is not None and recipe.distributed.strategy == "fsdp":
             found.append("onpolicy sampling is not supported with distributed.strategy fsdp (each process samples on "
                          "its own, but sharded models need every process in each forward); use ddp")
+        if recipe.onpolicy and recipe.onpolicy.start_step >= recipe.train.steps:
+            found.append(f"onpolicy.start_step ({recipe.onpolicy.start_step}) must be below train.steps "
+                         f"({recipe.train.steps}): no step would be on-policy")
         if recipe.onpolicy and isinstance(recipe.data, TextData) and recipe.onpolicy.prompt_tokens >= recipe.data.seq_len:
             found.append(f"onpolicy.prompt_tokens ({recipe.onpolicy.prompt_tokens}) must be shorter than data.seq_len "
                          f"({recipe.data.seq_len})")

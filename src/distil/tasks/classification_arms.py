@@ -161,8 +161,7 @@ def train_arm(arm: str, folder: Path, loaded: LoadedData, teachers: list[nn.Modu
         objective = _distilled_objective(recipe, model, teachers, example, device, console)
     elif arm == "ema":
         ema = recipe.self_distill.ema
-        objective = EMAObjective(model, self_distill_loss(recipe.loss, ema), device, decay=ema.decay,
-                                 grad_accum=recipe.train.grad_accum)
+        objective = EMAObjective(model, self_distill_loss(recipe.loss, ema), device, decay=ema.decay)
     elif arm == "deep_supervision":
         spec = recipe.self_distill.deep_supervision
         with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays the one of the other arms

@@ -108,8 +108,8 @@ def train(stage: Stage, *, show_progress: bool = True) -> dict[str, float]:
         while step < spec.steps:
             # Fetch all micro-batches first so each can be weighted by its share of the step's units (tokens or
             # examples): 4 x 2 accumulation then equals one batch of 8 exactly, whatever the padding.
-            # prepare: e.g. on-policy sampling, before the batch is weighed
-            micro_batches = [objective.prepare(stream.next()) for _ in range(spec.grad_accum)]
+            # prepare: e.g. on-policy sampling (decided once for the whole step), before the batches are weighed
+            micro_batches = objective.prepare([stream.next() for _ in range(spec.grad_accum)], step)
             weights = [objective.weight(b) for b in micro_batches]
             total_units = par.global_units(sum(weights))  # over all ranks: N ranks x batch b == 1 x batch N*b
             if total_units == 0:

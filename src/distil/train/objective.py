@@ -24,10 +24,11 @@ class Objective:
         """How many units (examples, tokens) the batch's mean runs over: micro-batches are weighted by it."""
         raise NotImplementedError
 
-    def prepare(self, batch: Any) -> Any:
-        """Called on each fresh micro-batch before it is weighed (e.g. to replace it by on-policy samples). Any
-        randomness must come from torch's global RNG, which checkpoints restore."""
-        return batch
+    def prepare(self, batches: list[Any], step: int) -> list[Any]:
+        """Called once per optimizer step (`step` counts from 0) on its fresh micro-batches, before they are weighed:
+        e.g. to replace them by on-policy samples, or to update an EMA teacher. Any randomness must come from torch's
+        global RNG, which checkpoints restore."""
+        return batches
 
     def teachers(self) -> dict[str, nn.Module]:
         """The frozen models `loss` reads, by name: placed (or sharded under torchrun) by the loop."""
