@@ -25,25 +25,6 @@ def encoder_dir(tiny_bert):
     return tiny_bert
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def chat_lm(tiny_lm, tmp_path_factory):
-    """The tiny Llama with a ChatML chat template (its own tokenizer has none)."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-chat-lm")
-    shutil.copytree(tiny_lm, folder, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def write_chats(folder: Path) -> None:
     lines = []
     for i in range(8):

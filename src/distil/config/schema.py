@@ -93,6 +93,37 @@ class TextData(Strict):
     eval_tokens: int = Field(8192, gt=0, description="held-out tokens used for perplexity and agreement")
 
 
+class DatasetColumns(Strict):
+    """Where each format finds its fields (defaults: the TRL dataset conventions)."""
+
+    text: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = Field("messages", description="chat: a list of {role, content}; ShareGPT 'conversations' too")
+
+
+class DatasetData(Strict):
+    """A user's language-model dataset (task causal_lm): JSONL, JSON, parquet or CSV files (paths or globs) or a
+    Hugging Face `save_to_disk` folder, in format text, prompt_completion or chat (see distil.data.formats)."""
+
+    kind: Literal["dataset"]
+    path: str | list[str] = Field(description="files or globs, or a save_to_disk folder")
+    format: Literal["text", "prompt_completion", "chat"] = "text"
+    columns: DatasetColumns = DatasetColumns()
+    split: str | None = Field(None, description="the split of a DatasetDict folder (default: train)")
+    eval_path: str | list[str] | None = Field(None, description="held-out files; else eval_fraction of path's rows")
+    eval_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="seeded held-out fraction (without eval_path)")
+    eval_examples: int = Field(64, gt=0, description="held-out examples evaluated (perplexity, agreement)")
+    max_length: int = Field(512, gt=1, description="tokens per example (longer ones are truncated) and per block")
+    packing: bool = Field(True, description="pack training examples into blocks of max_length (attention kept "
+                                            "inside each example); false: one padded example per row")
+    max_examples: int | None = Field(None, gt=0, description="read at most the first N rows")
+
+    @property
+    def seq_len(self) -> int:  # the longest sequence a model sees, as for text blocks
+        return self.max_length
+
+
 class SentenceData(Strict):
     """Sentences for embedding models: WordNet glosses (Debian package wordnet-base) or Shakespeare lines.
 
@@ -115,7 +146,7 @@ def _data_kind(value: object) -> str:
 
 DataSpec = Annotated[
     Union[Annotated[VisionData, Tag("vision")], Annotated[TextData, Tag("text")],
-          Annotated[SentenceData, Tag("sentences")]],
+          Annotated[DatasetData, Tag("dataset")], Annotated[SentenceData, Tag("sentences")]],
     Discriminator(_data_kind),
 ]
 

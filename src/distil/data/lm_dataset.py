@@ -25,6 +25,7 @@ class LMDataset:
     eval: list[dict[str, list[int]]]
     tally: Tally  # what tokenizing kept, truncated and dropped (training and held-out rows together)
     packed: bool
+    examples: list[dict[str, list[int]]]  # the training examples one by one (as `train` when not packed)
 
     def describe(self) -> str:
         blocks = " in packed blocks" if self.packed else ""
@@ -62,10 +63,10 @@ def load_lm_dataset(path: str | list[str], tokenizer: Any, *, format: str = "tex
         tally.rows += held_tally.rows
         tally.truncated += held_tally.truncated
         tally.dropped.update(held_tally.dropped)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
+    train_rows = examples
     if packing:
         train_rows = [{"input_ids": e.input_ids, "labels": e.labels, "position_ids": pos}
                       for e, pos in pack_examples(train, max_length)]
-    else:
-        train_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
     eval_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in held_examples]
-    return LMDataset(train_rows, eval_rows, tally, packing)
+    return LMDataset(train_rows, eval_rows, tally, packing, examples)

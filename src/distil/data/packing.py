@@ -54,8 +54,9 @@ def padded_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Te
 
 def packed_batch(blocks: Sequence[tuple[Example, list[int]]], pad_id: int, block: int) -> dict[str, Any]:
     """Packed blocks padded to `block` tokens: input_ids, labels, position_ids (the padding is one more, untrained
-    'example'), and no attention_mask."""
+    'example'), no attention_mask, and token_mask (1 on real tokens, for losses on hidden states)."""
     ids = torch.full((len(blocks), block), pad_id, dtype=torch.long)
+    real = torch.zeros((len(blocks), block), dtype=torch.long)
     labels = torch.full((len(blocks), block), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(blocks), block), dtype=torch.long)
     for row, (example, pos) in enumerate(blocks):
@@ -64,7 +65,14 @@ def packed_batch(blocks: Sequence[tuple[Example, list[int]]], pad_id: int, block
         labels[row, :n] = torch.tensor(example.labels)
         positions[row, :n] = torch.tensor(pos)
         positions[row, n:] = torch.arange(block - n)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": None}
+        real[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": None, "token_mask": real}
+
+
+def token_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """1 on the real tokens of a padded or packed batch, 0 on padding."""
+    mask = batch.get("attention_mask")
+    return mask if mask is not None else batch["token_mask"]
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:

@@ -4,31 +4,36 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distil.data.formats import IGNORE
+from distil.data.packing import model_inputs
+
 
 @torch.inference_mode()
 def perplexity_and_predictions(
-    model: nn.Module, blocks: torch.Tensor, *, vocab_size: int, batch_size: int = 4, device: torch.device | None = None
+    model: nn.Module, batches: Sequence[dict[str, Any]], *, vocab_size: int, device: torch.device | None = None
 ) -> tuple[float, torch.Tensor]:
-    """exp(mean next-token CE) over all positions of packed `blocks` [N, L], and the top-1 predictions [N, L-1]."""
+    """exp(mean next-token CE) over the positions whose label counts (not -100) in held-out `batches` (input_ids,
+    labels and their attention_mask or position_ids), and the model's top-1 prediction at each of them, in order."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll, total_tokens, predictions = 0.0, 0, []
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1, :vocab_size].float()
-        targets = ids[:, 1:]
-        total_nll += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-        total_tokens += targets.numel()
-        predictions.append(logits.argmax(-1).cpu())
+    for batch in batches:
+        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1, :vocab_size].float()
+        targets = batch["labels"][:, 1:].to(device)
+        keep = targets != IGNORE
+        total_nll += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+        total_tokens += int(keep.sum())
+        predictions.append(logits[keep].argmax(-1).cpu())
     model.train(was_training)
-    return math.exp(total_nll / total_tokens), torch.cat(predictions)
+    return math.exp(total_nll / max(total_tokens, 1)), torch.cat(predictions)
 
 
 def agreement(predictions: torch.Tensor, teacher_predictions: torch.Tensor) -> float:

@@ -88,10 +88,11 @@ def not_causal_lm_rules(recipe: Recipe) -> list[str]:
     return found
 
 
-def data_and_model_rules(recipe: Recipe, data_kind: str, archs: tuple[str, ...]) -> list[str]:
+def data_and_model_rules(recipe: Recipe, data_kinds: str | tuple[str, ...], archs: tuple[str, ...]) -> list[str]:
     found = []
-    if recipe.data.kind != data_kind:
-        found.append(f"task {recipe.task} needs data.kind: {data_kind} (got {recipe.data.kind})")
+    kinds = (data_kinds,) if isinstance(data_kinds, str) else data_kinds
+    if recipe.data.kind not in kinds:
+        found.append(f"task {recipe.task} needs data.kind: {' or '.join(kinds)} (got {recipe.data.kind})")
     for who, model in (("teacher", recipe.teacher.model), ("student", recipe.student.model)):
         if model.arch not in archs:
             found.append(f"task {recipe.task}: {who}.model.arch must be one of {list(archs)}, got {model.arch}")

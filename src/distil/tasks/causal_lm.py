@@ -15,10 +15,12 @@ import torch
 from rich.console import Console
 
 from distil.config.adapt import logit_loss, onpolicy, train_config
-from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe, TextData
+from distil.config.schema import DatasetData, FromTeacherSpec, HFModelSpec, Recipe, TextData
+from distil.data.formats import IGNORE
+from distil.data.packing import model_inputs, token_mask
+from distil.data.sources import LoadedData, data_problems, load_data
+from distil.data.sources.text import TextCorpus
 from distil.data.stream import BatchStream
-from distil.data.sources import data_problems, load_data
-from distil.data.sources.text import TextCorpus, lm_batch
 from distil.distill.cached import CachedLMObjective
 from distil.distill.feature_objective import FeatureObjective
 from distil.distill.lm import CausalLMObjective
@@ -48,7 +50,8 @@ class CausalLMTask:
     estimate = staticmethod(estimate_causal_lm)
 
     def rules(self, recipe: Recipe) -> list[str]:
-        found = data_and_model_rules(recipe, "text", ("hf", "from_teacher")) + language_model_rules(recipe)
+        found = data_and_model_rules(recipe, ("text", "dataset"), ("hf", "from_teacher")) + language_model_rules(recipe)
+        own_data = isinstance(recipe.data, DatasetData)
         response = recipe.method == "response"
         if response and "logit_kd" in recipe.arms:
             found.append("method response has arms student_alone and distilled")
@@ -56,7 +59,14 @@ class CausalLMTask:
             found.append("method response needs a generate section (prompts, max_new_tokens, ...)")
         if response and recipe.onpolicy is not None:
             found.append("onpolicy applies to method logits, not response")
+        if response and own_data and recipe.generate and recipe.generate.prompts != "corpus":
+            found.append("with data.kind dataset the prompts are the dataset's own: leave generate.prompts out")
+        if own_data and recipe.onpolicy is not None and recipe.data.packing:
+            found.append("onpolicy samples one example per row: set data.packing: false")
         if recipe.teacher.cache is not None:
+            if own_data:
+                found.append("teacher.cache is built over data.kind text blocks; with data.kind dataset train from "
+                             "the live teacher (remove teacher.cache)")
             if recipe.method != "logits" or recipe.onpolicy is not None:
                 found.append("teacher.cache applies to off-policy logit distillation of causal LMs (task causal_lm, "
                              "method logits, no onpolicy section)")
@@ -98,14 +108,14 @@ class CausalLMTask:
                 if differences:
                     return ["student and teacher tokenizers differ: " + "; ".join(differences)]
             check_context(recipe, hf.resolve_model_path(teacher_spec.source))
-            corpus = load_data(recipe.data, seed=recipe.seed, tokenizer=tokenizer).corpus
-            _check_sizes(recipe, corpus)
+            loaded = load_data(recipe.data, seed=recipe.seed, tokenizer=tokenizer)
+            _check_sizes(recipe, loaded.size)
             if recipe.loss.features:  # module names, shapes and relation heads, on the real pair
                 teacher, _ = hf.load_causal_lm(teacher_spec.source, dtype="float32")
                 spec = recipe.student.model
                 student = (student_from_teacher(spec, teacher) if isinstance(spec, FromTeacherSpec)
                            else hf.load_causal_lm(spec.source, dtype="float32")[0])
-                feature_distiller(recipe, student, teacher, lm_batch(corpus.train[:2]), torch.device("cpu"),
+                feature_distiller(recipe, student, teacher, loaded.collate(torch.arange(2)), torch.device("cpu"),
                                   use_cache=False)
         except DistilError as exc:
             return [str(exc)]
@@ -120,10 +130,11 @@ def check_context(recipe: Recipe, teacher_path: Path) -> None:
     check_sequence_length(recipe.data.seq_len, {"teacher": config}, key="data.seq_len")
 
 
-def _check_sizes(recipe: Recipe, corpus: TextCorpus) -> None:
-    if recipe.method == "logits" and len(corpus.train) < recipe.train.batch_size:
-        raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {len(corpus.train)} training blocks "
-                          "of data.seq_len tokens; lower train.batch_size or raise data.max_train_tokens")
+def _check_sizes(recipe: Recipe, size: int) -> None:
+    if recipe.method == "logits" and size < recipe.train.batch_size:
+        rows = "blocks of data.seq_len tokens" if isinstance(recipe.data, TextData) else "rows"
+        raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {size} training {rows}; lower "
+                          "train.batch_size or give more data")
 
 
 def load_student_folder(folder: Path, device: torch.device) -> Any:
@@ -145,14 +156,16 @@ def as_teacher(model: Any, recipe: Recipe, device: torch.device) -> Any:
     return (model.to(getattr(torch, dtype)) if dtype else model).to(device).eval()
 
 
-def _build_init(recipe: Recipe, teacher: Any, teacher_vocab: int, tokenizer: Any, corpus: TextCorpus, folder: Path,
+def _build_init(recipe: Recipe, teacher: Any, teacher_vocab: int, tokenizer: Any, loaded: LoadedData, folder: Path,
                 console: Console) -> None:
     spec = recipe.student.model
     if isinstance(spec, FromTeacherSpec):
         calibration = None
         if spec.calibration_batches:
-            blocks = corpus.train[: spec.calibration_batches * recipe.train.batch_size]
-            calibration = [{"input_ids": b} for b in blocks.split(recipe.train.batch_size)]
+            size = recipe.train.batch_size
+            starts = range(0, min(loaded.size, spec.calibration_batches * size), size)
+            batches = [loaded.collate(torch.arange(i, min(i + size, loaded.size))) for i in starts]
+            calibration = [model_inputs(b, torch.device("cpu")) for b in batches]
         student = student_from_teacher(spec, teacher, calibration)
         console.print(f"[bold]student[/bold]: built from the teacher: {student.config.num_hidden_layers} layers, "
                       f"hidden {student.config.hidden_size}, {parameter_count(student):,} parameters "
@@ -178,9 +191,9 @@ class CausalLMRun:
         self.tokenizer = tokenizer = hf.load_tokenizer(self.teacher_path, trust_remote_code=t_spec.trust_remote_code)
         loaded = load_data(recipe.data, seed=recipe.seed, tokenizer=tokenizer)
         self.corpus = corpus = loaded.corpus
-        _check_sizes(recipe, corpus)
-        console.print(f"data: {len(corpus.train)} training blocks and {len(corpus.eval)} held-out blocks of "
-                      f"{recipe.data.seq_len} tokens")
+        _check_sizes(recipe, loaded.size)
+        console.print(corpus.describe())
+        self.eval_batches = corpus.eval_batches()
         self.init = init = run_dir / INIT_FOLDER
         cache_spec = recipe.teacher.cache
         # With a complete cache and an initial student, the teacher's weights are never loaded.
@@ -193,7 +206,7 @@ class CausalLMRun:
         if not is_model_folder(init):
             seed_everything(recipe.seed)
             teacher_vocab = json.loads((self.teacher_path / "config.json").read_text())["vocab_size"]
-            _build_init(recipe, teacher, teacher_vocab, tokenizer, corpus, init, console)
+            _build_init(recipe, teacher, teacher_vocab, tokenizer, loaded, init, console)
         student_vocab = load_student_folder(init, torch.device("cpu")).config.vocab_size
 
         self.cache = None
@@ -206,7 +219,7 @@ class CausalLMRun:
                 built_by = teacher
 
                 def teacher_eval() -> None:
-                    row, _ = measure_lm(built_by, self.teacher_path, corpus.eval, vocab, None, tokenizer)
+                    row, _ = measure_lm(built_by, self.teacher_path, self.eval_batches, vocab, None, tokenizer)
                     cached.write_teacher_eval(Path(cache_spec.path), row)
 
                 distributed.on_main(teacher_eval)
@@ -253,9 +266,9 @@ class CausalLMRun:
             distiller = feature_distiller(recipe, student, live.model, batches(torch.arange(2)), device,
                                           use_cache=False)
             print(distiller.describe())
-            objective = FeatureObjective(objective, distiller, mask=lambda b: b["attention_mask"])
+            objective = FeatureObjective(objective, distiller, mask=token_mask)
         stream = BatchStream(size, recipe.train.batch_size, batches, seed=recipe.seed)
-        quick_eval = self.corpus.eval[: max(1, min(len(self.corpus.eval), 8))]
+        quick_eval = self.eval_batches[:2]
         stage = Stage(arm, objective, stream, train_config(recipe.train), self.ctx.run_dir / "checkpoints" / arm, self.ctx.metrics,
                       device, recipe=recipe.model_dump(mode="json"),
                       evaluate=lambda: {"perplexity": perplexity_and_predictions(student, quick_eval,
@@ -273,29 +286,29 @@ class CausalLMRun:
         self.ctx.console.print("evaluating teacher and students on held-out text ...")
         repeats = min(2, recipe.latency_runs)  # timed generations per speed (each is 32 new tokens)
         rows: dict[str, Any] = {}
-        prompts = _prompts_for_samples(corpus, recipe.generations_shown)
+        prompts = corpus.sample_prompts(recipe.generations_shown)
         samples: dict[str, list[str]] = {}
         if teacher is not None:
             def measure_teacher() -> Measurement:
-                row, predictions = measure_lm(teacher, self.teacher_path, corpus.eval, self.vocab, None, tokenizer,
-                                              repeats)
+                row, predictions = measure_lm(teacher, self.teacher_path, self.eval_batches, self.vocab, None,
+                                              tokenizer, repeats)
                 return row, predictions, greedy_continuations(teacher, tokenizer, prompts)
 
             # The same teacher on the same held-out text measures the same every run: measured once, then reused.
             what = {"model": model_files_key(self.teacher_path), "dtype": str(next(teacher.parameters()).dtype),
-                    "eval": tensor_key(corpus.eval), "prompts": prompts, "vocab": self.vocab, "repeats": repeats,
+                    "eval": eval_key(corpus), "prompts": prompts, "vocab": self.vocab, "repeats": repeats,
                     "device": str(device)}
             rows["teacher"], teacher_predictions, samples["teacher"] = remembered(what, measure_teacher)
         else:
             rows["teacher"] = {**cached.read_teacher_eval(Path(recipe.teacher.cache.path)),  # type: ignore[union-attr]
                                "from_cache": True}
-            teacher_predictions = cached.eval_predictions(self.cache, len(corpus.eval), recipe.data.seq_len)
+            teacher_predictions = cached.eval_predictions(self.cache, len(corpus.eval), recipe.data.seq_len).flatten()
         speeds: dict[tuple, dict[str, Any]] = {}  # the students of a run differ only in their weights
         for arm, folder in [("student_init", self.init)] + [(a, arm_folder(self.ctx.run_dir, a)) for a in recipe.arms]:
             model = load_student_folder(folder, device)
             shape = architecture(model)
-            rows[arm], _ = measure_lm(model, folder, corpus.eval, self.vocab, teacher_predictions, tokenizer, repeats,
-                                      speed=speeds.get(shape))
+            rows[arm], _ = measure_lm(model, folder, self.eval_batches, self.vocab, teacher_predictions, tokenizer,
+                                      repeats, speed=speeds.get(shape))
             speeds.setdefault(shape, rows[arm])
             if arm != "student_init":
                 samples[arm] = greedy_continuations(model, tokenizer, prompts)
@@ -305,7 +318,8 @@ class CausalLMRun:
 
     def summary_fields(self) -> dict[str, Any]:
         return {"method": self.ctx.recipe.method, "generations": self.generations,
-                "eval_tokens": int(self.corpus.eval.numel()), "vocab_compared": self.vocab,
+                "eval_tokens": sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in self.eval_batches),
+                "vocab_compared": self.vocab,
                 "teacher_source": "cache" if self.cache is not None else "live"}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -325,24 +339,25 @@ def architecture(model: Any) -> tuple:
     return type(model).__name__, tuple((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
 
 
-def measure_lm(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int,
+def measure_lm(model: Any, folder: Path, eval_batches: list[dict[str, Any]], vocab: int,
                teacher_predictions: torch.Tensor | None, tokenizer: Any, repeats: int = 2,
                speed: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """A model's summary row (held-out perplexity and agreement, size, generation speed, peak memory) and its top-1
-    predictions; `speed`: the speed and memory already measured on a model of the same architecture."""
+    predictions at the scored positions; `speed`: the speed and memory already measured on a model of the same
+    architecture."""
     model.eval()
-    ppl, predictions = perplexity_and_predictions(model, eval_blocks, vocab_size=vocab)
+    ppl, predictions = perplexity_and_predictions(model, eval_batches, vocab_size=vocab)
     if speed is None:
         speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
                                    repeats=repeats)
         speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
                                    repeats=repeats)
         device = next(model.parameters()).device
-        batch = eval_blocks[:8].to(device)
+        inputs = _memory_batch(eval_batches, device)
         with torch.inference_mode():
-            peak = measure_peak_memory(model, lambda: model(input_ids=batch, use_cache=False), device)
+            peak = measure_peak_memory(model, lambda: model(**inputs, use_cache=False), device)
         speed = {"tokens_per_s_b1": speed_1, "tokens_per_s_b8": speed_8, "latency_ms": 1000.0 / speed_1,
-                 "peak_memory_bytes": peak, "peak_memory_batch": len(batch)}
+                 "peak_memory_bytes": peak, "peak_memory_batch": len(inputs["input_ids"])}
     info_file = folder / "train.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -358,10 +373,17 @@ def measure_lm(model: Any, folder: Path, eval_blocks: torch.Tensor, vocab: int,
     }, predictions
 
 
-def _prompts_for_samples(corpus: TextCorpus, count: int) -> list[str]:
-    lines = [line.strip() for text in corpus.eval_texts for line in text.splitlines() if len(line.strip()) > 30]
-    step = max(1, len(lines) // (count + 1))
-    return [lines[(i + 1) * step] for i in range(count) if (i + 1) * step < len(lines)]
+def _memory_batch(batches: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Up to 8 held-out rows for the peak-memory measurement: the first two batches when they are as wide."""
+    first = batches[0]
+    if len(batches) > 1 and batches[1]["input_ids"].shape[1] == first["input_ids"].shape[1]:
+        first = {k: torch.cat([first[k], batches[1][k]]) for k in ("input_ids", "attention_mask")}
+    return model_inputs(first, device)
+
+
+def eval_key(corpus: Any) -> str:
+    """What identifies the held-out evaluation: the blocks' tensor, or the examples' digest."""
+    return tensor_key(corpus.eval) if isinstance(corpus, TextCorpus) else corpus.eval_key()
 
 
 CAUSAL_LM = CausalLMTask()

@@ -5,6 +5,7 @@ really follow the passage), so the two arms differ only in whose answers they le
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +14,8 @@ from rich.console import Console
 
 from distil.config.adapt import sampling
 from distil.config.schema import Recipe
-from distil.data.sources.text import TextCorpus, corpus_passages, read_prompts_file
+from distil.data.sources.dataset import DatasetCorpus
+from distil.data.sources.text import corpus_passages, read_prompts_file
 from distil.errors import DistilError
 from distil.generate import format_prompt, generate_responses, read_generations
 from distil.train.distributed import on_main
@@ -21,9 +23,14 @@ from distil.train.distributed import on_main
 IGNORE = -100
 
 
-def prompt_pairs(recipe: Recipe, corpus: TextCorpus, *, held_out: bool) -> list[tuple[str, str | None]]:
+def prompt_pairs(recipe: Recipe, corpus: Any, *, held_out: bool) -> list[tuple[str, str | None]]:
+    """(prompt, reference answer) pairs: a dataset's own examples (data.kind dataset), passages of the text and the
+    lines that follow them, or a prompts file (training prompts only)."""
     spec = recipe.generate
     assert spec is not None
+    if isinstance(corpus, DatasetCorpus):  # prompts as the model sees them (a chat is rendered up to its answer)
+        rows = corpus.eval if held_out else corpus.examples
+        return list(corpus.prompt_pairs(rows[: spec.eval_prompts if held_out else spec.num_prompts]))
     if spec.prompts == "corpus" or held_out:
         texts = corpus.eval_texts if held_out else corpus.train_texts
         count = spec.eval_prompts if held_out else spec.num_prompts
@@ -56,7 +63,12 @@ def collate_pairs(examples: list[tuple[list[int], list[int]]], pad_id: int) -> C
     return collate
 
 
-def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any, corpus: TextCorpus,
+def wraps_prompts(recipe: Recipe) -> bool:
+    """Whether prompts get the chat template: a dataset's prompts are already in the form the model sees."""
+    return bool(recipe.generate and recipe.generate.chat_template) and recipe.data.kind != "dataset"
+
+
+def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any, corpus: Any,
                      console: Console, show_progress: bool) -> dict[str, tuple[Callable, int]]:
     """Generate (or resume generating) the teacher's answers, then the training batches of each arm."""
     spec = recipe.generate
@@ -68,13 +80,13 @@ def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any
                           "add them or set arms=[distilled]")
     console.print(f"[bold]generate[/bold]: the teacher answers {len(pairs)} prompts (+{spec.eval_prompts} held out)")
     # Under torchrun rank 0 generates and writes the answers; every rank gets them.
-    settings = sampling(spec)
+    settings = replace(sampling(spec), chat_template=wraps_prompts(recipe))
     answers = on_main(generate_responses, teacher, tokenizer, [p for p, _ in pairs], run_dir / "generations.jsonl",
                       spec=settings, teacher_id=teacher_id, seed=recipe.seed, show_progress=show_progress)
     held_out = prompt_pairs(recipe, corpus, held_out=True)
     on_main(generate_responses, teacher, tokenizer, [p for p, _ in held_out], run_dir / "eval_generations.jsonl",
             spec=settings, teacher_id=teacher_id, seed=recipe.seed + 1, show_progress=show_progress)
-    max_len, chat = recipe.data.seq_len, spec.chat_template
+    max_len, chat = recipe.data.seq_len, wraps_prompts(recipe)
     teacher_examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], max_len, chat) for r in answers]
     result = {"distilled": (collate_pairs(teacher_examples, tokenizer.pad_token_id), len(teacher_examples))}
     if "student_alone" in recipe.arms:
@@ -111,7 +123,7 @@ def response_perplexities(arms: dict[str, Any], run_dir: Path, recipe: Recipe, t
     records = read_generations(run_dir / "eval_generations.jsonl")
     if not records:
         return arms
-    chat = recipe.generate.chat_template if recipe.generate else True
+    chat = wraps_prompts(recipe)
     examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], recipe.data.seq_len, chat) for r in records]
     for name, values in arms.items():
         dtype = getattr(torch, values.get("dtype", "float32"))

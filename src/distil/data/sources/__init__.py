@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from distil.data.sources import sentences, text, vision
+from distil.data.sources import dataset, sentences, text, vision
 from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
 
-SOURCES: dict[str, DataSource] = {"vision": vision.SOURCE, "text": text.SOURCE, "sentences": sentences.SOURCE}
+SOURCES: dict[str, DataSource] = {"vision": vision.SOURCE, "text": text.SOURCE, "dataset": dataset.SOURCE,
+                                  "sentences": sentences.SOURCE}
 
 __all__ = ["SOURCES", "DataSource", "LoadedData", "data_problems", "load_data", "source_of"]
 

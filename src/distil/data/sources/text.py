@@ -115,6 +115,20 @@ class TextCorpus:
     train_texts: list[str]
     eval_texts: list[str]
 
+    def describe(self) -> str:
+        return (f"data: {len(self.train)} training blocks and {len(self.eval)} held-out blocks of "
+                f"{self.train.shape[1]} tokens")
+
+    def eval_batches(self, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+        """The held-out blocks in batches, every next token scored."""
+        return [lm_batch(blocks) for blocks in self.eval.split(batch_size)]
+
+    def sample_prompts(self, count: int) -> list[str]:
+        """`count` held-out lines (evenly spaced, over 30 characters) for generations side by side."""
+        lines = [line.strip() for text in self.eval_texts for line in text.splitlines() if len(line.strip()) > 30]
+        step = max(1, len(lines) // (count + 1))
+        return [lines[(i + 1) * step] for i in range(count) if (i + 1) * step < len(lines)]
+
 
 def load_corpus(spec: TextData, tokenizer: Any) -> TextCorpus:
     train_files, eval_files = _resolve_files(spec)
