@@ -6,12 +6,14 @@ from dataclasses import fields, replace
 from typing import Any
 
 from distil.config.schema import (
-    BornAgainSpec, DistributedSpec, EMASpec, FeatureTermSpec, GenerateSpec, LossSpec, OnPolicySpec, TrainSpec,
+    BornAgainSpec, DistributedSpec, EMASpec, FeatureTermSpec, GenerateSpec, LoraSpec, LossSpec, OnPolicySpec,
+    TrainSpec,
 )
 from distil.distill.feature_objective import FeatureTerm
 from distil.distill.lm import OnPolicy
 from distil.distill.objectives import LogitLoss
 from distil.generate import Sampling
+from distil.models.lora import Lora
 from distil.train.config import ParallelConfig, TrainConfig
 
 
@@ -48,3 +50,9 @@ def onpolicy(spec: OnPolicySpec | None) -> OnPolicy | None:
 
 def feature_terms(specs: list[FeatureTermSpec]) -> list[FeatureTerm]:
     return [_copy(spec, FeatureTerm) for spec in specs]
+
+
+def lora(spec: LoraSpec) -> Lora:
+    targets = spec.target_modules
+    return Lora(r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+                target_modules=targets if isinstance(targets, str) else tuple(targets))

@@ -371,12 +371,25 @@ class SelfDistillSpec(Strict):
     ema: EMASpec = EMASpec()
 
 
+class LoraSpec(Strict):
+    """A LoRA student (task causal_lm, the peft library): only low-rank adapters on its linear layers train and are
+    checkpointed; the saved student has them merged into a plain model."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scale: the update is B A * alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="module names (suffixes) that get adapters; all-linear: every linear but the head")
+    save_adapter: bool = Field(False, description="also save the adapter alone (peft format) in the arm's adapter/")
+
+
 class StudentSpec(Strict):
     model: ModelSpec
     freeze_embeddings: bool = Field(
         False, description="LMs and encoders: keep the (inherited) token embeddings and a tied LM head fixed: less "
                            "compute and memory"
     )
+    lora: LoraSpec | None = Field(None, description="causal_lm: train LoRA adapters instead of every weight")
 
 
 Arm = Literal["student_alone", "logit_kd", "distilled", "born_again", "deep_supervision", "ema"]

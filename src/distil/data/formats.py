@@ -105,29 +105,44 @@ def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bo
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str = "conversation") -> Example:
+def chat_example(tokenizer: Any, messages: list[dict[str, str]], where: str = "conversation",
+                 max_length: int | None = None) -> Example:
     """The conversation through the chat template; the characters of each assistant turn (from the end of the
     generation prompt before it to the end of the turn) are found by rendering it prefix by prefix, and the tokens
-    that start inside them are trained on."""
+    that start inside them are trained on. With `max_length`, a long conversation is tokenized only as far as its
+    first max_length tokens need (the result is truncated to them anyway)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DistilError("format chat needs a tokenizer with a chat template; this one has none (use format text "
                           "or prompt_completion, or a model with a chat template)")
     text = render(tokenizer, messages)
+    encoded, covered = None, len(text)
+    if max_length is not None and len(text) > (limit := 6 * (max_length + _MARGIN)):  # ~4 characters a token
+        # The tokens of a prefix equal the full text's up to the last few before the cut: keep a margin of them.
+        encoded, covered = tokenizer(text[:limit], add_special_tokens=False, return_offsets_mapping=True), limit
+        if len(encoded["input_ids"]) < max_length + _MARGIN:  # long tokens: the prefix may not reach max_length
+            encoded, covered = None, len(text)
+    if encoded is None:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i == 0:  # an opening assistant turn answers nothing: context
             continue
-        start, upto = render(tokenizer, messages[:i], generation_prompt=True), render(tokenizer, messages[: i + 1])
+        start = render(tokenizer, messages[:i], generation_prompt=True)
+        if len(start) >= covered:
+            break
+        upto = render(tokenizer, messages[: i + 1])
         if not (upto.startswith(start) and text.startswith(upto)):
             raise DistilError(f"{where}: the chat template does not render the conversation prefix by prefix (it "
                               "rewrites earlier turns), so the assistant tokens cannot be found; use format "
                               "prompt_completion")
         spans.append((len(start), len(upto)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     labels = [token if any(a <= begin < b for a, b in spans) else IGNORE
               for token, (begin, _) in zip(ids, encoded["offset_mapping"])]
     return Example(ids, labels)
+
+
+_MARGIN = 16  # tokens
 
 
 def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, fmt: str, *, max_length: int,
@@ -139,7 +154,7 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, fmt: str, *, max_l
     tally, examples = Tally(rows=len(rows)), []
     for number, row in enumerate(rows, 1):
         where = f"{source} row {number}"
-        example = _example(row, tokenizer, fmt, columns, where, tally)
+        example = _example(row, tokenizer, fmt, columns, where, tally, max_length)
         if example is None:
             continue
         if len(example.input_ids) > max_length:
@@ -154,14 +169,20 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer: Any, fmt: str, *, max_l
     return examples, tally
 
 
-def _example(row: dict[str, Any], tokenizer: Any, fmt: str, columns: Columns, where: str,
-             tally: Tally) -> Example | None:
+def _example(row: dict[str, Any], tokenizer: Any, fmt: str, columns: Columns, where: str, tally: Tally,
+             max_length: int) -> Example | None:
     if fmt == "chat":
         messages = to_messages(row, columns, where)
         if not any(m["role"] == "assistant" for m in messages):
             tally.dropped["conversations without an assistant turn"] += 1
             return None
-        return chat_example(tokenizer, messages, where)
+        try:
+            return chat_example(tokenizer, messages, where, max_length)
+        except DistilError:
+            raise
+        except Exception:  # e.g. a template that demands alternating roles: this row cannot be rendered
+            tally.dropped["conversations the chat template cannot render"] += 1
+            return None
     names = [columns.text] if fmt == "text" else [columns.prompt, columns.completion]
     missing = [n for n in names if n not in row]
     if missing:

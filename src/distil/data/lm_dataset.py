@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from distil.data.builtin import BUILTIN, builtin_rows
 from distil.data.files import read_rows, resolve_paths
 from distil.data.formats import Columns, Example, Tally, tokenize_rows
 from distil.data.packing import pack_examples
@@ -36,18 +37,19 @@ def load_lm_dataset(path: str | list[str], tokenizer: Any, *, format: str = "tex
                     split: str | None = None, max_length: int = 512, packing: bool = False,
                     eval_path: str | list[str] | None = None, eval_fraction: float = 0.0, seed: int = 0,
                     max_examples: int | None = None) -> LMDataset:
-    """Read, tokenize (format text, prompt_completion or chat; see distil.data.formats), truncate to max_length and
+    """Read (files, a save_to_disk folder, or a built-in dataset's name: distil.data.builtin), tokenize (format text,
+    prompt_completion or chat; see distil.data.formats), truncate to max_length and
     split: `eval_path`'s rows are held out, else a seeded `eval_fraction` of the rows. With `packing`, the training
     examples are packed into blocks of max_length tokens, attention kept inside each example."""
     columns = columns or Columns()
     if not 0.0 <= eval_fraction < 1.0:
         raise DistilError(f"eval_fraction={eval_fraction} must be in [0, 1)")
-    rows = read_rows(resolve_paths(path), split)
+    rows = _rows(path, split, "data.path")
     if max_examples is not None:
         rows = rows[:max_examples]
     held: list[dict[str, Any]] = []
     if eval_path is not None:
-        held = read_rows(resolve_paths(eval_path, "eval_path"), split)
+        held = _rows(eval_path, split, "data.eval_path")
     elif eval_fraction:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -70,3 +72,10 @@ def load_lm_dataset(path: str | list[str], tokenizer: Any, *, format: str = "tex
                       for e, pos in pack_examples(train, max_length)]
     eval_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in held_examples]
     return LMDataset(train_rows, eval_rows, tally, packing, examples)
+
+
+def _rows(path: str | list[str], split: str | None, what: str) -> list[dict[str, Any]]:
+    """The rows of files, a save_to_disk folder, or a built-in dataset named instead (distil.data.builtin)."""
+    if isinstance(path, str) and path in BUILTIN:
+        return builtin_rows(path)
+    return read_rows(resolve_paths(path, what), split)

@@ -93,6 +93,8 @@ def data_and_model_rules(recipe: Recipe, data_kinds: str | tuple[str, ...], arch
     kinds = (data_kinds,) if isinstance(data_kinds, str) else data_kinds
     if recipe.data.kind not in kinds:
         found.append(f"task {recipe.task} needs data.kind: {' or '.join(kinds)} (got {recipe.data.kind})")
+    if recipe.student.lora is not None and recipe.task != "causal_lm":
+        found.append("student.lora applies to task causal_lm")
     for who, model in (("teacher", recipe.teacher.model), ("student", recipe.student.model)):
         if model.arch not in archs:
             found.append(f"task {recipe.task}: {who}.model.arch must be one of {list(archs)}, got {model.arch}")

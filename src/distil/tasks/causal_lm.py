@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from distil.config.adapt import logit_loss, onpolicy, train_config
+from distil.config.adapt import logit_loss, lora, onpolicy, train_config
 from distil.config.schema import DatasetData, FromTeacherSpec, HFModelSpec, Recipe, TextData
 from distil.data.formats import IGNORE
 from distil.data.packing import model_inputs, token_mask
@@ -31,6 +31,7 @@ from distil.losses.registry import SPARSE_DIVERGENCES
 from distil.measure.cost import folder_size, measure_peak_memory, parameter_count
 from distil.measure.lm import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
 from distil.models import hf
+from distil.models.lora import AdaptersOnly, adapter_files, merged, with_lora, write_adapter
 from distil.precision import teacher_dtype
 from distil.remembered import Measurement, model_files_key, remembered, tensor_key
 from distil.reporting.summary import write_summary
@@ -77,6 +78,9 @@ class CausalLMTask:
                 found.append("teacher.cache.mode sample supports loss.divergence forward_kl only")
             if recipe.loss.features:
                 found.append("loss.features read the live teacher's layers; remove teacher.cache to use them")
+        if recipe.student.lora is not None and recipe.distributed.strategy == "fsdp":
+            found.append("student.lora is not supported with distributed.strategy fsdp (the adapters are small: "
+                         "use ddp)")
         if recipe.onpolicy is not None and recipe.distributed.strategy == "fsdp":
             found.append("onpolicy sampling is not supported with distributed.strategy fsdp (each process samples on "
                          "its own, but sharded models need every process in each forward); use ddp")
@@ -249,7 +253,12 @@ class CausalLMRun:
         seed_everything(recipe.seed)
         student = load_student_folder(self.init, device)
         student.config.use_cache = False
-        if recipe.student.freeze_embeddings:
+        wrapper = None
+        if recipe.student.lora is not None:  # seeded above: the same adapters in every arm and on resume
+            wrapper = with_lora(student, lora(recipe.student.lora))
+            trained, total = wrapper.get_nb_trainable_parameters()
+            self.ctx.console.print(f"{arm}: LoRA adapters, {trained:,} trained parameters of {total:,}")
+        elif recipe.student.freeze_embeddings:
             for head in (student.get_input_embeddings(), student.get_output_embeddings()):
                 head.weight.requires_grad_(False)
         distilled = arm == "distilled"  # logit_kd: plain off-policy logit KD, the baseline of the recipe's variant
@@ -262,6 +271,8 @@ class CausalLMRun:
                 student, live if kd else None, logit_loss(recipe.loss), vocab_size=self.vocab, device=device,
                 onpolicy=onpolicy(recipe.onpolicy) if distilled else None, pad_token_id=self.tokenizer.pad_token_id,
             )
+        if wrapper is not None:
+            objective.modules["student"] = AdaptersOnly(student)  # checkpoints hold the adapters alone
         if distilled and recipe.loss.features and live is not None:
             distiller = feature_distiller(recipe, student, live.model, batches(torch.arange(2)), device,
                                           use_cache=False)
@@ -275,7 +286,14 @@ class CausalLMRun:
                                                                                  vocab_size=self.vocab)[0]})
         train(stage, show_progress=self.ctx.show_progress)
         student.config.use_cache = True
-        save_hf_folder(folder, student, self.tokenizer, {"train_time_s": stage.elapsed_s, "steps": recipe.train.steps})
+        extra = None
+        if wrapper is not None:
+            if recipe.student.lora.save_adapter:  # type: ignore[union-attr]
+                weights, config = adapter_files(wrapper, self.init)
+                extra = lambda tmp: write_adapter(tmp / "adapter", weights, config)  # noqa: E731
+            student = merged(wrapper)
+        save_hf_folder(folder, student, self.tokenizer, {"train_time_s": stage.elapsed_s, "steps": recipe.train.steps},
+                       extra=extra)
 
     # ----------------------------------------------------------------------------------------------- evaluation
     def measure(self) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from distil.config.schema import DatasetData
+from distil.data.builtin import BUILTIN
 from distil.data.files import resolve_paths
 from distil.data.formats import IGNORE, Columns, Example, Tally
 from distil.data.lm_dataset import load_lm_dataset
@@ -87,7 +88,10 @@ def problems(spec: DatasetData) -> list[str]:
     for paths, key in ((spec.path, "data.path"), (spec.eval_path, "data.eval_path")):
         if paths is not None:
             try:
-                resolve_paths(paths, key)
+                if isinstance(paths, str) and paths in BUILTIN:
+                    BUILTIN[paths].path()
+                else:
+                    resolve_paths(paths, key)
             except DistilError as exc:
                 found.append(str(exc))
     return found
