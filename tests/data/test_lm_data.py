@@ -219,3 +219,31 @@ def test_a_users_jsonl_through_load_lm_dataset_and_distill(tiny_lm, tmp_path):
     result = distil.distill(teacher, student, data.train, eval_data=data.eval, tokenizer=tokenizer, steps=2,
                             batch_size=2, output_dir=tmp_path / "run", report=False)
     assert result.summary["arms"]["distilled"]["perplexity"] > 1.0
+
+
+def test_a_json_array_cut_off_inside_a_record_reads_to_the_last_complete_one(tmp_path, capsys):
+    from distil.data.builtin import _complete_records
+
+    records = [{"id": i, "conversations": [{"from": "human", "value": f"q{i}"}]} for i in range(3)]
+    whole = json.dumps(records, indent=2)
+    (tmp_path / "whole.json").write_text(whole, encoding="utf-8")
+    assert _complete_records(tmp_path / "whole.json") == records
+    cut = whole[: whole.rindex('"q2"') + 2]  # inside the third record's string
+    (tmp_path / "cut.json").write_text(cut, encoding="utf-8")
+    assert _complete_records(tmp_path / "cut.json") == records[:2]
+    assert "ends inside record 3; read the 2 complete records before it" in capsys.readouterr().err
+
+
+def test_builtin_chat_datasets_read_as_chat_rows():
+    from distil.data.builtin import BUILTIN, builtin_rows
+    from distil.errors import DistilError
+
+    for name, expected in (("sharegpt", 17_671), ("chitchat", 4_018)):
+        try:
+            BUILTIN[name].path()
+        except DistilError as exc:
+            pytest.skip(str(exc))
+        rows = builtin_rows(name)
+        assert len(rows) == expected  # sharegpt: the complete records; chitchat: the conversations of two speakers
+        messages = to_messages(rows[0], Columns(), name)
+        assert messages[0]["role"] == "user" and any(m["role"] == "assistant" for m in messages)

@@ -139,3 +139,20 @@ def test_dataset_recipe_rules(tiny_lm, tmp_path):
     assert "format" in refused(tiny_lm, tmp_path, {**data, "format": "markdown"})
     missing = recipe(tiny_lm, tmp_path, {"path": str(tmp_path / "nothing.jsonl"), "format": "chat"})
     assert task_of("causal_lm").problems(missing) == [f"data.path: {tmp_path / 'nothing.jsonl'} matches no file"]
+
+
+def test_a_student_whose_chat_template_renders_other_tokens_is_refused_before_training(chat_lm, tmp_path):
+    import shutil
+
+    write_chats(tmp_path / "chats.jsonl")
+    other = tmp_path / "other-template"
+    shutil.copytree(chat_lm, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|turn|>")
+    tokenizer.save_pretrained(other)
+    data = {"path": str(tmp_path / "chats.jsonl"), "format": "chat", "max_length": 200}
+    spec = recipe(chat_lm, tmp_path, data, student={"model": {"arch": "hf", "source": str(other)}})
+    [problem] = task_of("causal_lm").deep_problems(spec)
+    assert "chat templates render a conversation differently" in problem
+    same = recipe(chat_lm, tmp_path, data, student={"model": {"arch": "hf", "source": str(chat_lm)}})
+    assert task_of("causal_lm").deep_problems(same) == []

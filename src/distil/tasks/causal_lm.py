@@ -111,6 +111,9 @@ class CausalLMTask:
                 differences = hf.tokenizer_differences(s_tok, tokenizer)
                 if differences:
                     return ["student and teacher tokenizers differ: " + "; ".join(differences)]
+                chat = isinstance(recipe.data, DatasetData) and recipe.data.format == "chat"
+                if chat and (difference := hf.chat_template_difference(s_tok, tokenizer)):
+                    return [difference]
             check_context(recipe, hf.resolve_model_path(teacher_spec.source))
             loaded = load_data(recipe.data, seed=recipe.seed, tokenizer=tokenizer)
             _check_sizes(recipe, loaded.size)
