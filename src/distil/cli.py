@@ -151,7 +151,8 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     from distil.tasks import causal_lm_cache as cached
     from distil.tasks import task_of
     from distil.tasks.artifacts import pick_device
-    from distil.tasks.causal_lm import as_teacher, load_teacher, measure_lm
+    from distil.tasks.causal_lm import as_teacher, load_teacher
+    from distil.tasks.causal_lm_measure import measure_lm
     from distil.train import distributed
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -180,8 +181,8 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     if distributed.is_main():
         cached.describe(result, Console())
     if result.complete and distributed.is_main() and not (Path(recipe.teacher.cache.path) / cached.TEACHER_EVAL).exists():
-        row, _ = measure_lm(teacher, hf.resolve_model_path(source), corpus.eval, teacher.config.vocab_size, None,
-                            tokenizer)
+        row, _ = measure_lm(teacher, hf.resolve_model_path(source), corpus.eval_batches(),
+                            teacher.config.vocab_size, None, tokenizer)
         cached.write_teacher_eval(Path(recipe.teacher.cache.path), row)
     distributed.shutdown()
     return 0

@@ -28,8 +28,8 @@ from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.guards import check_sequence_length
 from distil.losses.registry import SPARSE_DIVERGENCES
-from distil.measure.cost import folder_size, measure_peak_memory, parameter_count
-from distil.measure.lm import agreement, generation_speed, greedy_continuations, perplexity_and_predictions
+from distil.measure.cost import parameter_count
+from distil.measure.lm import greedy_continuations, perplexity_and_predictions
 from distil.models import hf
 from distil.models.lora import AdaptersOnly, adapter_files, merged, with_lora, write_adapter
 from distil.precision import teacher_dtype
@@ -39,6 +39,7 @@ from distil.tasks import causal_lm_cache as cached
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
 from distil.tasks.base import RunContext, data_and_model_rules, language_model_rules
 from distil.tasks.causal_lm_estimate import estimate_causal_lm
+from distil.tasks.causal_lm_measure import architecture, measure_lm
 from distil.tasks.hf_models import feature_distiller, save_hf_folder, source_problems, student_from_teacher
 from distil.tasks.response import response_batches, response_perplexities
 from distil.train import distributed
@@ -350,56 +351,6 @@ class CausalLMRun:
                                                 self.vocab, self.ctx.device)
         summary["metrics"].append("response_perplexity")
         return write_summary(self.ctx.run_dir, summary)
-
-
-SPEED_KEYS = ("tokens_per_s_b1", "tokens_per_s_b8", "latency_ms", "peak_memory_bytes", "peak_memory_batch")
-
-
-def architecture(model: Any) -> tuple:
-    """Models with equal architectures (classes, parameter names, shapes, dtypes) run at the same speed."""
-    return type(model).__name__, tuple((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
-
-
-def measure_lm(model: Any, folder: Path, eval_batches: list[dict[str, Any]], vocab: int,
-               teacher_predictions: torch.Tensor | None, tokenizer: Any, repeats: int = 2,
-               speed: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
-    """A model's summary row (held-out perplexity and agreement, size, generation speed, peak memory) and its top-1
-    predictions at the scored positions; `speed`: the speed and memory already measured on a model of the same
-    architecture."""
-    model.eval()
-    ppl, predictions = perplexity_and_predictions(model, eval_batches, vocab_size=vocab)
-    if speed is None:
-        speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                                   repeats=repeats)
-        speed_8 = generation_speed(model, batch_size=8, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                                   repeats=repeats)
-        device = next(model.parameters()).device
-        inputs = _memory_batch(eval_batches, device)
-        with torch.inference_mode():
-            peak = measure_peak_memory(model, lambda: model(**inputs, use_cache=False), device)
-        speed = {"tokens_per_s_b1": speed_1, "tokens_per_s_b8": speed_8, "latency_ms": 1000.0 / speed_1,
-                 "peak_memory_bytes": peak, "peak_memory_batch": len(inputs["input_ids"])}
-    info_file = folder / "train.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return {
-        "perplexity": ppl,
-        "agreement": 1.0 if teacher_predictions is None else agreement(predictions, teacher_predictions),
-        "params": parameter_count(model),
-        "size_bytes": weights or folder_size(folder),
-        **{key: speed[key] for key in SPEED_KEYS},
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "train_time_s": info.get("train_time_s"),
-        "path": str(folder),
-    }, predictions
-
-
-def _memory_batch(batches: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Up to 8 held-out rows for the peak-memory measurement: the first two batches when they are as wide."""
-    first = batches[0]
-    if len(batches) > 1 and batches[1]["input_ids"].shape[1] == first["input_ids"].shape[1]:
-        first = {k: torch.cat([first[k], batches[1][k]]) for k in ("input_ids", "attention_mask")}
-    return model_inputs(first, device)
 
 
 def eval_key(corpus: Any) -> str:
