@@ -34,9 +34,14 @@ def tensor_key(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
+# Bumped whenever what a measurement holds changes, so that entries written by an older distil are measured again:
+# 2 = predictions at the scored positions only, flat (1: [blocks, seq_len - 1]).
+FORMAT = 2
+
+
 def remembered(what: dict[str, Any], measure: Callable[[], Measurement]) -> Measurement:
     """`measure()`'s result for `what` (JSON-able), from the cache when an earlier run measured exactly that."""
-    what = {**what, "threads": torch.get_num_threads(), "versions": library_versions()}
+    what = {**what, "threads": torch.get_num_threads(), "versions": library_versions(), "format": FORMAT}
     key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = cache_dir() / "measurements"
     row_file, tensors_file = folder / f"{key}.json", folder / f"{key}.safetensors"

@@ -6,7 +6,7 @@ are never imported), named in place of a path: `data.path: sharegpt` or `data.pa
 - `chitchat`: the Chit Chat Challenge (`chitchat-dataset==0.9.0`, MIT): the 4,018 of its 7,168 conversations with two
   speakers (the rest are one person waiting for another). A row holds
   `messages` (the first speaker as the user, the other as the assistant; a speaker's consecutive messages joined)
-  and, for format prompt_completion, `prompt` (the first turn) and `completion` (the reply to it).
+  and, for format prompt_completion, `prompt` ("A: <the first turn>\nB:") and `completion` (the reply to it).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _chitchat(path: Path) -> list[dict[str, Any]]:
             continue
         first = turns[0][0]
         messages = [{"role": "user" if sender == first else "assistant", "content": text} for sender, text in turns]
-        rows.append({"id": key, "messages": messages, "prompt": turns[0][1], "completion": " " + turns[1][1]})
+        rows.append({"id": key, "messages": messages, "prompt": f"A: {turns[0][1]}\nB:", "completion": " " + turns[1][1]})
     return rows
 
 
