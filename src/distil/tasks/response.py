@@ -14,13 +14,15 @@ from rich.console import Console
 
 from distil.config.adapt import sampling
 from distil.config.schema import Recipe
+from distil.data.formats import IGNORE, Example
+from distil.data.packing import padded_batch
 from distil.data.sources.dataset import DatasetCorpus
 from distil.data.sources.text import corpus_passages, read_prompts_file
 from distil.errors import DistilError
 from distil.generate import format_prompt, generate_responses, read_generations
+from distil.measure.lm import perplexity_and_predictions
 from distil.train.distributed import on_main
 
-IGNORE = -100
 
 
 def prompt_pairs(recipe: Recipe, corpus: Any, *, held_out: bool) -> list[tuple[str, str | None]]:
@@ -50,17 +52,8 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_len: int, chat
 
 
 def collate_pairs(examples: list[tuple[list[int], list[int]]], pad_id: int) -> Callable[[torch.Tensor], dict]:
-    def collate(indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        chosen = [examples[int(i)] for i in indices]
-        width = max(len(ids) for ids, _ in chosen)
-        ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chosen), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(chosen), width), dtype=torch.long)
-        for row, (x, y) in enumerate(chosen):  # right padding: positions never attend to what follows them
-            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    return collate
+    """Indices -> a right-padded batch of those (input ids, labels) pairs."""
+    return lambda indices: padded_batch([Example(*examples[int(i)]) for i in indices], pad_id)
 
 
 def wraps_prompts(recipe: Recipe) -> bool:
@@ -99,20 +92,9 @@ def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any
     return result
 
 
-@torch.inference_mode()
 def _response_perplexity(model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, vocab: int) -> float:
-    collate = collate_pairs(examples, pad_id)
-    nll, count = 0.0, 0
-    for start in range(0, len(examples), 4):
-        batch = collate(torch.arange(start, min(start + 4, len(examples))))
-        device = next(model.parameters()).device
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       use_cache=False).logits[:, :-1, :vocab].float()
-        targets = batch["labels"][:, 1:].to(device)
-        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                                       reduction="sum"))
-        count += int((targets != IGNORE).sum())
-    return float(torch.exp(torch.tensor(nll / max(count, 1))))
+    batches = [padded_batch([Example(*e) for e in examples[i : i + 4]], pad_id) for i in range(0, len(examples), 4)]
+    return perplexity_and_predictions(model, batches, vocab_size=vocab)[0]
 
 
 def response_perplexities(arms: dict[str, Any], run_dir: Path, recipe: Recipe, tokenizer: Any, vocab: int,
