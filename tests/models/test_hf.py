@@ -103,6 +103,30 @@ def test_a_hub_id_in_the_local_hugging_face_cache_is_found_offline(tiny_lm, tmp_
         hf.resolve_model_path("acme/other")
 
 
+def test_a_local_gguf_file_is_converted_once_into_the_cache(tmp_path, monkeypatch, tiny_lm):
+    """The conversion itself is tested on the real SmolLM2 GGUF below; here: where a user's file goes, that it is
+    converted once, and again when the file changes."""
+    import shutil
+
+    monkeypatch.setenv("DISTIL_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "my-model.Q4.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    converted = []
+
+    def fake_convert(source, dest):
+        converted.append(source)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(tiny_lm, dest)
+        (dest / hf.COMPLETE_MARKER).write_text(json.dumps(hf._marker_for(source)))
+
+    monkeypatch.setattr(hf, "_convert_gguf", fake_convert)
+    folder = hf.resolve_model_path(str(gguf))
+    assert folder.parent == tmp_path / "cache" / "models" and folder.name.startswith("my-model.Q4-")
+    assert hf.resolve_model_path(str(gguf)) == folder and converted == [gguf]
+    gguf.write_bytes(b"GGUF" + bytes(80))  # another file at the same path
+    assert hf.resolve_model_path(str(gguf)) == folder and converted == [gguf, gguf]
+
+
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(hf.BUILTIN_MODELS, "ghost", hf.BuiltinModel(
         package="distil_test_no_such_package", pip_name="ghost-model", relpath="m.gguf", description="absent"))

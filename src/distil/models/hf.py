@@ -9,6 +9,7 @@ source is converted once into a plain safetensors folder in the cache (``$DISTIL
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -162,13 +163,25 @@ def builtin_model_path(name: str) -> Path:
     return dest
 
 
+def gguf_model_path(gguf: Path) -> Path:
+    """A local GGUF file as a plain safetensors folder, converted once into the cache (keyed by the file's resolved
+    path; a changed file, by its size, is converted again)."""
+    digest = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:12]
+    dest = cache_dir() / "models" / f"{gguf.stem}-{digest}"
+    if not _is_complete(dest, _marker_for(gguf)):
+        _convert_gguf(gguf, dest)
+    return dest
+
+
 def resolve_model_path(source: str | os.PathLike[str]) -> Path:
-    """A local model folder for ``source``: an existing folder, a built-in name (converted on first use), or a hub
-    id (``org/name``) already in the local Hugging Face cache. Nothing is ever downloaded."""
+    """A local model folder for ``source``: an existing folder, a GGUF file or a built-in name (both converted once,
+    on first use), or a hub id (``org/name``) already in the local Hugging Face cache. Nothing is ever downloaded."""
     text = os.fspath(source)
     if text in BUILTIN_MODELS:
         return builtin_model_path(text)
     path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_model_path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise DistilError(f"model folder {path} has no config.json; point to a folder saved by save_pretrained")
