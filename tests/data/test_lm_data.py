@@ -247,3 +247,11 @@ def test_builtin_chat_datasets_read_as_chat_rows():
         assert len(rows) == expected  # sharegpt: the complete records; chitchat: the conversations of two speakers
         messages = to_messages(rows[0], Columns(), name)
         assert messages[0]["role"] == "user" and any(m["role"] == "assistant" for m in messages)
+
+
+def test_a_dataset_held_out_whole_is_one_line(tokenizer, tmp_path):
+    import distil
+
+    (tmp_path / "one.jsonl").write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    with pytest.raises(DistilError, match="1 rows, all held out for evaluation: none left to train on"):
+        distil.load_lm_dataset(str(tmp_path / "one.jsonl"), tokenizer, format="prompt_completion", eval_fraction=0.05)

@@ -57,6 +57,9 @@ def load_lm_dataset(path: str | list[str], tokenizer: Any, *, format: str = "tex
         chosen = set(order[:n])
         held = [rows[i] for i in sorted(chosen)]
         rows = [r for i, r in enumerate(rows) if i not in chosen]
+    if not rows:
+        raise DistilError(f"data: {len(held)} rows, all held out for evaluation: none left to train on; give more "
+                          "rows, or the held-out ones in eval_path")
     train, tally = tokenize_rows(rows, tokenizer, format, max_length=max_length, columns=columns, source="data")
     held_examples: list[Example] = []
     if held:
