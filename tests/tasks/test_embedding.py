@@ -72,6 +72,35 @@ def test_pooling_and_metrics_against_hand_computation():
     assert similarity_spearman(a, a) == pytest.approx(1.0)
 
 
+def test_with_a_teacher_the_contrastive_term_is_weighted_by_one_minus_alpha(tiny_bert):
+    from transformers import AutoModel
+
+    from distil.distill.embedding import EmbeddingObjective, encode
+    from distil.distill.objectives import LogitLoss
+    from distil.distill.pair import Teacher
+    from distil.losses.features import hidden_cosine
+
+    teacher = AutoModel.from_pretrained(tiny_bert).eval()
+    torch.manual_seed(0)
+    student = AutoModel.from_pretrained(tiny_bert).eval()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(1000, 2000, (6, 7), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pairs": 3}
+    with torch.no_grad():
+        s, t = encode(student, ids, batch["attention_mask"]), encode(teacher, ids, batch["attention_mask"])
+        embedding, contrastive = hidden_cosine(s, t), contrastive_loss(s[:3], s[3:])
+        for alpha in (0.25, 1.0):
+            terms = EmbeddingObjective(student, Teacher(teacher), LogitLoss(alpha=alpha), torch.device("cpu")).loss(batch)
+            expected = embedding if alpha == 1.0 else alpha * embedding + (1 - alpha) * contrastive
+            torch.testing.assert_close(terms["loss"], expected)
+            assert ("contrastive" in terms) == (alpha < 1.0)
+        unpaired = EmbeddingObjective(student, Teacher(teacher), LogitLoss(alpha=0.25), torch.device("cpu")).loss(
+            {**batch, "pairs": 0})  # no (word, definition) pairs in the batch: the teacher's term alone
+        torch.testing.assert_close(unpaired["loss"], embedding)
+
+
 def _recipe(teacher, output, **changes):
     data = {
         "name": "tiny-embed", "task": "embedding",

@@ -38,9 +38,11 @@ def contrastive_loss(queries: torch.Tensor, documents: torch.Tensor, scale: floa
 
 
 class EmbeddingObjective(Objective):
-    """With a teacher: the sentence-embedding term (`loss.embedding`: 1 - cosine, or MSE) between the pooled,
-    normalised embeddings. Without one (the student alone): in-batch contrastive learning on the batch's
-    (word, definition) pairs -- the first `pairs` rows are words, the next `pairs` their definitions."""
+    """Without a teacher (the student alone): in-batch contrastive learning on the batch's (word, definition) pairs
+    -- the first `pairs` rows are words, the next `pairs` their definitions. With one: alpha * the sentence-embedding
+    term (`loss.embedding`: 1 - cosine, or MSE, between the pooled, normalised embeddings) + (1 - alpha) * that
+    contrastive term where the batch has pairs (the teacher's signal beside the task's own, as soft targets sit
+    beside hard labels); alpha = 1 is the embedding term alone."""
 
     unit = "samples"
 
@@ -65,4 +67,8 @@ class EmbeddingObjective(Objective):
         teacher = encode(self.teacher, ids, mask)
         fn = hidden_cosine if self.spec.embedding == "cosine" else hidden_mse
         value = fn(student, teacher)
-        return {"loss": value, "embedding": value}
+        n, alpha = int(batch.get("pairs", 0)), self.spec.alpha
+        if n == 0 or alpha == 1.0:
+            return {"loss": value, "embedding": value}
+        contrastive = contrastive_loss(student[:n], student[n : 2 * n])
+        return {"loss": alpha * value + (1 - alpha) * contrastive, "embedding": value, "contrastive": contrastive}
