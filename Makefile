@@ -37,7 +37,7 @@ demo: setup
 	$(VENV)/bin/distil run
 
 test: setup-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs
