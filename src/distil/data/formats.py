@@ -86,6 +86,12 @@ def to_messages(row: dict[str, Any], columns: Columns, where: str) -> list[dict[
     return messages
 
 
+def prompt_length(labels: list[int]) -> int:
+    """How many leading tokens are not trained on (an example's prompt: a chat up to its first answer, the prompt
+    column); 0 for text, trained on from its first token."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+
+
 def text_example(tokenizer: Any, text: str) -> Example:
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):

@@ -52,6 +52,11 @@ def padded_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def padded_batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The examples in order, `batch_size` to a right-padded batch."""
+    return [padded_batch(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+
+
 def packed_batch(blocks: Sequence[tuple[Example, list[int]]], pad_id: int, block: int) -> dict[str, Any]:
     """Packed blocks padded to `block` tokens: input_ids, labels, position_ids (the padding is one more, untrained
     'example'), no attention_mask, and token_mask (1 on real tokens, for losses on hidden states)."""

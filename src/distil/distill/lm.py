@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from distil.data.formats import IGNORE, Example
+from distil.data.formats import IGNORE, Example, prompt_length
 from distil.data.packing import model_inputs, padded_batch
 from distil.distill.objectives import LogitLoss, divergence_params, soft_term
 from distil.distill.pair import Teacher
@@ -77,7 +77,7 @@ def final_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 def _prompt(ids: list[int], labels: list[int], prompt_tokens: int, length: int) -> list[int]:
     """The untrained prefix of an example (`length` real tokens), or its first prompt_tokens tokens when its first
     token is trained on (a text block)."""
-    first = next((i for i, label in enumerate(labels[:length]) if label != IGNORE), length)
+    first = prompt_length(labels[:length])
     return ids[: first if first > 0 else min(prompt_tokens, length - 1)]
 
 
@@ -149,9 +149,10 @@ class CausalLMObjective(Objective):
         if batch.get("position_ids") is not None:
             raise DistilError("on-policy sampling needs one example per row: set data.packing to false")
         mask = batch.get("attention_mask")
-        prompts = [_prompt(ids, labels, spec.prompt_tokens, int(m.sum()) if mask is not None else len(ids))
-                   for ids, labels, m in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
-                                             mask if mask is not None else batch["labels"])]
+        ids = batch["input_ids"]
+        lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * len(ids)
+        prompts = [_prompt(row, labels, spec.prompt_tokens, int(n))
+                   for row, labels, n in zip(ids.tolist(), batch["labels"].tolist(), lengths)]
         pad = self.pad_token_id if self.pad_token_id is not None else _eos_ids(self.student)[0]
         width = max(len(p) for p in prompts)
         left = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)

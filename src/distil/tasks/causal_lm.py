@@ -19,7 +19,6 @@ from distil.config.schema import DatasetData, FromTeacherSpec, HFModelSpec, Reci
 from distil.data.formats import IGNORE
 from distil.data.packing import model_inputs, token_mask
 from distil.data.sources import LoadedData, data_problems, load_data
-from distil.data.sources.text import TextCorpus
 from distil.data.stream import BatchStream
 from distil.distill.cached import CachedLMObjective
 from distil.distill.feature_objective import FeatureObjective
@@ -33,7 +32,7 @@ from distil.measure.lm import greedy_continuations, perplexity_and_predictions
 from distil.models import hf
 from distil.models.lora import AdaptersOnly, adapter_files, merged, with_lora, write_adapter
 from distil.precision import teacher_dtype
-from distil.remembered import Measurement, model_files_key, remembered, tensor_key
+from distil.remembered import Measurement, model_files_key, remembered
 from distil.reporting.summary import write_summary
 from distil.tasks import causal_lm_cache as cached
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
@@ -140,9 +139,10 @@ def check_context(recipe: Recipe, teacher_path: Path) -> None:
 
 def _check_sizes(recipe: Recipe, size: int) -> None:
     if recipe.method == "logits" and size < recipe.train.batch_size:
-        rows = "blocks of data.seq_len tokens" if isinstance(recipe.data, TextData) else "rows"
+        text = isinstance(recipe.data, TextData)
+        rows, more = ("blocks of data.seq_len tokens", "raise data.max_train_tokens") if text else ("rows", "give more rows")
         raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {size} training {rows}; lower "
-                          "train.batch_size or give more data")
+                          f"train.batch_size or {more}")
 
 
 def load_student_folder(folder: Path, device: torch.device) -> Any:
@@ -318,7 +318,7 @@ class CausalLMRun:
 
             # The same teacher on the same held-out text measures the same every run: measured once, then reused.
             what = {"model": model_files_key(self.teacher_path), "dtype": str(next(teacher.parameters()).dtype),
-                    "eval": eval_key(corpus), "prompts": prompts, "vocab": self.vocab, "repeats": repeats,
+                    "eval": corpus.eval_key(), "prompts": prompts, "vocab": self.vocab, "repeats": repeats,
                     "device": str(device)}
             rows["teacher"], teacher_predictions, samples["teacher"] = remembered(what, measure_teacher)
         else:
@@ -351,11 +351,6 @@ class CausalLMRun:
                                                 self.vocab, self.ctx.device)
         summary["metrics"].append("response_perplexity")
         return write_summary(self.ctx.run_dir, summary)
-
-
-def eval_key(corpus: Any) -> str:
-    """What identifies the held-out evaluation: the blocks' tensor, or the examples' digest."""
-    return tensor_key(corpus.eval) if isinstance(corpus, TextCorpus) else corpus.eval_key()
 
 
 CAUSAL_LM = CausalLMTask()

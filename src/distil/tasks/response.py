@@ -15,7 +15,7 @@ from rich.console import Console
 from distil.config.adapt import sampling
 from distil.config.schema import Recipe
 from distil.data.formats import IGNORE, Example
-from distil.data.packing import padded_batch
+from distil.data.packing import padded_batch, padded_batches
 from distil.data.sources.dataset import DatasetCorpus
 from distil.data.sources.text import corpus_passages, read_prompts_file
 from distil.errors import DistilError
@@ -93,7 +93,7 @@ def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any
 
 
 def _response_perplexity(model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, vocab: int) -> float:
-    batches = [padded_batch([Example(*e) for e in examples[i : i + 4]], pad_id) for i in range(0, len(examples), 4)]
+    batches = padded_batches([Example(*e) for e in examples], pad_id, 4)
     return perplexity_and_predictions(model, batches, vocab_size=vocab)[0]
 
 

@@ -14,9 +14,9 @@ import torch
 from distil.config.schema import DatasetData
 from distil.data.builtin import BUILTIN
 from distil.data.files import resolve_paths
-from distil.data.formats import IGNORE, Columns, Example, Tally
+from distil.data.formats import IGNORE, Columns, Example, Tally, prompt_length
 from distil.data.lm_dataset import load_lm_dataset
-from distil.data.packing import packed_batch, padded_batch
+from distil.data.packing import packed_batch, padded_batch, padded_batches
 from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
 
@@ -52,8 +52,7 @@ class DatasetCorpus:
 
     def eval_batches(self, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
         """The held-out examples, right-padded in batches; only their trained tokens are scored."""
-        examples = [Example(r["input_ids"], r["labels"]) for r in self.eval]
-        return [padded_batch(examples[i : i + batch_size], self.pad_id) for i in range(0, len(examples), batch_size)]
+        return padded_batches([Example(r["input_ids"], r["labels"]) for r in self.eval], self.pad_id, batch_size)
 
     def eval_key(self) -> str:
         """A digest of the held-out tokens and labels: same digest, same evaluation."""
@@ -69,7 +68,7 @@ class DatasetCorpus:
         pairs = []
         for row in rows:
             ids, labels = row["input_ids"], row["labels"]
-            first = next((i for i, label in enumerate(labels) if label != IGNORE), len(ids))
+            first = prompt_length(labels)
             if first == 0:
                 first = min(TEXT_PROMPT_TOKENS, len(ids) // 2)
             end = next((i for i in range(first, len(ids)) if labels[i] == IGNORE), len(ids))

