@@ -236,6 +236,12 @@ def make_student(
     dicts) when given, by weight norm otherwise. Head size is unchanged; query heads are kept inside their own KV
     group, so grouped-query attention stays valid. Embeddings, norms, LM head (tied or not) and task heads are sliced
     along the same hidden channels. Raises DistilError for unsupported families or invalid sizes."""
+    config = getattr(teacher, "config", None)
+    if getattr(config, "model_type", None) == "mpnet" and (
+            num_attention_heads not in (None, config.num_attention_heads)
+            or hidden_size not in (None, config.hidden_size)):
+        raise DistilError("MPNet shares one relative-position bias across its layers' heads, so make_student keeps "
+                          "every head (and so the hidden size): reduce layers or intermediate_size only")
     plan = plan_student(teacher, layers=layers, num_layers=num_layers, hidden_size=hidden_size,
                         intermediate_size=intermediate_size, num_attention_heads=num_attention_heads,
                         num_key_value_heads=num_key_value_heads, calibration=calibration)

@@ -67,6 +67,57 @@ class DatasetData(Strict):
         return self.max_length
 
 
+class LabelledData(Strict):
+    """What the user's classification data sections share: where the held-out rows come from, and the label set."""
+
+    eval_path: str | list[str] | None = Field(None, description="held-out data; else eval_fraction of path's rows")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="seeded, stratified held-out share (no eval_path)")
+    labels: list[str] | None = Field(None, description="the label set in id order; None = the sorted labels found")
+    max_examples: int | None = Field(None, gt=0, description="read at most N training rows (a seeded sample)")
+
+
+class TableData(LabelledData):
+    """A table for MLP classifiers: CSV or parquet files with numeric feature columns and a label column.
+
+    A row with an empty label is unlabelled: the teacher's soft targets cover it, the hard-label term does not."""
+
+    kind: Literal["table"]
+    path: str | list[str] = Field(description="CSV or parquet files (paths or globs)")
+    label: str = Field("label", description="the label column (a CSV without a header row: its 0-based index)")
+    features: list[str] | None = Field(None, description="feature columns; None = every column but the label")
+    header: bool = Field(True, description="CSV: the first row names the columns")
+    standardise: bool = Field(True, description="scale each feature to zero mean, unit variance (training rows' "
+                                                 "statistics)")
+
+
+class ImageFolderData(LabelledData):
+    """Images for image classifiers: a folder of class folders of PNG/JPEG files (read with Pillow)."""
+
+    kind: Literal["images"]
+    path: str = Field(description="a folder with one sub-folder per class")
+    size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="[height, width] every image is resized to; None: all images must share one size")
+    channels: Literal[1, 3] = Field(3, description="1: greyscale, 3: RGB")
+
+
+class TextColumns(Strict):
+    text: str = "text"
+    text_pair: str | None = Field(None, description="a second text per row (sentence pairs), or None")
+    label: str = "label"
+
+
+class TextsData(LabelledData):
+    """Texts for sequence classifiers: CSV, JSONL, parquet or a save_to_disk folder with text (+ text_pair) and label
+    columns, or a folder of class folders holding .txt files. Each model reads the raw text with its own tokenizer."""
+
+    kind: Literal["texts"]
+    path: str | list[str] = Field(description="files or globs, a save_to_disk folder, a folder of class folders, "
+                                              "or a built-in name (bbc-news)")
+    columns: TextColumns = TextColumns()
+    split: str | None = Field(None, description="the split of a DatasetDict folder (default: train)")
+    max_length: int = Field(128, gt=1, description="tokens per text (longer ones are truncated), per tokenizer")
+
+
 class SentenceData(Strict):
     """Sentences for embedding models: WordNet glosses (Debian package wordnet-base) or Shakespeare lines.
 
@@ -89,6 +140,8 @@ def _data_kind(value: object) -> str:
 
 DataSpec = Annotated[
     Union[Annotated[VisionData, Tag("vision")], Annotated[TextData, Tag("text")],
-          Annotated[DatasetData, Tag("dataset")], Annotated[SentenceData, Tag("sentences")]],
+          Annotated[DatasetData, Tag("dataset")], Annotated[SentenceData, Tag("sentences")],
+          Annotated[TableData, Tag("table")], Annotated[ImageFolderData, Tag("images")],
+          Annotated[TextsData, Tag("texts")]],
     Discriminator(_data_kind),
 ]

@@ -10,7 +10,8 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, model_validator
 
 from distil.config.data_schema import (  # noqa: F401  (re-exported: the data sections are part of the schema)
-    DatasetColumns, DatasetData, DataSpec, SentenceData, Strict, TextData, VisionData,
+    DatasetColumns, DatasetData, DataSpec, ImageFolderData, LabelledData, SentenceData, Strict, TableData,
+    TextColumns, TextData, TextsData, VisionData,
 )
 from distil.distill.feature_objective import ATTENTION_LOSSES, PROJECTED_LOSSES
 from distil.losses.registry import DIVERGENCES
@@ -75,6 +76,9 @@ class TrainSpec(Strict):
     batch_size: int = Field(64, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     subset: int | None = Field(None, gt=0, description="train on the first N examples of a seeded shuffle; None = all")
+    labelled: int | None = Field(None, gt=0, description="classification: labels of the first N examples of that "
+                                 "shuffle only; arms with a teacher use every example as the transfer set, the others "
+                                 "only the labelled ones")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -37,6 +37,17 @@ class LogitLoss:
     embedding: str = "cosine"
 
 
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled rows (label >= 0) and divided by all rows: unlabelled rows of a transfer
+    set add zero, so micro-batches accumulate exactly (8 x 1 equals 1 x 8) and a batch without labels gives 0."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum") / max(len(labels), 1)
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Tensors move; raw inputs (texts, read by the model's own tokenizer) stay as they are."""
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+
 def soft_term(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -82,9 +93,9 @@ class ClassifierObjective(Objective):
 
     def _student_pass(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch on the device, the student's logits and their cross-entropy with the labels."""
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        x, y = to_device(batch[0], self.device), batch[1].to(self.device, non_blocking=True)
         logits = self.student(x)
-        return x, y, logits, F.cross_entropy(logits.float(), y)
+        return x, y, logits, labelled_cross_entropy(logits, y)
 
     def loss(self, batch: Any) -> dict[str, torch.Tensor]:
         x, y, logits, ce = self._student_pass(batch)

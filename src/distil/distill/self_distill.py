@@ -13,10 +13,9 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from distil.distill.objectives import LogitLoss, soft_term
+from distil.distill.objectives import LogitLoss, labelled_cross_entropy, soft_term, to_device
 from distil.losses import forward_kl
 from distil.models.exits import Exits, exit_outputs
 from distil.train.objective import Objective
@@ -84,9 +83,9 @@ class EMAObjective(Objective):
         return batches
 
     def loss(self, batch: Any) -> dict[str, torch.Tensor]:
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        x, y = to_device(batch[0], self.device), batch[1].to(self.device, non_blocking=True)
         logits = self.student(x)
-        ce = F.cross_entropy(logits.float(), y)
+        ce = labelled_cross_entropy(logits, y)
         soft = soft_term(logits, self.ema(x), y, self.loss_spec)
         alpha = self.loss_spec.alpha
         return {"loss": alpha * soft + (1 - alpha) * ce, "ce": ce, "kd": soft}
@@ -110,14 +109,14 @@ class DeepSupervisionObjective(Objective):
         return int(batch[1].shape[0])
 
     def loss(self, batch: Any) -> dict[str, torch.Tensor]:
-        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        x, y = to_device(batch[0], self.device), batch[1].to(self.device, non_blocking=True)
         logits, deepest, outs = exit_outputs(self.student, self.exits, x)
-        ce = F.cross_entropy(logits.float(), y)
+        ce = labelled_cross_entropy(logits, y)
         target, features = logits.detach(), deepest.detach()
         T, a = self.temperature, self.alpha
         exit_ce = exit_kd = exit_hint = torch.zeros((), device=logits.device)
         for exit_features, exit_logits in outs:
-            exit_ce = exit_ce + F.cross_entropy(exit_logits.float(), y)
+            exit_ce = exit_ce + labelled_cross_entropy(exit_logits, y)
             exit_kd = exit_kd + forward_kl(exit_logits, target, temperature=T) * (T * T)
             exit_hint = exit_hint + (exit_features.float() - features.float()).pow(2).mean()
         total = ce + (1 - a) * exit_ce + a * exit_kd + self.feature_weight * exit_hint

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from distil.errors import DistilError
+from distil.models.assembled import ASSEMBLED_MODELS, assembled_model_path
 from distil.paths import cache_dir
 
 # Written last inside a converted folder: a folder without it is an interrupted conversion and is never used.
@@ -179,6 +180,8 @@ def resolve_model_path(source: str | os.PathLike[str]) -> Path:
     text = os.fspath(source)
     if text in BUILTIN_MODELS:
         return builtin_model_path(text)
+    if text in ASSEMBLED_MODELS:
+        return assembled_model_path(text)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return gguf_model_path(path)
@@ -189,7 +192,7 @@ def resolve_model_path(source: str | os.PathLike[str]) -> Path:
     snapshot = _cached_hub_snapshot(text)
     if snapshot is not None:
         return snapshot
-    names = ", ".join(sorted(BUILTIN_MODELS))
+    names = ", ".join(sorted([*BUILTIN_MODELS, *ASSEMBLED_MODELS]))
     hint = (f"; if it is a hub id, download it once with `hf download {text}` (distil never downloads)"
             if _looks_like_hub_id(text) else "")
     raise DistilError(

@@ -34,8 +34,10 @@ DECODER = Layout("layers", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_
 ENCODER = Layout("encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
                    "attention.output.dense", ("intermediate.dense",), "output.dense",
                    ("attention.output.LayerNorm", "output.LayerNorm"), gqa=False)
+MPNET = Layout("encoder.layer", "attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
+                ("intermediate.dense",), "output.dense", ("attention.LayerNorm", "output.LayerNorm"), gqa=False)
 FAMILIES = {"llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER,
-             "bert": ENCODER, "roberta": ENCODER}
+             "bert": ENCODER, "roberta": ENCODER, "mpnet": MPNET}
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ def weight_axes(teacher: nn.Module, layout: Layout, prefix: str, key: str, shape
         raise DistilError(f"make_student does not know how to reduce {key}; this layer variant is not supported")
     owner = teacher.get_submodule(key.rsplit(".", 1)[0]) if "." in key else teacher
     name = key.rsplit(".", 1)[-1]
+    if key.endswith("relative_attention_bias.weight"):  # MPNet: [buckets, heads], heads kept whole
+        return None, (None, None)
     if isinstance(owner, nn.Embedding) and name == "weight":
         return None, (None, "hidden")
     if isinstance(owner, nn.Linear) and name == "weight":  # LM head, pooler, classifier, MLM transform

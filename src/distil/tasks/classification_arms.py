@@ -28,6 +28,7 @@ from distil.config.schema import TEACHER_ARMS, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
 from distil.data.sources import LoadedData
+from distil.data.sources.labelled import UNLABELLED
 from distil.data.sources.vision import ClassificationData
 from distil.distill.feature_objective import FeatureDistiller, FeatureObjective
 from distil.distill.multi_teacher import MultiTeacherObjective, TeacherMixture
@@ -72,19 +73,32 @@ def save_classifier(folder: Path, model: nn.Module, config: dict[str, Any], info
     save_model_folder(folder, fill, lambda: tensor_bytes(weights.values(), files=3))
 
 
-def subset_indices(total: int, subset: int | None, seed: int) -> torch.Tensor:
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    return order[: subset or total]
+def training_rows(labels: torch.Tensor, spec: TrainSpec, seed: int, transfer: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows a stage trains on, the labels it sees: -1 where unlabelled). `subset` and `labelled` take the first N of
+    one seeded shuffle; a transfer stage (one with a teacher) trains on every row, the others on labelled rows only."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    rows = order[: spec.subset or len(labels)]
+    seen = labels.clone()
+    if spec.labelled is not None:
+        seen[order[spec.labelled:]] = UNLABELLED
+    return (rows if transfer else rows[seen[rows] != UNLABELLED]), seen
 
 
 def train_classifier(name: str, model: nn.Module, teacher: Teacher | None, loss: LogitLoss, spec: TrainSpec,
-                     data: LoadedData, recipe: Recipe, ctx: RunContext, objective: Any = None) -> float:
+                     data: LoadedData, recipe: Recipe, ctx: RunContext, objective: Any = None,
+                     transfer: bool | None = None) -> float:
     """Train one arm (or a teacher); returns the seconds its training took, summed over resumed runs (the work a
     killed run did after its last checkpoint is redone and counted once).
 
-    `objective` replaces the default ClassifierObjective(model, teacher, loss) (variants: features, EMA, exits)."""
-    indices = subset_indices(data.size, spec.subset, recipe.seed)
-    stream = BatchStream(len(indices), spec.batch_size, lambda i: data.collate(indices[i]), seed=recipe.seed)
+    `objective` replaces the default ClassifierObjective(model, teacher, loss) (variants: features, EMA, exits).
+    `transfer` (default: whether there is a teacher): train on unlabelled rows too, their hard-label term zero."""
+    transfer = teacher is not None if transfer is None else transfer
+    rows, labels = training_rows(data.corpus.train_y, spec, recipe.seed, transfer)
+
+    def collate(i: torch.Tensor) -> Any:
+        return data.collate(rows[i])[0], labels[rows[i]]
+
+    stream = BatchStream(len(rows), spec.batch_size, collate, seed=recipe.seed)
     test_x, test_y = data.eval
     objective = objective or ClassifierObjective(model, teacher, loss, ctx.device)
     stage = Stage(name, objective, stream, train_config(spec), ctx.run_dir / "checkpoints" / name, ctx.metrics, ctx.device,

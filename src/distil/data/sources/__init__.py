@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from distil.data.sources import dataset, sentences, text, vision
+from distil.data.sources import dataset, images, sentences, table, text, texts, vision
 from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
 
 SOURCES: dict[str, DataSource] = {"vision": vision.SOURCE, "text": text.SOURCE, "dataset": dataset.SOURCE,
-                                  "sentences": sentences.SOURCE}
+                                  "sentences": sentences.SOURCE, "table": table.SOURCE, "images": images.SOURCE,
+                                  "texts": texts.SOURCE}
 
 __all__ = ["SOURCES", "DataSource", "LoadedData", "data_problems", "load_data", "source_of"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,8 @@ import numpy as np
 import torch
 
 from distil.config.schema import VisionData
-from distil.data.sources.base import DataSource, LoadedData
+from distil.data.sources.base import ClassificationData, DataSource, LoadedData
+from distil.data.sources.labelled import loaded_classification
 from distil.errors import DistilError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -21,21 +21,6 @@ FASHION_MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-
-
-@dataclass
-class ClassificationData:
-    """Train and test splits as tensors: images [N, C, H, W] (standardised), labels [N] int64."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
 
 
 def fashion_mnist_problems(path: str | None) -> list[str]:
@@ -131,10 +116,7 @@ def vision_problems(name: str, path: str | None) -> list[str]:
 
 
 def _load(spec: VisionData, *, seed: int, tokenizer: Any = None) -> LoadedData:
-    data = load_vision(spec.name, spec.path, seed)
-    n = spec.eval_size or len(data.test_y)
-    return LoadedData(train=(data.train_x, data.train_y), eval=(data.test_x[:n], data.test_y[:n]),
-                      collate=lambda i: (data.train_x[i], data.train_y[i]), size=len(data.train_y), corpus=data)
+    return loaded_classification(load_vision(spec.name, spec.path, seed), spec.eval_size)
 
 
 SOURCE = DataSource(problems=lambda spec: vision_problems(spec.name, spec.path), load=_load)

