@@ -76,10 +76,20 @@ def is_hf_folder(folder: Path) -> bool:
         return False
 
 
-def load_saved(folder: Path) -> TextClassifier:
-    """A classifier distil saved (or any fine-tuned sequence classifier folder), max_length from its tokenizer."""
+def is_fine_tuned_folder(folder: Path) -> bool:
+    """A local folder holding a fine-tuned sequence classifier (used as a teacher as it is)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def load_saved(folder: Path, max_length: int | None = None) -> TextClassifier:
+    """A fine-tuned sequence classifier folder (one distil saved, or the user's), reading at most `max_length`
+    tokens (default: its tokenizer's model_max_length, which distil sets to the recipe's)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder)
-    return TextClassifier(model, tokenizer, int(min(tokenizer.model_max_length, 1 << 20))).eval()
+    return TextClassifier(model, tokenizer, max_length or int(tokenizer.model_max_length)).eval()

@@ -12,23 +12,29 @@ import torch
 from torch import nn
 
 from distil.config.adapt import logit_loss
-from distil.config.schema import Recipe
+from distil.config.schema import SELF_DISTILL_ARMS, Recipe
 from distil.data.sources import LoadedData, data_problems, load_data
-from distil.data.sources.vision import ClassificationData
+from distil.data.sources.base import ClassificationData, take
+from distil.distill.objectives import to_device
 from distil.distill.pair import Teacher, check_pair
 from distil.errors import DistilError
-from distil.measure.classification import accuracy
+from distil.measure.classification import classification_scores
 from distil.measure.cost import folder_size, measure_latency, measure_peak_memory, measure_throughput, parameter_count
-from distil.models.vision import build_classifier, classifier_config, load_classifier
+from distil.models.vision import build_classifier
 from distil.tasks.artifacts import arm_folder, is_model_folder
 from distil.tasks.base import RunContext, data_and_model_rules, not_causal_lm_rules
 from distil.tasks.classification_estimate import estimate_classification
-from distil.tasks.classification_arms import (preflight_variants, save_classifier, teacher_folder, teacher_specs,
-                                              train_arm, train_classifier)
+from distil.tasks.classification_arms import (preflight_variants, teacher_folder, teacher_specs, train_arm,
+                                              train_classifier, training_rows)
+from distil.tasks.classification_models import TEXT_ARCHS, build_model, load_model, reads_text, save_model
+from distil.tasks.hf_models import source_problems
 from distil.train import distributed
 from distil.train.seed import seed_everything
 
 THROUGHPUT_BATCH = 256  # the larger batch at which throughput and peak inference memory are measured
+TEXT_THROUGHPUT_BATCH = 32  # the same for text classifiers (a transformer's batch of 256 texts takes tens of seconds)
+TEXT_EVAL_BATCH = 32
+DATA_KINDS = ("vision", "table", "images", "texts")
 
 
 class ClassificationTask:
@@ -36,10 +42,26 @@ class ClassificationTask:
     estimate = staticmethod(estimate_classification)
 
     def rules(self, recipe: Recipe) -> list[str]:
-        return data_and_model_rules(recipe, "vision", ("mlp", "cnn")) + not_causal_lm_rules(recipe)
+        found = data_and_model_rules(recipe, DATA_KINDS, ("mlp", "cnn", *TEXT_ARCHS)) + not_causal_lm_rules(recipe)
+        text = reads_text(recipe)
+        for who, model in (("teacher", recipe.teacher.model), ("student", recipe.student.model)):
+            if text and model.arch in ("mlp", "cnn"):
+                found.append(f"{who}.model.arch {model.arch} reads tensors; texts need arch: hf (a Hugging Face "
+                             "encoder) or, for the student, from_teacher")
+            if not text and model.arch in TEXT_ARCHS:
+                found.append(f"{who}.model.arch {model.arch} is for texts (data.kind: texts); images and tables "
+                             "use mlp or cnn")
+        if text and any(arm in SELF_DISTILL_ARMS for arm in recipe.arms):
+            found.append(f"arms {[a for a in recipe.arms if a in SELF_DISTILL_ARMS]} are for the built-in MLP/CNN "
+                         "classifiers; text classifiers have student_alone, logit_kd and distilled")
+        labelled = any(spec is not None and spec.labelled is not None for spec in (recipe.train, recipe.teacher.train))
+        if labelled and recipe.loss.divergence == "dkd":
+            found.append("loss.divergence dkd needs every row's label; with train.labelled use forward_kl (or "
+                         "another divergence)")
+        return found
 
     def problems(self, recipe: Recipe) -> list[str]:
-        found = data_problems(recipe.data)
+        found = data_problems(recipe.data) + (source_problems(recipe) if reads_text(recipe) else [])
         for i, spec in enumerate(teacher_specs(recipe)):
             key = "teacher" if i == 0 else f"multi_teacher.teachers[{i - 1}]"
             folder = teacher_folder(recipe, spec)
@@ -71,21 +93,20 @@ class ClassificationTask:
                 ctx.console.print(f"[bold]{name}[/bold]: training {spec.model.arch} (weights go to {folder})")
                 t_recipe = recipe if spec.seed is None else recipe.model_copy(update={"seed": spec.seed})
                 seed_everything(t_recipe.seed)
-                model = build_classifier(spec.model, data.input_shape, data.num_classes).to(ctx.device)
+                model = build_model(spec.model, data, recipe)[0].to(ctx.device)
                 assert spec.train is not None  # guaranteed by problems()
                 seconds = train_classifier(name, model, None, logit_loss(recipe.loss), spec.train, loaded, t_recipe,
                                            ctx)
-                config = classifier_config(spec.model, data.input_shape, data.num_classes)
-                save_classifier(folder, model, config, {"train_time_s": seconds})
+                save_model(folder, model, spec.model, data, {"train_time_s": seconds})
             else:
                 ctx.console.print(f"[bold]{name}[/bold]: reusing {folder}")
-            teachers.append(load_classifier(folder).to(ctx.device))
+            teachers.append(load_model(folder, recipe).to(ctx.device))
             folders.append(folder)
         return ClassificationRun(ctx, loaded, teachers, folders)
 
 
 class ClassificationRun:
-    metrics = ["accuracy"]
+    metrics = ["accuracy", "macro_f1"]
 
     def __init__(self, ctx: RunContext, data: LoadedData, teachers: list[nn.Module], folders: list[Path]):
         self.ctx, self.data, self.teachers, self.folders = ctx, data, teachers, folders
@@ -98,23 +119,27 @@ class ClassificationRun:
         device = self.ctx.device
         for index, (model, folder) in enumerate(zip(self.teachers, self.folders)):
             if distributed.is_sharded(model):
-                model = load_classifier(folder).to(device)
+                model = load_model(folder, self.ctx.recipe).to(device)
             rows["teacher" if index == 0 else f"teacher{index}"] = self._measure(model, folder)
         for arm in self.ctx.recipe.arms:
             folder = arm_folder(self.ctx.run_dir, arm)
-            rows[arm] = self._measure(load_classifier(folder).to(device), folder)
+            rows[arm] = self._measure(load_model(folder, self.ctx.recipe).to(device), folder)
         return rows
 
     def _measure(self, model: nn.Module, folder: Path) -> dict[str, Any]:
         recipe, device = self.ctx.recipe, self.ctx.device
         model.eval()
         test_x, test_y = self.data.eval
-        example = test_x[:1].to(device)
-        batch = test_x[:THROUGHPUT_BATCH].to(device)
+        text = reads_text(recipe)
+        example = to_device(take(test_x, torch.arange(1)), device)
+        batch = to_device(take(test_x, torch.arange(min(TEXT_THROUGHPUT_BATCH if text else THROUGHPUT_BATCH,
+                                                            len(test_y)))), device)
         info_file = folder / "train.json"
         info = json.loads(info_file.read_text()) if info_file.exists() else {}
+        scores = classification_scores(model, test_x, test_y, device, self.data.corpus.num_classes,
+                                       batch=TEXT_EVAL_BATCH if text else 1000)
         return {
-            "accuracy": accuracy(model, test_x, test_y, device),
+            **scores,
             "params": parameter_count(model),
             "size_bytes": folder_size(folder / "model.safetensors"),
             "latency_ms": measure_latency(lambda: model(example), runs=recipe.latency_runs),
@@ -135,14 +160,16 @@ class ClassificationRun:
 
 
 def preflight(recipe: Recipe, data: ClassificationData) -> None:
-    """Build the pair untrained and check it on one example, before any training."""
+    """Budgets against the data, then the pair built untrained and checked on one example, before any training."""
     for spec, name in ((recipe.train, "train"), (recipe.teacher.train, "teacher.train")):
         if spec is None:
             continue
-        available = min(spec.subset or len(data.train_y), len(data.train_y))
-        if available < spec.batch_size:
-            raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {available} training examples; "
-                              f"lower {name}.batch_size or raise {name}.subset")
+        rows = int(training_rows(data.train_y, spec, recipe.seed, transfer=False)[0].numel())
+        if rows < spec.batch_size:
+            raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {rows} labelled training examples; "
+                              f"lower {name}.batch_size or raise {name}.subset / {name}.labelled")
+    if reads_text(recipe):
+        return  # the Hugging Face pair is checked when it loads (labels, heads); building it here costs a load
     # On the meta device: shapes are checked without allocating (or initialising) any weight.
     with torch.device("meta"):
         student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)

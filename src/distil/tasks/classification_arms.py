@@ -24,27 +24,28 @@ from rich.console import Console
 from torch import nn
 
 from distil.config.adapt import feature_terms, logit_loss, self_distill_loss, train_config
-from distil.config.schema import TEACHER_ARMS, Recipe, TeacherSpec, TrainSpec
+from distil.config.schema import TEACHER_ARMS, HFModelSpec, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
-from distil.diskspace import tensor_bytes
 from distil.data.sources import LoadedData
 from distil.data.sources.labelled import UNLABELLED
-from distil.data.sources.vision import ClassificationData
+from distil.data.sources.base import ClassificationData, take
 from distil.distill.feature_objective import FeatureDistiller, FeatureObjective
 from distil.distill.multi_teacher import MultiTeacherObjective, TeacherMixture
-from distil.distill.objectives import ClassifierObjective, LogitLoss
+from distil.distill.objectives import ClassifierObjective, LogitLoss, to_device
 from distil.distill.pair import Teacher, check_pair
 from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective
 from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
-from distil.models.vision import build_classifier, classifier_config, load_classifier
+from distil.models.text_classifier import is_fine_tuned_folder
+from distil.tasks.classification_models import build_model, load_model, save_model
 from distil.paths import cache_dir
-from distil.tasks.artifacts import ARM_FOLDERS, is_model_folder, save_model_folder
+from distil.tasks.artifacts import ARM_FOLDERS, is_model_folder
 from distil.tasks.base import RunContext
-from distil.train import distributed
-from distil.train.checkpoint import save_tensors, write_json
 from distil.train.loop import Stage, train
 from distil.train.seed import seed_everything
+
+
+TRANSFER_ARMS = ("logit_kd", "distilled", "ema")  # arms that learn from a teacher's outputs on unlabelled rows too
 
 
 def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
@@ -52,6 +53,8 @@ def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
     spec = spec or recipe.teacher
     if spec.checkpoint:
         return Path(spec.checkpoint).expanduser()
+    if isinstance(spec.model, HFModelSpec) and is_fine_tuned_folder(Path(spec.model.source).expanduser()):
+        return Path(spec.model.source).expanduser()  # a fine-tuned classifier is used as it is
     dumped = spec.model_dump(mode="json")
     if dumped.get("seed") is None:  # keys written before teachers had a seed of their own stay valid
         dumped.pop("seed", None)
@@ -61,16 +64,10 @@ def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
     return cache_dir() / "teachers" / f"{recipe.data.name}-{spec.model.arch}-{digest}"
 
 
-def save_classifier(folder: Path, model: nn.Module, config: dict[str, Any], info: dict[str, Any]) -> None:
-    """Weights + config (+ training info), written whole by rank 0 (under FSDP every rank helps gather them)."""
-    weights = distributed.full_state_dict(model)
-
-    def fill(tmp: Path) -> None:
-        save_tensors(tmp / "model.safetensors", weights)
-        write_json(tmp / "config.json", config)
-        write_json(tmp / "train.json", info)
-
-    save_model_folder(folder, fill, lambda: tensor_bytes(weights.values(), files=3))
+def new_student(recipe: Recipe, data: ClassificationData, teachers: list[nn.Module]) -> nn.Module:
+    """The recipe's untrained student (from the recipe's seed), on the CPU."""
+    seed_everything(recipe.seed)
+    return build_model(recipe.student.model, data, recipe, teachers[0] if teachers else None)[0]
 
 
 def training_rows(labels: torch.Tensor, spec: TrainSpec, seed: int, transfer: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,9 +159,8 @@ def train_arm(arm: str, folder: Path, loaded: LoadedData, teachers: list[nn.Modu
     if arm == "born_again":
         _born_again(folder, loaded, ctx)
         return
-    seed_everything(recipe.seed)
-    model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
-    example = data.train_x[:2].to(device)
+    model = new_student(recipe, data, teachers).to(device)
+    example = to_device(take(data.train_x, torch.arange(2)), device)
     test_x, test_y = loaded.eval
     exits = None
     if arm == "student_alone":
@@ -187,14 +183,13 @@ def train_arm(arm: str, folder: Path, loaded: LoadedData, teachers: list[nn.Modu
     else:
         raise ValueError(f"unknown arm {arm}")
     seconds = train_classifier(arm, model, None, logit_loss(recipe.loss), recipe.train, loaded, recipe, ctx,
-                               objective=objective)
+                               objective=objective, transfer=arm in TRANSFER_ARMS)
     report: dict[str, Any] = {}
     if exits is not None:
         report["exit_accuracy"] = exit_accuracies(model, exits, test_x, test_y, device)
     if arm == "ema":
         report["ema_accuracy"] = accuracy(objective.ema.model, test_x, test_y, device)
-    config = classifier_config(recipe.student.model, data.input_shape, data.num_classes)
-    save_classifier(folder, model, config, {"train_time_s": seconds, "report": report})
+    save_model(folder, model, recipe.student.model, data, {"train_time_s": seconds, "report": report})
 
 
 def _born_again(arm_folder: Path, loaded: LoadedData, ctx: RunContext) -> None:
@@ -206,27 +201,25 @@ def _born_again(arm_folder: Path, loaded: LoadedData, ctx: RunContext) -> None:
     reuse = "student_alone" in recipe.arms
     folders = [run_dir / (ARM_FOLDERS["student_alone"] if reuse else "born_again-gen0")]
     folders += [run_dir / f"born_again-gen{k}" for k in range(1, spec.generations + 1)]
-    config = classifier_config(recipe.student.model, data.input_shape, data.num_classes)
     for k, folder in enumerate(folders):
         if is_model_folder(folder):
             continue
         name = ("student_alone" if reuse else "born_again-gen0") if k == 0 else f"born_again-gen{k}"
-        teacher = None if k == 0 else Teacher(load_classifier(folders[k - 1]).to(device))
+        teacher = None if k == 0 else Teacher(load_model(folders[k - 1], recipe).to(device))
         ctx.console.print(f"[bold]born_again[/bold]: generation {k}" + (f" learns from generation {k - 1}" if k else ""))
-        seed_everything(recipe.seed)
-        model = build_classifier(recipe.student.model, data.input_shape, data.num_classes).to(device)
+        model = new_student(recipe, data, []).to(device)
         seconds = train_classifier(name, model, teacher, logit_loss(recipe.loss) if k == 0 else loss, recipe.train,
                                    loaded, recipe, ctx)
-        save_classifier(folder, model, config, {"train_time_s": seconds, "report": {}})
+        save_model(folder, model, recipe.student.model, data, {"train_time_s": seconds, "report": {}})
     test_x, test_y = loaded.eval
     accuracies, times = [], []
     for folder in folders:
-        accuracies.append(accuracy(load_classifier(folder).to(device), test_x, test_y, device))
+        accuracies.append(accuracy(load_model(folder, recipe).to(device), test_x, test_y, device))
         info = folder / "train.json"
         times.append(json.loads(info.read_text()).get("train_time_s") if info.exists() else None)
-    last = load_classifier(folders[-1]).to(device)
+    last = load_model(folders[-1], recipe).to(device)
     generated = [t for t in times[1:] if t is not None]
-    save_classifier(arm_folder, last, config, {
+    save_model(arm_folder, last, recipe.student.model, data, {
         "train_time_s": sum(generated) if generated else None,
         "report": {"generation_accuracy": accuracies, "generation_train_time_s": times},
     })
