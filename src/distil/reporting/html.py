@@ -118,6 +118,23 @@ def export_section(record: dict[str, Any], chart: Path | None) -> str:
     return "\n".join(parts)
 
 
+def confusion_section(summary: dict[str, Any]) -> str:
+    """Classifiers: each model's confusion matrix on the held-out split (rows: true label, columns: predicted)."""
+    matrices = {arm: v["confusion"] for arm, v in summary.get("arms", {}).items() if v.get("confusion")}
+    if not matrices:
+        return ""
+    n = len(next(iter(matrices.values())))
+    labels = summary.get("labels") or [str(i) for i in range(n)]
+    head = "".join(f"<th>{esc(name)}</th>" for name in labels)
+    tables = []
+    for arm, matrix in matrices.items():
+        body = "".join(f'<tr><th class="text">{esc(labels[i])}</th>' + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
+                       for i, row in enumerate(matrix))
+        tables.append(f'<h3>{esc(arm)}</h3><table><tr><th class="text">true \\ predicted</th>{head}</tr>{body}</table>')
+    return ('<section id="confusion"><h2>Confusion matrices</h2><p>Held-out examples by true label (rows) and '
+            f"predicted label (columns).</p>{''.join(tables)}</section>")
+
+
 def render(summary: dict[str, Any], *, curves: Path | None, compare: Path | None, recipe_text: str,
            exports: list[tuple[dict[str, Any], Path | None]]) -> str:
     arms = summary.get("arms", {})
@@ -142,6 +159,7 @@ def render(summary: dict[str, Any], *, curves: Path | None, compare: Path | None
             '<section id="lm"><h2>Language model</h2><p>Top-1 next-token agreement with the teacher on held-out '
             f"text:</p><ul>{agreement or '<li>not measured</li>'}</ul><h3>Generations side by side</h3>"
             f"{generations_table(summary.get('generations') or [])}</section>")
+    sections.append(confusion_section(summary))
     if exports:
         sections.append('<section id="export"><h2>Export</h2>'
                         + "".join(export_section(record, chart) for record, chart in exports) + "</section>")

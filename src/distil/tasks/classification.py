@@ -153,7 +153,8 @@ class ClassificationRun:
         }
 
     def summary_fields(self) -> dict[str, Any]:
-        return {}
+        names = self.data.corpus.label_names
+        return {"labels": names} if names else {}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         return summary

@@ -61,7 +61,8 @@ def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
     seed = recipe.seed if spec.seed is None else spec.seed
     key = json.dumps([recipe.data.model_dump(mode="json"), dumped, seed], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir() / "teachers" / f"{recipe.data.name}-{spec.model.arch}-{digest}"
+    data_name = getattr(recipe.data, "name", recipe.data.kind)
+    return cache_dir() / "teachers" / f"{data_name}-{spec.model.arch}-{digest}"
 
 
 def new_student(recipe: Recipe, data: ClassificationData, teachers: list[nn.Module]) -> nn.Module:

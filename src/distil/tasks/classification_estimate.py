@@ -13,7 +13,7 @@ from distil.config.schema import Recipe, TrainSpec
 from distil.distill.objectives import ClassifierObjective
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
-from distil.estimate.memory import (MemoryEstimate, MemoryItem, StageEstimate, first_line, largest_inference_pair,
+from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, first_line, largest_inference_pair,
                                     optimizer_bytes, optimizer_step_bytes, parameter_bytes, saved_tensor_bytes,
                                     trace_saved)
 from distil.models.vision import build_classifier
@@ -30,6 +30,9 @@ LOSS_BUFFERS_PER_LOGIT = 8
 
 
 def estimate_classification(recipe: Recipe) -> MemoryEstimate:
+    if recipe.data.kind != "vision":  # the shapes of the user's data are known only once it is read
+        raise EstimateUnavailable(f"memory estimates of task classification cover the built-in image datasets, not "
+                                  f"data.kind {recipe.data.kind} yet")
     shape, classes, n_train, n_test = VISION_SHAPES[recipe.data.name]
     per_example = 4 * math.prod(shape) + 8  # float32 image + int64 label
     cuda = recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
