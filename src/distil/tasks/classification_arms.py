@@ -36,7 +36,7 @@ from distil.distill.pair import Teacher, check_pair
 from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective
 from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
-from distil.models.text_classifier import is_fine_tuned_folder
+from distil.models.text_classifier import TextClassifier, is_fine_tuned_folder
 from distil.tasks.classification_models import build_model, load_model, save_model
 from distil.paths import cache_dir
 from distil.tasks.artifacts import ARM_FOLDERS, is_model_folder
@@ -68,7 +68,10 @@ def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
 def new_student(recipe: Recipe, data: ClassificationData, teachers: list[nn.Module]) -> nn.Module:
     """The recipe's untrained student (from the recipe's seed), on the CPU."""
     seed_everything(recipe.seed)
-    return build_model(recipe.student.model, data, recipe, teachers[0] if teachers else None)[0]
+    model = build_model(recipe.student.model, data, recipe, teachers[0] if teachers else None)[0]
+    if recipe.student.freeze_embeddings and isinstance(model, TextClassifier):  # inherited, most of the parameters
+        model.model.get_input_embeddings().weight.requires_grad_(False)
+    return model
 
 
 def training_rows(labels: torch.Tensor, spec: TrainSpec, seed: int, transfer: bool) -> tuple[torch.Tensor, torch.Tensor]:
