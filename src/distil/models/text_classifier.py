@@ -52,6 +52,9 @@ def load_text_classifier(path: Path, labels: list[str], max_length: int, *, dtyp
     classifier must have exactly these labels; any other encoder gets a new classification head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    from distil.models.hf import quiet_transformers
+
+    quiet_transformers()  # its load report lists the new head as missing weights, which is the point here
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     extra: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
@@ -90,6 +93,9 @@ def load_saved(folder: Path, max_length: int | None = None) -> TextClassifier:
     tokens (default: its tokenizer's model_max_length, which distil sets to the recipe's)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from distil.models.hf import quiet_transformers
+
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     return TextClassifier(model, tokenizer, max_length or int(tokenizer.model_max_length)).eval()

@@ -90,7 +90,8 @@ class ClassificationTask:
             folder = teacher_folder(recipe, spec)
             name = "teacher" if index == 0 else f"teacher{index}"
             if not is_model_folder(folder):
-                ctx.console.print(f"[bold]{name}[/bold]: training {spec.model.arch} (weights go to {folder})")
+                what = getattr(spec.model, "source", spec.model.arch)
+                ctx.console.print(f"[bold]{name}[/bold]: training {what} (weights go to {folder})")
                 t_recipe = recipe if spec.seed is None else recipe.model_copy(update={"seed": spec.seed})
                 seed_everything(t_recipe.seed)
                 model = build_model(spec.model, data, recipe)[0].to(ctx.device)
