@@ -130,3 +130,21 @@ def test_teacher_fine_tuned_then_students_from_it_and_with_their_own_tokenizer(t
     summary2 = run_recipe(other, show_progress=False)
     assert summary2["arms"]["teacher"]["accuracy"] == arms["teacher"]["accuracy"]
     assert json.loads((tmp_path / "run2" / "student" / "config.json").read_text())["model_type"] == "mpnet"
+
+
+def test_a_from_teacher_text_student_is_cut_from_the_pretrained_encoder_not_the_fine_tuned_teacher(tiny_bert,
+                                                                                                     tmp_path):
+    from transformers import AutoModel
+
+    r = recipe(tmp_path, tiny_bert, {"arch": "from_teacher", "layers": [0, 3]})
+    data = load_data(r.data, seed=r.seed).corpus
+    teacher = classification_arms.build_model(r.teacher.model, data, r)[0]
+    with torch.no_grad():  # stands for fine-tuning: every weight of the teacher moves
+        for p in teacher.parameters():
+            p.add_(1.0)
+    student = classification_arms.new_student(r, data, [teacher])
+    pretrained = AutoModel.from_pretrained(tiny_bert)
+    got = student.model.bert.encoder.layer[1].attention.self.query.weight
+    assert torch.equal(got, pretrained.encoder.layer[3].attention.self.query.weight)  # teacher layer 3, as saved
+    again = classification_arms.new_student(r, data, [teacher])
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))

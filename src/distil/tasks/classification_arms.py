@@ -24,7 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from distil.config.adapt import feature_terms, logit_loss, self_distill_loss, train_config
-from distil.config.schema import TEACHER_ARMS, HFModelSpec, Recipe, TeacherSpec, TrainSpec
+from distil.config.schema import TEACHER_ARMS, FromTeacherSpec, HFModelSpec, Recipe, TeacherSpec, TrainSpec
 from distil.data.stream import BatchStream
 from distil.data.sources import LoadedData
 from distil.data.sources.labelled import UNLABELLED
@@ -37,7 +37,7 @@ from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective
 from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
 from distil.models.text_classifier import TextClassifier, is_fine_tuned_folder
-from distil.tasks.classification_models import build_model, load_model, save_model
+from distil.tasks.classification_models import build_model, load_model, reads_text, save_model
 from distil.paths import cache_dir
 from distil.tasks.artifacts import ARM_FOLDERS, is_model_folder
 from distil.tasks.base import RunContext
@@ -66,9 +66,18 @@ def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
 
 
 def new_student(recipe: Recipe, data: ClassificationData, teachers: list[nn.Module]) -> nn.Module:
-    """The recipe's untrained student (from the recipe's seed), on the CPU."""
+    """The recipe's untrained student (from the recipe's seed), on the CPU.
+
+    A text student `from_teacher` is cut from the teacher's pretrained encoder with a new head, as DistilBERT was
+    from BERT, not from the teacher fine-tuned on the labels: the alone arm then learns only from what it is
+    given. (From a teacher given already fine-tuned, it is cut from that.)"""
     seed_everything(recipe.seed)
-    model = build_model(recipe.student.model, data, recipe, teachers[0] if teachers else None)[0]
+    source = teachers[0] if teachers else None
+    if reads_text(recipe) and isinstance(recipe.student.model, FromTeacherSpec):
+        pretrained, trained = build_model(recipe.teacher.model, data, recipe)
+        source = source if trained else pretrained
+        seed_everything(recipe.seed)
+    model = build_model(recipe.student.model, data, recipe, source)[0]
     if recipe.student.freeze_embeddings and isinstance(model, TextClassifier):  # inherited, most of the parameters
         model.model.get_input_embeddings().weight.requires_grad_(False)
     return model
