@@ -148,3 +148,17 @@ def test_a_from_teacher_text_student_is_cut_from_the_pretrained_encoder_not_the_
     assert torch.equal(got, pretrained.encoder.layer[3].attention.self.query.weight)  # teacher layer 3, as saved
     again = classification_arms.new_student(r, data, [teacher])
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))
+
+
+def test_hidden_state_terms_reach_text_classifiers(tiny_bert, tmp_path, monkeypatch):
+    """DistilBERT's cosine on hidden states, through the feature terms (names under the wrapper's `model.`)."""
+    monkeypatch.setenv("DISTIL_CACHE", str(tmp_path / "cache"))
+    r = recipe(tmp_path, tiny_bert, {"arch": "from_teacher", "layers": [0, 3]}, arms=["distilled"],
+               loss={"alpha": 0.5, "features": [{"student": "model.bert.encoder.layer.{}",
+                                                 "teacher": "model.bert.encoder.layer.{}", "loss": "cosine",
+                                                 "layers": [[0, 0], [1, 3]]}]})
+    assert check(r) == []
+    run_recipe(r, show_progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    terms = {k for row in logged if row.get("arm") == "distilled" for k in row}
+    assert any(k.startswith("loss/feature") or "cosine" in k for k in terms), terms
