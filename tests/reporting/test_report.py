@@ -62,7 +62,8 @@ def test_the_curves_cover_every_loss_term_lr_and_evaluation_of_each_arm(digits_r
 def test_the_comparison_shows_quality_size_speed_and_memory_with_ratios_to_the_teacher(digits_run):
     summary = json.loads((digits_run / "summary.json").read_text())
     keys = comparison_keys(summary)
-    assert keys == ["accuracy", "params", "size_bytes", "latency_ms", "samples_per_s_b256", "peak_memory_bytes"]
+    assert keys == ["accuracy", "macro_f1", "params", "size_bytes", "latency_ms", "samples_per_s_b256",
+                    "peak_memory_bytes"]
     teacher, student = summary["arms"]["teacher"], summary["arms"]["distilled"]
     for arm in summary["arms"].values():
         assert arm["samples_per_s_b256"] > 0 and arm["peak_memory_batch"] == 256

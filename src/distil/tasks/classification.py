@@ -168,8 +168,11 @@ def preflight(recipe: Recipe, data: ClassificationData) -> None:
             continue
         rows = int(training_rows(data.train_y, spec, recipe.seed, transfer=False)[0].numel())
         if rows < spec.batch_size:
-            raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {rows} labelled training examples; "
-                              f"lower {name}.batch_size or raise {name}.subset / {name}.labelled")
+            partly = spec.labelled is not None or bool((data.train_y < 0).any())
+            what, more = ("labelled training examples", f"{name}.labelled") if partly else ("training examples",
+                                                                                          f"{name}.subset")
+            raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {rows} {what}; lower "
+                              f"{name}.batch_size or raise {more}")
     if reads_text(recipe):
         return  # the Hugging Face pair is checked when it loads (labels, heads); building it here costs a load
     # On the meta device: shapes are checked without allocating (or initialising) any weight.
