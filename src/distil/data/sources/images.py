@@ -47,8 +47,7 @@ def read_images(spec: ImageFolderData, folder: str, what: str) -> tuple[torch.Te
 
 
 def load_images(spec: ImageFolderData, *, seed: int, tokenizer: Any = None) -> LoadedData:
-    data = split_data(spec, seed, lambda p: read_images(spec, p, "data.path" if p is spec.path else "data.eval_path"),
-                      "data.path")
+    data = split_data(spec, seed, read_images)
     data.train_x, data.test_x = standardise(data.train_x, data.test_x, (0, 2, 3))
     return loaded_classification(data)
 

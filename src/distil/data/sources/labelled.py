@@ -91,14 +91,15 @@ def class_folders(path: Path, suffixes: tuple[str, ...], what: str) -> dict[str,
     return found
 
 
-def split_data(spec: LabelledData, seed: int, read: Any, where: str) -> ClassificationData:
-    """Read the training rows (and eval_path's, or a stratified held-out share) with `read(path) -> (inputs, raw
-    labels)`, map the labels to ids and build the splits; `inputs` are a tensor or a list."""
-    inputs, raw = read(spec.path)
+def split_data(spec: LabelledData, seed: int, read: Any, where: str = "data.path") -> ClassificationData:
+    """Read the training rows (and eval_path's, or a stratified held-out share) with `read(spec, path, key) ->
+    (inputs, raw labels)` (`key` names the recipe field in errors), map the labels to ids and build the splits;
+    `inputs` are a tensor or a list."""
+    inputs, raw = read(spec, spec.path, where)
     names = label_names(raw, spec.labels, where)
     ids = label_ids(raw, names, where)
     if spec.eval_path is not None:
-        test_x, test_raw = read(spec.eval_path)
+        test_x, test_raw = read(spec, spec.eval_path, "data.eval_path")
         test_y = label_ids(test_raw, names, "data.eval_path")
         keep = torch.nonzero(test_y != UNLABELLED).flatten()
         test_x, test_y = take(test_x, keep), test_y[keep]

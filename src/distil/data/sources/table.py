@@ -98,8 +98,7 @@ def _is_number(value: Any) -> bool:
 
 
 def load_table(spec: TableData, *, seed: int, tokenizer: Any = None) -> LoadedData:
-    data = split_data(spec, seed, lambda p: read_table(spec, p, "data.path" if p is spec.path else "data.eval_path"),
-                      "data.path")
+    data = split_data(spec, seed, read_table)
     if spec.standardise:
         data.train_x, data.test_x = standardise(data.train_x, data.test_x, (0,))
     return loaded_classification(data)

@@ -70,8 +70,7 @@ def read_texts(spec: TextsData, patterns: str | list[str], what: str) -> tuple[l
 
 
 def load_texts(spec: TextsData, *, seed: int, tokenizer: Any = None) -> LoadedData:
-    data = split_data(spec, seed, lambda p: read_texts(spec, p, "data.path" if p is spec.path else "data.eval_path"),
-                      "data.path")
+    data = split_data(spec, seed, read_texts)
     return loaded_classification(data)
 
 
