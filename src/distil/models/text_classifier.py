@@ -38,15 +38,16 @@ class TextClassifier(nn.Module):
         self.tokenizer.save_pretrained(folder)
 
 
-def is_sequence_classifier(config: Any) -> bool:
-    return any(str(a).endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+def is_sequence_classifier(architectures: list[str] | None) -> bool:
+    """Whether a config's `architectures` name a fine-tuned sequence classifier."""
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures or [])
 
 
 def classifier_labels(config: Any) -> list[str]:
     return [str(config.id2label[i]) for i in range(config.num_labels)]
 
 
-def load_text_classifier(path: Path, labels: list[str], max_length: int, *, dtype: Any = None,
+def load_text_classifier(path: Path, labels: list[str], max_length: int, *,
                          trust_remote_code: bool = False) -> tuple[TextClassifier, bool]:
     """The model at `path` as a classifier over `labels`: (model, already fine-tuned?). A fine-tuned sequence
     classifier must have exactly these labels; any other encoder gets a new classification head."""
@@ -57,17 +58,16 @@ def load_text_classifier(path: Path, labels: list[str], max_length: int, *, dtyp
     quiet_transformers()  # its load report lists the new head as missing weights, which is the point here
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    extra: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    if is_sequence_classifier(config):
+    if is_sequence_classifier(getattr(config, "architectures", None)):
         found = classifier_labels(config)
         if found != labels:
             raise DistilError(f"{path} is a classifier of the labels {found}, the data has {labels}; give data.labels "
                               "in its order, or give its plain encoder to be fine-tuned")
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
         return TextClassifier(model, tokenizer, max_length), True
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-        trust_remote_code=trust_remote_code, **extra)
+        trust_remote_code=trust_remote_code)
     return TextClassifier(model, tokenizer, max_length), False
 
 
@@ -85,7 +85,7 @@ def is_fine_tuned_folder(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    return is_sequence_classifier(config.get("architectures"))
 
 
 def load_saved(folder: Path, max_length: int | None = None) -> TextClassifier:

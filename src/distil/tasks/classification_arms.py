@@ -36,6 +36,7 @@ from distil.distill.pair import Teacher, check_pair
 from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective
 from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
+from distil.models import hf
 from distil.models.text_classifier import TextClassifier, is_fine_tuned_folder
 from distil.tasks.classification_models import build_model, load_model, reads_text, save_model
 from distil.paths import cache_dir
@@ -74,9 +75,10 @@ def new_student(recipe: Recipe, data: ClassificationData, teachers: list[nn.Modu
     seed_everything(recipe.seed)
     source = teachers[0] if teachers else None
     if reads_text(recipe) and isinstance(recipe.student.model, FromTeacherSpec):
-        pretrained, trained = build_model(recipe.teacher.model, data, recipe)
-        source = source if trained else pretrained
-        seed_everything(recipe.seed)
+        given = hf.resolve_model_path(recipe.teacher.model.source)  # type: ignore[union-attr]
+        if not is_fine_tuned_folder(given):
+            source = build_model(recipe.teacher.model, data, recipe)[0]  # the pretrained encoder, a new head
+            seed_everything(recipe.seed)
     model = build_model(recipe.student.model, data, recipe, source)[0]
     if recipe.student.freeze_embeddings and isinstance(model, TextClassifier):  # inherited, most of the parameters
         model.model.get_input_embeddings().weight.requires_grad_(False)

@@ -13,9 +13,9 @@ from distil.config.schema import Recipe, TrainSpec
 from distil.distill.objectives import ClassifierObjective
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
-from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, first_line, largest_inference_pair,
-                                    optimizer_bytes, optimizer_step_bytes, parameter_bytes, saved_tensor_bytes,
-                                    trace_saved)
+from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, first_line,
+                                    largest_inference_pair, optimizer_bytes, optimizer_step_bytes, parameter_bytes,
+                                    saved_tensor_bytes, trace_saved)
 from distil.models.vision import build_classifier
 from distil.tasks.artifacts import is_model_folder
 from distil.tasks.classification_arms import teacher_folder
