@@ -12,7 +12,7 @@ from rich.progress import track
 
 from distil.config.schema import ImageFolderData
 from distil.data.sources.base import DataSource, LoadedData
-from distil.data.sources.labelled import class_folders, loaded_classification, split_data, standardise
+from distil.data.sources.labelled import class_folders, loaded_classification, path_problems, split_data, standardise
 from distil.errors import DistilError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -52,12 +52,9 @@ def load_images(spec: ImageFolderData, *, seed: int, tokenizer: Any = None) -> L
     return loaded_classification(data)
 
 
-def image_problems(spec: ImageFolderData) -> list[str]:
-    found = []
-    for key, folder in (("data.path", spec.path), ("data.eval_path", spec.eval_path)):
-        if folder is not None and not Path(str(folder)).expanduser().is_dir():
-            found.append(f"{key}: {folder} is not a folder; give a folder with one sub-folder per class")
-    return found
+def _check_folder(folder: str, key: str) -> None:
+    if not Path(str(folder)).expanduser().is_dir():
+        raise DistilError(f"{key}: {folder} is not a folder; give a folder with one sub-folder per class")
 
 
-SOURCE = DataSource(problems=image_problems, load=load_images)
+SOURCE = DataSource(problems=lambda spec: path_problems(spec, _check_folder), load=load_images)

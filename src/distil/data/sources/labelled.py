@@ -4,7 +4,7 @@ stratified held-out split, a seeded sample of the training rows, and class folde
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,20 @@ def split_data(spec: LabelledData, seed: int, read: Any, where: str = "data.path
     if not bool((train_y != UNLABELLED).any()):
         raise DistilError(f"{where}: every labelled row is held out; lower data.eval_fraction or label more rows")
     return ClassificationData(train_x, train_y, test_x, test_y, len(names), names)
+
+
+def path_problems(spec: LabelledData, check: Callable[[Any, str], Any]) -> list[str]:
+    """Pre-flight of a source's files, loading nothing: `check(path, key)` raises DistilError for a bad data.path or
+    data.eval_path (`key`); one problem line per bad one."""
+    found = []
+    for key, path in (("data.path", spec.path), ("data.eval_path", spec.eval_path)):  # type: ignore[attr-defined]
+        if path is None:
+            continue
+        try:
+            check(path, key)
+        except DistilError as exc:
+            found.append(str(exc))
+    return found
 
 
 def loaded_classification(data: ClassificationData, eval_size: int | None = None) -> LoadedData:

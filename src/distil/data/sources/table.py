@@ -14,7 +14,7 @@ import torch
 
 from distil.config.schema import TableData
 from distil.data.sources.base import DataSource, LoadedData
-from distil.data.sources.labelled import is_missing, loaded_classification, split_data, standardise
+from distil.data.sources.labelled import is_missing, loaded_classification, path_problems, split_data, standardise
 from distil.errors import DistilError
 
 SUFFIXES = (".csv", ".csv.gz", ".parquet")
@@ -104,14 +104,4 @@ def load_table(spec: TableData, *, seed: int, tokenizer: Any = None) -> LoadedDa
     return loaded_classification(data)
 
 
-def table_problems(spec: TableData) -> list[str]:
-    try:
-        table_files(spec.path, "data.path")
-        if spec.eval_path is not None:
-            table_files(spec.eval_path, "data.eval_path")
-    except DistilError as exc:
-        return [str(exc)]
-    return []
-
-
-SOURCE = DataSource(problems=table_problems, load=load_table)
+SOURCE = DataSource(problems=lambda spec: path_problems(spec, table_files), load=load_table)

