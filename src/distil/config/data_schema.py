@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class Strict(BaseModel):
@@ -98,6 +98,23 @@ class ImageFolderData(LabelledData):
     size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
         None, description="[height, width] every image is resized to; None: all images must share one size")
     channels: Literal[1, 3] = Field(3, description="1: greyscale, 3: RGB")
+    eval_path: str | None = Field(None, description="a folder of class folders held out; else eval_fraction of path's")
+    mean: list[float] | None = Field(None, description="per-channel mean of pixels in [0, 1] to subtract (a pretrained "
+                                                       "model's, e.g. its image processor's image_mean); None: the "
+                                                       "training images'")
+    std: list[float] | None = Field(None, description="per-channel standard deviation to divide by (with mean)")
+
+    @model_validator(mode="after")
+    def _stats_per_channel(self) -> ImageFolderData:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: give both (a pretrained model's image_mean and "
+                             "image_std) or neither")
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) != self.channels:
+                raise ValueError(f"data.{key} has {len(values)} values for data.channels {self.channels}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("data.std must be positive")
+        return self
 
 
 class TextColumns(Strict):

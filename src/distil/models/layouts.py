@@ -36,8 +36,10 @@ ENCODER = Layout("encoder.layer", "attention.self.query", "attention.self.key", 
                    ("attention.output.LayerNorm", "output.LayerNorm"), gqa=False)
 MPNET = Layout("encoder.layer", "attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
                 ("intermediate.dense",), "output.dense", ("attention.LayerNorm", "output.LayerNorm"), gqa=False)
+VIT = Layout("layers", "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", ("mlp.fc1",),
+             "mlp.fc2", ("layernorm_before", "layernorm_after"), gqa=False)
 FAMILIES = {"llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER,
-             "bert": ENCODER, "roberta": ENCODER, "mpnet": MPNET}
+             "bert": ENCODER, "roberta": ENCODER, "mpnet": MPNET, "vit": VIT}
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ def weight_axes(teacher: nn.Module, layout: Layout, prefix: str, key: str, shape
     name = key.rsplit(".", 1)[-1]
     if key.endswith("relative_attention_bias.weight"):  # MPNet: [buckets, heads], heads kept whole
         return None, (None, None)
+    if name in ("cls_token", "mask_token", "position_embeddings"):  # ViT: [1, tokens, hidden] parameters
+        return None, (None,) * (len(shape) - 1) + ("hidden",)
+    if isinstance(owner, nn.Conv2d) and name == "weight":  # ViT's patch projection: [hidden, channels, p, p]
+        return None, ("hidden" if shape[0] == hidden else None, None, None, None)
     if isinstance(owner, nn.Embedding) and name == "weight":
         return None, (None, "hidden")
     if isinstance(owner, nn.Linear) and name == "weight":  # LM head, pooler, classifier, MLM transform

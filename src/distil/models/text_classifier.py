@@ -8,14 +8,13 @@ teacher and a student with different tokenizers read the same examples. Saved, i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distil.errors import DistilError
+from distil.models.classifier_folders import is_fine_tuned
 
 
 class TextClassifier(nn.Module):
@@ -38,15 +37,6 @@ class TextClassifier(nn.Module):
         self.tokenizer.save_pretrained(folder)
 
 
-def is_sequence_classifier(architectures: list[str] | None) -> bool:
-    """Whether a config's `architectures` name a fine-tuned sequence classifier."""
-    return any(str(a).endswith("ForSequenceClassification") for a in architectures or [])
-
-
-def classifier_labels(config: Any) -> list[str]:
-    return [str(config.id2label[i]) for i in range(config.num_labels)]
-
-
 def load_text_classifier(path: Path, labels: list[str], max_length: int, *,
                          trust_remote_code: bool = False) -> tuple[TextClassifier, bool]:
     """The model at `path` as a classifier over `labels`: (model, already fine-tuned?). A fine-tuned sequence
@@ -58,34 +48,13 @@ def load_text_classifier(path: Path, labels: list[str], max_length: int, *,
     quiet_transformers()  # its load report lists the new head as missing weights, which is the point here
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if is_sequence_classifier(getattr(config, "architectures", None)):
-        found = classifier_labels(config)
-        if found != labels:
-            raise DistilError(f"{path} is a classifier of the labels {found}, the data has {labels}; give data.labels "
-                              "in its order, or give its plain encoder to be fine-tuned")
+    if is_fine_tuned(config, labels, path):
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
         return TextClassifier(model, tokenizer, max_length), True
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
         trust_remote_code=trust_remote_code)
     return TextClassifier(model, tokenizer, max_length), False
-
-
-def is_hf_folder(folder: Path) -> bool:
-    """A saved Hugging Face model (its config.json has a model_type), not a built-in distil classifier."""
-    try:
-        return "model_type" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def is_fine_tuned_folder(folder: Path) -> bool:
-    """A local folder holding a fine-tuned sequence classifier (used as a teacher as it is)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return is_sequence_classifier(config.get("architectures"))
 
 
 def load_saved(folder: Path, max_length: int | None = None) -> TextClassifier:

@@ -26,7 +26,8 @@ from distil.tasks.base import RunContext, data_and_model_rules, not_causal_lm_ru
 from distil.tasks.classification_estimate import estimate_classification
 from distil.tasks.classification_arms import (preflight_variants, teacher_folder, teacher_specs, train_arm,
                                               train_classifier, training_rows)
-from distil.tasks.classification_models import TEXT_ARCHS, build_model, load_model, reads_text, save_model
+from distil.tasks.classification_models import (HF_ARCHS, HF_DATA_KINDS, build_model, load_model, reads_text,
+                                                save_model, uses_hf)
 from distil.tasks.hf_models import source_problems
 from distil.train import distributed
 from distil.train.seed import seed_everything
@@ -42,18 +43,22 @@ class ClassificationTask:
     estimate = staticmethod(estimate_classification)
 
     def rules(self, recipe: Recipe) -> list[str]:
-        found = data_and_model_rules(recipe, DATA_KINDS, ("mlp", "cnn", *TEXT_ARCHS)) + not_causal_lm_rules(recipe)
+        found = data_and_model_rules(recipe, DATA_KINDS, ("mlp", "cnn", *HF_ARCHS)) + not_causal_lm_rules(recipe)
         text = reads_text(recipe)
         for who, model in (("teacher", recipe.teacher.model), ("student", recipe.student.model)):
             if text and model.arch in ("mlp", "cnn"):
                 found.append(f"{who}.model.arch {model.arch} reads tensors; texts need arch: hf (a Hugging Face "
                              "encoder) or, for the student, from_teacher")
-            if not text and model.arch in TEXT_ARCHS:
-                found.append(f"{who}.model.arch {model.arch} is for texts (data.kind: texts); images and tables "
-                             "use mlp or cnn")
-        if text and any(arm in SELF_DISTILL_ARMS for arm in recipe.arms):
+            if recipe.data.kind not in HF_DATA_KINDS and model.arch in HF_ARCHS:
+                found.append(f"{who}.model.arch {model.arch} is for texts and image folders (data.kind: texts or "
+                             f"images); data.kind {recipe.data.kind} uses mlp or cnn")
+        if recipe.student.model.arch == "from_teacher" and recipe.teacher.model.arch != "hf":
+            found.append("student.model.arch from_teacher needs a Hugging Face teacher (teacher.model.arch: hf)")
+        if recipe.student.freeze_embeddings and not text:
+            found.append("student.freeze_embeddings keeps token embeddings fixed; it is for texts (data.kind: texts)")
+        if uses_hf(recipe) and any(arm in SELF_DISTILL_ARMS for arm in recipe.arms):
             found.append(f"arms {[a for a in recipe.arms if a in SELF_DISTILL_ARMS]} are for the built-in MLP/CNN "
-                         "classifiers; text classifiers have student_alone, logit_kd and distilled")
+                         "classifiers; Hugging Face classifiers have student_alone, logit_kd and distilled")
         labelled = any(spec is not None and spec.labelled is not None for spec in (recipe.train, recipe.teacher.train))
         if labelled and recipe.loss.divergence == "dkd":
             found.append("loss.divergence dkd needs every row's label; with train.labelled use forward_kl (or "
@@ -61,7 +66,7 @@ class ClassificationTask:
         return found
 
     def problems(self, recipe: Recipe) -> list[str]:
-        found = data_problems(recipe.data) + (source_problems(recipe) if reads_text(recipe) else [])
+        found = data_problems(recipe.data) + (source_problems(recipe) if uses_hf(recipe) else [])
         for i, spec in enumerate(teacher_specs(recipe)):
             key = "teacher" if i == 0 else f"multi_teacher.teachers[{i - 1}]"
             folder = teacher_folder(recipe, spec)
@@ -173,8 +178,8 @@ def preflight(recipe: Recipe, data: ClassificationData) -> None:
                                                                                           f"{name}.subset")
             raise DistilError(f"{name}.batch_size ({spec.batch_size}) exceeds the {rows} {what}; lower "
                               f"{name}.batch_size or raise {more}")
-    if reads_text(recipe):
-        return  # the Hugging Face pair is checked when it loads (labels, heads); building it here costs a load
+    if uses_hf(recipe):
+        return  # a Hugging Face model is checked when it loads (labels, heads, input shape); a load costs seconds
     # On the meta device: shapes are checked without allocating (or initialising) any weight.
     with torch.device("meta"):
         student = build_classifier(recipe.student.model, data.input_shape, data.num_classes)

@@ -37,8 +37,9 @@ from distil.distill.self_distill import DeepSupervisionObjective, EMAObjective
 from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
 from distil.models import hf
-from distil.models.text_classifier import TextClassifier, is_fine_tuned_folder
-from distil.tasks.classification_models import build_model, load_model, reads_text, save_model
+from distil.models.classifier_folders import is_fine_tuned_folder
+from distil.models.text_classifier import TextClassifier
+from distil.tasks.classification_models import build_model, load_model, save_model
 from distil.paths import cache_dir
 from distil.tasks.artifacts import ARM_FOLDERS, is_model_folder
 from distil.tasks.base import RunContext
@@ -69,12 +70,12 @@ def teacher_folder(recipe: Recipe, spec: TeacherSpec | None = None) -> Path:
 def new_student(recipe: Recipe, data: ClassificationData, teachers: list[nn.Module]) -> nn.Module:
     """The recipe's untrained student (from the recipe's seed), on the CPU.
 
-    A text student `from_teacher` is cut from the teacher's pretrained encoder with a new head, as DistilBERT was
-    from BERT, not from the teacher fine-tuned on the labels: the alone arm then learns only from what it is
-    given. (From a teacher given already fine-tuned, it is cut from that.)"""
+    A Hugging Face student `from_teacher` is cut from the teacher's pretrained backbone with a new head, as
+    DistilBERT was from BERT, not from the teacher fine-tuned on the labels: the alone arm then learns only from what
+    it is given. (From a teacher given already fine-tuned, it is cut from that.)"""
     seed_everything(recipe.seed)
     source = teachers[0] if teachers else None
-    if reads_text(recipe) and isinstance(recipe.student.model, FromTeacherSpec):
+    if isinstance(recipe.student.model, FromTeacherSpec) and isinstance(recipe.teacher.model, HFModelSpec):
         given = hf.resolve_model_path(recipe.teacher.model.source)  # type: ignore[union-attr]
         if not is_fine_tuned_folder(given):
             source = build_model(recipe.teacher.model, data, recipe)[0]  # the pretrained encoder, a new head

@@ -37,6 +37,7 @@ class ClassificationData:
     test_y: torch.Tensor
     num_classes: int
     label_names: list[str] | None = None  # id -> label, saved with the student (id2label)
+    pixel_stats: tuple[list[float], list[float]] | None = None  # images: the per-channel (mean, std) applied
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from rich.progress import track
 
 from distil.config.schema import ImageFolderData
 from distil.data.sources.base import DataSource, LoadedData
-from distil.data.sources.labelled import class_folders, loaded_classification, path_problems, split_data, standardise
+from distil.data.sources.labelled import class_folders, loaded_classification, path_problems, split_data, statistics
 from distil.errors import DistilError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -48,7 +48,12 @@ def read_images(spec: ImageFolderData, folder: str, what: str) -> tuple[torch.Te
 
 def load_images(spec: ImageFolderData, *, seed: int, tokenizer: Any = None) -> LoadedData:
     data = split_data(spec, seed, read_images)
-    data.train_x, data.test_x = standardise(data.train_x, data.test_x, (0, 2, 3))
+    if spec.mean is not None and spec.std is not None:  # a pretrained model's own statistics
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
+    else:
+        mean, std = statistics(data.train_x, (0, 2, 3))
+    data.train_x, data.test_x = (data.train_x - mean) / std, (data.test_x - mean) / std
+    data.pixel_stats = (mean.flatten().tolist(), std.flatten().tolist())  # an exported model's image processor
     return loaded_classification(data)
 
 

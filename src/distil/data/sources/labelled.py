@@ -140,7 +140,11 @@ def loaded_classification(data: ClassificationData, eval_size: int | None = None
 
 def standardise(train: torch.Tensor, test: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero mean, unit variance over `dims` with the training rows' statistics (a constant feature stays 0)."""
-    mean = train.mean(dim=dims, keepdim=True)
-    std = train.std(dim=dims, keepdim=True)
-    std = torch.where(std > 0, std, torch.ones_like(std))
+    mean, std = statistics(train, dims)
     return (train - mean) / std, (test - mean) / std
+
+
+def statistics(train: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) over `dims`, kept as dimensions; a constant feature's std is 1."""
+    mean, std = train.mean(dim=dims, keepdim=True), train.std(dim=dims, keepdim=True)
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
