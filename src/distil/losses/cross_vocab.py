@@ -1,0 +1,173 @@
+"""Divergences between next-token distributions over different vocabularies, at aligned positions
+(distil.data.alignment): the student's logits [N, Vs] against the teacher's [N, Vt].
+
+- `uld`: the Universal Logit Distillation loss (Boizard et al. 2024), the Wasserstein-1 distance between the two
+  distributions with tokens ranked by probability, i.e. the L1 distance between the sorted probability vectors (the
+  shorter one padded with zeros). It ignores which token is which, so it works for any pair of vocabularies.
+- `mapped_kl`, in the spirit of GOLD: tokens whose strings are equal in both vocabularies (`VocabMap`) are compared
+  directly by a forward KL over {mapped tokens, everything else}; where the student's next token is spelled by
+  several teacher tokens, the teacher's probability of it is the product along that spelling, taken out of the
+  first teacher token's mass. What is left unmapped on each side is compared by ULD on the residual masses. With one
+  tokenizer on both sides every token is mapped and it equals forward KL.
+
+Conventions of distil.losses: (student, teacher) order, temperature-softened, per-position values averaged over
+the positions `mask` keeps (0 with zero gradient when none is kept), fp32 arithmetic, finite with -inf logits. The
+`*_per_position` forms return [N] values for chunked callers (`chunked_cross_vocab`, which never holds either model's
+[tokens, vocab] logits for more than one chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Token pairs whose strings are equal: teacher_ids[j] and student_ids[j] spell the same bytes."""
+
+    teacher_ids: torch.Tensor  # [K] int64
+    student_ids: torch.Tensor  # [K] int64
+
+    def to(self, device: torch.device) -> VocabMap:
+        return VocabMap(self.teacher_ids.to(device), self.student_ids.to(device))
+
+
+@dataclass(frozen=True)
+class Merges:
+    """Per position, a student next token that several teacher tokens spell (-1: none), the first of those teacher
+    tokens, and the teacher's log-probability of the whole spelling (temperature-softened, as the loss)."""
+
+    student_token: torch.Tensor  # [N] int64
+    teacher_first: torch.Tensor  # [N] int64
+    logprob: torch.Tensor  # [N] float
+
+    def rows(self, index: slice | torch.Tensor) -> Merges:
+        return Merges(self.student_token[index], self.teacher_first[index], self.logprob[index])
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half-precision logits are upcast, float64 (gradient checks) kept."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def sorted_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """[N] L1 distance between the rows sorted in decreasing order, the shorter padded with zeros."""
+    s = student_probs.sort(dim=-1, descending=True).values
+    t = teacher_probs.sort(dim=-1, descending=True).values
+    width = min(s.shape[-1], t.shape[-1])
+    # Past the shorter row, the padded zeros leave the longer row's tail: it counts as it is.
+    return (s[:, :width] - t[:, :width]).abs().sum(-1) + s[:, width:].sum(-1) + t[:, width:].sum(-1)
+
+
+def uld_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                     temperature: float = 1.0) -> torch.Tensor:
+    p_s = F.softmax(_fp32(student_logits) / temperature, dim=-1)
+    p_t = F.softmax(_fp32(teacher_logits) / temperature, dim=-1)
+    return sorted_distance(p_s, p_t)
+
+
+def mapped_kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab: VocabMap, *,
+                           merges: Merges | None = None, temperature: float = 1.0, kl_weight: float = 1.0,
+                           uld_weight: float = 1.0) -> torch.Tensor:
+    n, v_s = student_logits.shape
+    log_s = F.log_softmax(_fp32(student_logits) / temperature, dim=-1)
+    p_t = F.softmax(_fp32(teacher_logits) / temperature, dim=-1).to(log_s.dtype)
+    rows = torch.arange(n, device=p_t.device)
+    mapped_t = torch.zeros(p_t.shape[-1], dtype=torch.bool, device=p_t.device)
+    mapped_t[vocab.teacher_ids] = True
+    mapped_s = torch.zeros(n, v_s, dtype=torch.bool, device=p_t.device)
+    mapped_s[:, vocab.student_ids] = True
+    q = torch.zeros(n, v_s, dtype=p_t.dtype, device=p_t.device)  # the teacher's mass on the student's tokens
+    q[:, vocab.student_ids] = p_t[:, vocab.teacher_ids]
+    residual_t = p_t.masked_fill(mapped_t, 0.0)
+    if merges is not None:
+        q, residual_t, mapped_s = _apply_merges(q, residual_t, mapped_s, mapped_t, vocab, merges, rows)
+    # Forward KL over the mapped tokens plus one outcome for everything else (its mass on each side). Where every
+    # student token is mapped, the teacher's mass on tokens the student cannot spell has nowhere to go: dropped.
+    other_t = residual_t.sum(-1).clamp_min(0.0)
+    everything_mapped = mapped_s.all(-1, keepdim=True)
+    rest_s = torch.where(everything_mapped, torch.zeros_like(log_s), log_s.masked_fill(mapped_s, float("-inf")))
+    log_other_s = torch.logsumexp(rest_s, dim=-1)
+    cross = torch.where(q > 0, q * log_s, torch.zeros_like(q))  # 0 log 0 = 0, also where the student has -inf
+    kl = (torch.xlogy(q, q) - cross).sum(-1)
+    counted = (other_t > 0) & ~everything_mapped.squeeze(-1)
+    kl = kl + torch.where(counted, torch.xlogy(other_t, other_t) - other_t * log_other_s, torch.zeros_like(other_t))
+    if uld_weight == 0:
+        return kl_weight * kl
+    residual_s = log_s.exp().masked_fill(mapped_s, 0.0)
+    return kl_weight * kl + uld_weight * sorted_distance(residual_s, residual_t)
+
+
+def _apply_merges(q: torch.Tensor, residual_t: torch.Tensor, mapped_s: torch.Tensor, mapped_t: torch.Tensor,
+                  vocab: VocabMap, merges: Merges, rows: torch.Tensor):
+    """Move the mass of each multi-token spelling from its first teacher token to the student token it spells."""
+    has = merges.student_token >= 0
+    if not bool(has.any()):
+        return q, residual_t, mapped_s
+    r, s_tok, t_first = rows[has], merges.student_token[has], merges.teacher_first[has]
+    mass = merges.logprob[has].to(q.dtype).exp()
+    student_of = torch.full((mapped_t.numel(),), -1, dtype=torch.long, device=q.device)
+    student_of[vocab.teacher_ids] = vocab.student_ids
+    first_s = student_of[t_first]
+    q, residual_t, mapped_s = q.clone(), residual_t.clone(), mapped_s.clone()
+    on_mapped = first_s >= 0  # the first teacher token's mass sits on a student token, or in the residual
+    q[r[on_mapped], first_s[on_mapped]] -= mass[on_mapped]
+    residual_t[r[~on_mapped], t_first[~on_mapped]] -= mass[~on_mapped]
+    q[r, s_tok] += mass
+    mapped_s[r, s_tok] = True
+    return q.clamp_min(0.0), residual_t.clamp_min(0.0), mapped_s
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean() if values.numel() else values.sum()
+    keep = mask.to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp_min(1.0)
+
+
+def uld(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ULD between [N, Vs] student and [N, Vt] teacher logits at aligned positions, averaged over `mask`."""
+    return masked_mean(uld_per_position(student_logits, teacher_logits, temperature=temperature), mask)
+
+
+def mapped_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, vocab: VocabMap, *,
+              merges: Merges | None = None, temperature: float = 1.0, kl_weight: float = 1.0,
+              uld_weight: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """kl_weight x KL over equal-string tokens (+ the rest as one outcome) + uld_weight x ULD of the rest."""
+    return masked_mean(mapped_kl_per_position(student_logits, teacher_logits, vocab, merges=merges,
+                                              temperature=temperature, kl_weight=kl_weight, uld_weight=uld_weight),
+                       mask)
+
+
+def chunked_cross_vocab(per_position: Callable[..., torch.Tensor], student_hidden: torch.Tensor,
+                        student_weight: torch.Tensor, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, *,
+                        mask: torch.Tensor | None = None, merges: Merges | None = None, chunk_size: int = 512,
+                        **options: Any) -> torch.Tensor:
+    """`per_position` over the aligned hidden states [N, H] and LM-head weights [V, H] of both models, averaged over
+    `mask`, computing each chunk's logits of both models only while that chunk is in use: the backward pass
+    recomputes them (the teacher's under no_grad), so memory holds one chunk's [chunk, V] at a time."""
+    n = student_hidden.shape[0]
+    keep = torch.ones(n, device=student_hidden.device) if mask is None else mask.to(torch.float32)
+    keep = keep.to(torch.float64) if student_hidden.dtype == torch.float64 else keep
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    total = student_hidden.new_zeros((), dtype=keep.dtype)
+
+    def chunk_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, weights: torch.Tensor,
+                   index: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = h_t @ teacher_weight.T
+        extra = {"merges": merges.rows(index)} if merges is not None else {}
+        return (per_position(h_s @ w_s.T, t_logits, **extra, **options) * weights).sum()
+
+    for start in range(0, n, chunk_size):
+        index = torch.arange(start, min(start + chunk_size, n), device=student_hidden.device)
+        total = total + checkpoint(chunk_loss, student_hidden[index], student_weight, teacher_hidden[index],
+                                   keep[index], index, use_reentrant=False)
+    return total / keep.sum().clamp_min(1.0)
