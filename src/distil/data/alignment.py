@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from distil.errors import DistilError
+from distil.losses.cross_vocab import VocabMap
 
 Span = tuple[int, int]  # [start, end) character offsets in one model's rendering
 
@@ -100,3 +101,47 @@ def align_text(text: str, student_tokenizer: Any, teacher_tokenizer: Any, *, max
     t_ids, t_off = tokenize_with_offsets(teacher_tokenizer, text, max_length=max_length)
     spans = [(0, len(text))]
     return s_ids, t_ids, align(token_ends(s_off, spans), token_ends(t_off, spans))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read backwards: the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def token_bytes(tokenizer: Any) -> list[bytes | None]:
+    """The bytes each token id spells (None for special and added tokens), for byte-level BPE (GPT-2, Llama 3,
+    Qwen, SmolLM2) and SentencePiece-style vocabularies (the ▁ word marker and <0xNN> byte tokens)."""
+    import json
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    byte_level = "ByteLevel" in json.dumps([backend.get("pre_tokenizer"), backend.get("decoder")])
+    special = {int(i) for i in tokenizer.added_tokens_decoder}
+    decoder = _byte_decoder()
+    spelled: list[bytes | None] = []
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if i in special or token is None:
+            spelled.append(None)
+        elif byte_level:
+            spelled.append(bytes(decoder[c] for c in token) if all(c in decoder for c in token) else None)
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            spelled.append(bytes([int(token[3:5], 16)]))
+        else:
+            spelled.append(token.replace("\u2581", " ").encode())
+    return spelled
+
+
+def vocab_map(student_tokenizer: Any, teacher_tokenizer: Any) -> VocabMap:
+    """The token pairs of the two vocabularies that spell the same bytes (special tokens excluded)."""
+    student_ids = {b: i for i, b in enumerate(token_bytes(student_tokenizer)) if b is not None}
+    pairs = [(t, student_ids[b]) for t, b in enumerate(token_bytes(teacher_tokenizer))
+             if b is not None and b in student_ids]
+    t_ids, s_ids = zip(*pairs) if pairs else ((), ())
+    return VocabMap(torch.tensor(t_ids, dtype=torch.long), torch.tensor(s_ids, dtype=torch.long))
