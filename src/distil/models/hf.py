@@ -181,7 +181,13 @@ def resolve_model_path(source: str | os.PathLike[str]) -> Path:
     if text in BUILTIN_MODELS:
         return builtin_model_path(text)
     if text in ASSEMBLED_MODELS:
-        return assembled_model_path(text)
+        path = assembled_model_path(text)
+        if path.suffix != ".gguf":
+            return path
+        dest = cache_dir() / "models" / text  # converted once, like a built-in GGUF
+        if not _is_complete(dest, _marker_for(path)):
+            _convert_gguf(path, dest)
+        return dest
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return gguf_model_path(path)
