@@ -62,3 +62,33 @@ def test_measure_peak_memory_adds_the_resident_weights():
     x = torch.randn(2048, 1024)  # the output: 2048 x 4096 floats = 32 MB
     peak = report.measure_peak_memory(model, lambda: model(x), "cpu")
     assert report.tensor_bytes(model) + 30 * MB <= peak <= report.tensor_bytes(model) + 40 * MB
+
+
+def test_bits_per_byte_of_a_uniform_model_by_hand(tiny_lm):
+    """A model with a zero LM head predicts every token with 1/V: each counted target costs log2(V) bits."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distil.data.alignment import token_bytes
+    from distil.measure.lm import bits_per_byte, perplexity_and_predictions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    lengths = torch.tensor([len(b) if b is not None else 0 for b in token_bytes(tokenizer)])
+    text = "Shall I compare thee to a summer's day? café"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    eos = torch.tensor([[tokenizer.eos_token_id]])
+    labels = torch.cat([ids, eos], dim=1)  # the EOS spells no byte: counted in neither sum
+    labels[0, 0] = -100
+    batch = {"input_ids": labels.clamp_min(0), "labels": labels, "attention_mask": torch.ones_like(labels)}
+    counted = labels[0, 1:-1]
+    v = model.config.vocab_size
+    want = len(counted) * math.log2(v) / sum(len(b) for b in [token_bytes(tokenizer)[i] for i in counted.tolist()])
+    assert abs(bits_per_byte(model, [batch], token_lengths=lengths) - want) < 1e-5 * want
+    assert int(lengths[ids[0]].sum()) == len(text.encode())
+    ppl, _ = perplexity_and_predictions(model, [batch], vocab_size=v)
+    assert abs(math.log(ppl) - math.log(v)) < 1e-5

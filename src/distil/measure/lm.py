@@ -36,6 +36,29 @@ def perplexity_and_predictions(
     return math.exp(total_nll / max(total_tokens, 1)), torch.cat(predictions)
 
 
+@torch.inference_mode()
+def bits_per_byte(model: nn.Module, batches: Sequence[dict[str, Any]], *, token_lengths: torch.Tensor,
+                  device: torch.device | None = None) -> float:
+    """Bits per UTF-8 byte of held-out text: the summed next-token NLL in bits over the text's bytes, at the positions
+    whose label counts. `token_lengths[id]` is the bytes token `id` spells (distil.data.alignment.token_bytes); a
+    target that spells none (a special token) counts in neither sum. Unlike perplexity, it does not depend on the
+    tokenizer, so models with different vocabularies compare on it."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_bits, total_bytes = 0.0, 0
+    lengths = token_lengths.to(device)
+    for batch in batches:
+        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1, : len(lengths)].float()
+        targets = batch["labels"][:, 1:].to(device)
+        keep = targets != IGNORE
+        keep &= lengths[targets.clamp_min(0)] > 0
+        total_bits += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum")) / math.log(2)
+        total_bytes += int(lengths[targets[keep]].sum())
+    model.train(was_training)
+    return total_bits / max(total_bytes, 1)
+
+
 def agreement(predictions: torch.Tensor, teacher_predictions: torch.Tensor) -> float:
     """Fraction of positions where the model's top-1 next token equals the teacher's."""
     return float((predictions == teacher_predictions).float().mean())

@@ -38,6 +38,7 @@ from distil.measure.classification import accuracy
 from distil.models.exits import build_exits, exit_accuracies
 from distil.models import hf
 from distil.models.classifier_folders import is_fine_tuned_folder
+from distil.models.image_classifier import ImageClassifier
 from distil.models.text_classifier import TextClassifier
 from distil.tasks.classification_models import build_model, load_model, save_model
 from distil.paths import cache_dir
@@ -114,8 +115,11 @@ def train_classifier(name: str, model: nn.Module, teacher: Teacher | None, loss:
     stream = BatchStream(len(rows), spec.batch_size, collate, seed=recipe.seed)
     test_x, test_y = data.eval
     objective = objective or ClassifierObjective(model, teacher, loss, ctx.device)
+    # A transformer's pass over the held-out texts or images costs tens of seconds on a CPU, and the measurement
+    # after training makes it anyway: its stages evaluate only when train.eval_every asks.
+    costly = isinstance(model, (TextClassifier, ImageClassifier)) and not spec.eval_every
     stage = Stage(name, objective, stream, train_config(spec), ctx.run_dir / "checkpoints" / name, ctx.metrics, ctx.device,
-                  evaluate=lambda: {"accuracy": accuracy(model, test_x, test_y, ctx.device)},
+                  evaluate=None if costly else lambda: {"accuracy": accuracy(model, test_x, test_y, ctx.device)},
                   recipe=recipe.model_dump(mode="json"))
     train(stage, show_progress=ctx.show_progress)
     return stage.elapsed_s
