@@ -99,6 +99,9 @@ def align_text(text: str, student_tokenizer: Any, teacher_tokenizer: Any, *, max
     """Both tokenizations of one plain text and their alignment: (student ids, teacher ids, alignment)."""
     s_ids, s_off = tokenize_with_offsets(student_tokenizer, text, max_length=max_length)
     t_ids, t_off = tokenize_with_offsets(teacher_tokenizer, text, max_length=max_length)
+    if s_ids == t_ids and s_off == t_off:  # one tokenizer on both sides: every position is shared, even mid-character
+        positions = torch.arange(max(len(s_ids) - 1, 0))
+        return s_ids, t_ids, Alignment(positions, positions, positions + 1)
     spans = [(0, len(text))]
     return s_ids, t_ids, align(token_ends(s_off, spans), token_ends(t_off, spans))
 
@@ -138,10 +141,16 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     return spelled
 
 
+def _token_keys(tokenizer: Any) -> list[Any]:
+    """What identifies each token across vocabularies: its bytes, or for a special or added token its content."""
+    names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [b if b is not None else ("added", names[i]) for i, b in enumerate(token_bytes(tokenizer))]
+
+
 def vocab_map(student_tokenizer: Any, teacher_tokenizer: Any) -> VocabMap:
-    """The token pairs of the two vocabularies that spell the same bytes (special tokens excluded)."""
-    student_ids = {b: i for i, b in enumerate(token_bytes(student_tokenizer)) if b is not None}
-    pairs = [(t, student_ids[b]) for t, b in enumerate(token_bytes(teacher_tokenizer))
-             if b is not None and b in student_ids]
+    """The token pairs of the two vocabularies that spell the same bytes; special and added tokens pair with those
+    of the same content (an <|endoftext|> with an <|endoftext|>), never with text."""
+    student_ids = {key: i for i, key in enumerate(_token_keys(student_tokenizer))}
+    pairs = [(t, student_ids[key]) for t, key in enumerate(_token_keys(teacher_tokenizer)) if key in student_ids]
     t_ids, s_ids = zip(*pairs) if pairs else ((), ())
     return VocabMap(torch.tensor(t_ids, dtype=torch.long), torch.tensor(s_ids, dtype=torch.long))

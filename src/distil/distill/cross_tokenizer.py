@@ -1,0 +1,133 @@
+"""Token-level distillation between causal LMs that do not share a tokenizer.
+
+Each model reads the same texts with its own tokenizer (`pair_batch`); the soft term compares their next-token
+distributions at the positions aligned by character offsets (distil.data.alignment) with ULD or the vocabulary-mapped
+KL (distil.losses.cross_vocab), chunked over aligned positions so that neither model's [tokens, vocab] logits exist.
+The hard term is the student's own next-token CE. Both are sums over the batch divided by its student target
+tokens, so micro-batches accumulate exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distil.data.alignment import align_text
+from distil.data.formats import IGNORE
+from distil.distill.lm import final_hidden, next_token_targets
+from distil.distill.pair import Teacher
+from distil.losses import fused_linear_cross_entropy
+from distil.losses.cross_vocab import Merges, VocabMap, chunked_cross_vocab, mapped_kl_per_position, uld_per_position
+from distil.train.objective import Objective, teacher_models
+
+
+@dataclass(frozen=True)
+class CrossTokenizerLoss:
+    method: Literal["uld", "mapped_kl"] = "mapped_kl"
+    alpha: float = 0.5  # weight of the soft term; (1 - alpha) weights the student's next-token CE
+    temperature: float = 1.0
+    kl_weight: float = 1.0  # mapped_kl: the equal-string tokens' KL
+    uld_weight: float = 1.0  # mapped_kl: ULD on what is left unmapped
+    chunk_size: int = 256  # aligned positions per chunk
+
+
+def pair_batch(texts: list[str], student_tokenizer: Any, teacher_tokenizer: Any, *, max_length: int,
+               student_pad: int, teacher_pad: int) -> dict[str, torch.Tensor]:
+    """Both tokenizations of `texts`, right-padded, and their aligned positions as flat indices into [B * L]:
+    student_index / teacher_index, and for multi-token spellings teacher_span_end (-1 where none) with
+    merge_token, the student token the teacher tokens after teacher_index up to teacher_span_end spell."""
+    rows = [align_text(text, student_tokenizer, teacher_tokenizer, max_length=max_length) for text in texts]
+    width_s = max(len(s) for s, _, _ in rows)
+    width_t = max(len(t) for _, t, _ in rows)
+    ids = torch.full((len(rows), width_s), student_pad, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    t_ids = torch.full((len(rows), width_t), teacher_pad, dtype=torch.long)
+    s_mask, t_mask = torch.zeros_like(ids), torch.zeros_like(t_ids)
+    s_index, t_index, span_end, merge_token = [], [], [], []
+    for b, (s, t, alignment) in enumerate(rows):
+        ids[b, : len(s)], labels[b, : len(s)], s_mask[b, : len(s)] = torch.tensor(s), torch.tensor(s), 1
+        t_ids[b, : len(t)], t_mask[b, : len(t)] = torch.tensor(t), 1
+        nxt = alignment.teacher_next
+        spelled = nxt > alignment.teacher + 1  # one teacher token: its mapping (if its string is equal) covers it
+        s_index.append(b * width_s + alignment.student)
+        t_index.append(b * width_t + alignment.teacher)
+        span_end.append(torch.where(spelled, b * width_t + nxt, -1))
+        merge_token.append(torch.where(spelled, ids[b, (alignment.student + 1).clamp_max(width_s - 1)], -1))
+    return {"input_ids": ids, "attention_mask": s_mask, "labels": labels, "teacher_input_ids": t_ids,
+            "teacher_attention_mask": t_mask, "student_index": torch.cat(s_index), "teacher_index": torch.cat(t_index),
+            "teacher_span_end": torch.cat(span_end), "merge_token": torch.cat(merge_token)}
+
+
+def spelling_logprobs(hidden: torch.Tensor, weight: torch.Tensor, next_ids: torch.Tensor, starts: torch.Tensor,
+                      ends: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[M] the teacher's log-probability of the tokens after each start up to its end (flat positions start..end-1
+    each predicting the next id), temperature-softened; only the positions some span covers are computed."""
+    lengths = (ends - starts).clamp_min(0)
+    if int(lengths.sum()) == 0:
+        return torch.zeros(len(starts), dtype=torch.float32, device=hidden.device)
+    span = torch.repeat_interleave(torch.arange(len(starts), device=hidden.device), lengths)
+    offset = torch.arange(int(lengths.sum()), device=hidden.device) - torch.repeat_interleave(
+        torch.cumsum(lengths, 0) - lengths, lengths)
+    positions = starts[span] + offset
+    with torch.no_grad():
+        logits = hidden[positions].float() @ weight.float().T
+        token = F.log_softmax(logits / temperature, dim=-1).gather(1, next_ids[positions + 1, None]).squeeze(1)
+    return torch.zeros(len(starts), dtype=torch.float32, device=hidden.device).index_add_(0, span, token)
+
+
+class CrossTokenizerObjective(Objective):
+    """alpha * T^2 * (ULD or mapped KL at aligned positions) + (1 - alpha) * the student's next-token CE."""
+
+    unit = "tokens"
+
+    def __init__(self, student: nn.Module, teacher: Teacher, spec: CrossTokenizerLoss, *, vocab: VocabMap | None,
+                 device: torch.device):
+        if spec.method == "mapped_kl" and vocab is None:
+            raise ValueError("method mapped_kl needs the vocabulary map (distil.data.alignment.vocab_map)")
+        self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
+        self.vocab = vocab.to(device) if vocab is not None else None
+        self.modules = {"student": student}
+
+    def teachers(self) -> dict[str, nn.Module]:
+        return teacher_models(teacher=self.teacher)
+
+    def weight(self, batch: dict[str, Any]) -> int:
+        return int(next_token_targets(batch["labels"])[1].sum())
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        spec, device = self.spec, self.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = max(self.weight(batch), 1)
+        s_weight = self.student.get_output_embeddings().weight
+        hidden = final_hidden(self.student, {"input_ids": batch["input_ids"],
+                                             "attention_mask": batch["attention_mask"]}).to(s_weight.dtype)
+        targets, _ = next_token_targets(batch["labels"])
+        terms = {"ce": fused_linear_cross_entropy(hidden[:, :-1], s_weight, targets, reduction="sum") / tokens}
+        teacher = self.teacher.model
+        t_weight = teacher.get_output_embeddings().weight
+        with torch.no_grad():
+            t_hidden = final_hidden(teacher, {"input_ids": batch["teacher_input_ids"],
+                                              "attention_mask": batch["teacher_attention_mask"]}).to(t_weight.dtype)
+        s_flat, t_flat = hidden.flatten(0, 1), t_hidden.flatten(0, 1)
+        s_index, t_index = batch["student_index"], batch["teacher_index"]
+        merges = None
+        if spec.method == "uld":
+            per_position, options = uld_per_position, {}
+        else:
+            spans = batch["teacher_span_end"]
+            logprob = spelling_logprobs(t_flat, t_weight, batch["teacher_input_ids"].flatten(), t_index,
+                                        torch.where(spans >= 0, spans, t_index), spec.temperature)
+            first = batch["teacher_input_ids"].flatten()[(t_index + 1).clamp_max(t_flat.shape[0] - 1)]
+            merges = Merges(batch["merge_token"], first, logprob)
+            per_position = mapped_kl_per_position
+            options = {"vocab": self.vocab, "kl_weight": spec.kl_weight, "uld_weight": spec.uld_weight}
+        aligned = len(s_index)
+        kd = chunked_cross_vocab(per_position, s_flat[s_index], s_weight, t_flat[t_index], t_weight, merges=merges,
+                                 chunk_size=spec.chunk_size, temperature=spec.temperature, **options)
+        terms["kd"] = kd * aligned / tokens  # a sum over aligned positions per student target token
+        terms["loss"] = spec.alpha * spec.temperature ** 2 * terms["kd"] + (1 - spec.alpha) * terms["ce"]
+        return terms
