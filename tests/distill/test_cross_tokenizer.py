@@ -101,3 +101,19 @@ def test_spellings_by_several_teacher_tokens(pair):
     for g, a, b in zip(got.tolist(), starts.tolist(), ends.tolist()):
         want = sum(logp[p, t_ids[p + 1]].item() for p in range(a, b))
         assert abs(g - want) < 1e-6  # the chain is computed in fp32
+
+
+def test_a_recipe_with_two_tokenizers_is_refused_with_where_it_works(pair):
+    from distil.config.load import validate_recipe
+    from distil.tasks.causal_lm import CausalLMTask
+
+    (student_path, _), (teacher_path, _) = pair
+    recipe = validate_recipe({
+        "name": "two-tokenizers", "task": "causal_lm",
+        "data": {"kind": "text", "train": ["sonnets_gut"], "eval": ["phoenix_and_the_turtle_gut"], "seq_len": 32,
+                 "max_train_tokens": 3000, "eval_tokens": 256},
+        "teacher": {"model": {"arch": "hf", "source": str(teacher_path)}},
+        "student": {"model": {"arch": "hf", "source": str(student_path)}},
+        "train": {"steps": 2, "batch_size": 2}})
+    (line,) = CausalLMTask().deep_problems(recipe)
+    assert line.startswith("student and teacher tokenizers differ") and "CrossTokenizerObjective" in line

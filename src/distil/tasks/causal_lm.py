@@ -110,7 +110,9 @@ class CausalLMTask:
                 s_tok = hf.load_tokenizer(recipe.student.model.source)
                 differences = hf.tokenizer_differences(s_tok, tokenizer)
                 if differences:
-                    return ["student and teacher tokenizers differ: " + "; ".join(differences)]
+                    return ["student and teacher tokenizers differ: " + "; ".join(differences) + ". Recipes "
+                            "distil pairs that share a tokenizer; across tokenizers, token-level distillation is so "
+                            "far in Python only (distil.distill.cross_tokenizer.CrossTokenizerObjective)"]
                 chat = isinstance(recipe.data, DatasetData) and recipe.data.format == "chat"
                 if chat and (difference := hf.chat_template_difference(s_tok, tokenizer)):
                     return [difference]
