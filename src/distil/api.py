@@ -13,7 +13,10 @@ The data is anything with `len()` and integer indexing (a `torch.utils.data.Data
     causal LM    dicts with "input_ids" (optionally "labels", -100 where a token must not count) or "text", or str
     encoder      str, or dicts with "text"
 
-Text is tokenized with `tokenizer` (truncated to `max_length` tokens). The run directory holds what a recipe run
+Text is tokenized with `tokenizer` (truncated to `max_length` tokens). A causal-LM student with a tokenizer of its
+own (`student_tokenizer`, differing from the teacher's `tokenizer`) reads the same texts with it: the loss is then
+'mapped_kl' (default) or 'uld' at positions aligned by character offsets (distil.distill.cross_tokenizer), and both
+models are scored in bits per byte, which does not depend on the tokenizer. The run directory holds what a recipe run
 holds: checkpoints, metrics.jsonl, the trained student (`student/`), summary.json and report.html. Calling
 `distill` again with the same `output_dir` resumes from the newest checkpoint, and returns at once when the student
 is already trained, like `distil resume`; a second call on an `output_dir` in use is refused. The run goes through
@@ -35,10 +38,13 @@ from rich.console import Console
 from torch import nn
 
 from distil import runlock
+from distil.data.alignment import vocab_map
 from distil.data.formats import IGNORE, Example
 from distil.data.packing import model_inputs, packed_batch, padded_batch
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
+from distil.distill.cross_tokenizer import (CrossTokenizerLoss, CrossTokenizerObjective, cross_tokenizer_rows,
+                                           pair_batch)
 from distil.distill.embedding import EmbeddingObjective, encode
 from distil.distill.lm import CausalLMObjective
 from distil.distill.objectives import ClassifierObjective, LogitLoss
@@ -48,6 +54,7 @@ from distil.losses.registry import divergence_spec
 from distil.measure.classification import accuracy
 from distil.measure.cost import folder_size, measure_latency, parameter_count
 from distil.measure.embedding import similarity_spearman
+from distil.models.hf import tokenizer_differences
 from distil.runner.run import run_arms
 from distil.tasks.artifacts import arm_folder, pick_device, save_model_folder
 from distil.train.checkpoint import load_tensors, save_tensors, write_json
@@ -60,9 +67,10 @@ from distil.train.signals import stop_signals
 __all__ = ["DistillResult", "PythonRun", "distill", "task_of_model"]
 
 ARM = "distilled"  # what the run trains, in the folder ARM_FOLDERS["distilled"] = student/
-DEFAULT_LOSS = {"classification": "forward_kl", "causal_lm": "forward_kl", "embedding": "cosine"}
+DEFAULT_LOSS = {"classification": "forward_kl", "causal_lm": "forward_kl", "embedding": "cosine",
+                "cross_lm": "mapped_kl"}
 METRICS = {"classification": ["accuracy"], "causal_lm": ["perplexity", "agreement"],
-           "embedding": ["cosine_to_teacher", "spearman"]}
+           "embedding": ["cosine_to_teacher", "spearman"], "cross_lm": ["bits_per_byte", "perplexity"]}
 
 
 @dataclass
@@ -91,6 +99,7 @@ def distill(
     batch_size: int = 8,
     lr: float = 1e-4,
     tokenizer: Any = None,
+    student_tokenizer: Any = None,
     max_length: int = 128,
     output_dir: str | Path | None = None,
     seed: int = 0,
@@ -111,6 +120,11 @@ def distill(
     task = task_of_model(student)
     if task != "classification" and tokenizer is None and _needs_tokenizer(train_data):
         raise DistilError("the data holds text: pass tokenizer= (the teacher's) to tokenize it")
+    if task == "causal_lm" and student_tokenizer is not None and tokenizer_differences(student_tokenizer, tokenizer):
+        task = "cross_lm"
+        if not _needs_tokenizer(train_data):
+            raise DistilError("a student with its own tokenizer reads text: give rows of text (str or {'text': ...}), "
+                              "not token ids")
     loss_name = loss or DEFAULT_LOSS[task]
     spec = _loss_spec(task, loss_name, alpha, temperature, divergence_params)
     run_dir = Path(output_dir) if output_dir else Path("runs") / f"distill-{datetime.now():%Y%m%d-%H%M%S}"
@@ -122,7 +136,8 @@ def distill(
     try:
         run = PythonRun(task, teacher.to(place).eval(), student, train_data, eval_data, spec, run_dir, place,
                         TrainConfig(steps=steps, lr=lr, log_every=log_every, save_every=save_every), batch_size,
-                        seed, tokenizer, _collate(task, tokenizer, max_length), arguments, show_progress)
+                        seed, tokenizer, _collate(task, tokenizer, max_length, student_tokenizer), arguments,
+                        show_progress, student_tokenizer)
         with stop_signals():
             write_json(run_dir / "distill.json", arguments)
             summary = run_arms(run, [ARM], run_dir, {"recipe": run_dir.name, "task": task}, device=place,
@@ -137,10 +152,12 @@ class PythonRun:
 
     def __init__(self, task: str, teacher: nn.Module, student: nn.Module, train_data: Any, eval_data: Any,
                  spec: LogitLoss, run_dir: Path, device: torch.device, config: TrainConfig, batch_size: int,
-                 seed: int, tokenizer: Any, collate: Any, arguments: dict[str, Any], show_progress: bool):
+                 seed: int, tokenizer: Any, collate: Any, arguments: dict[str, Any], show_progress: bool,
+                 student_tokenizer: Any = None):
         self.task, self.teacher, self.student, self.spec = task, teacher, student, spec
         self.train_data, self.eval_data, self.run_dir, self.device = train_data, eval_data, run_dir, device
         self.config, self.batch_size, self.seed, self.tokenizer = config, batch_size, seed, tokenizer
+        self.student_tokenizer = student_tokenizer if student_tokenizer is not None else tokenizer
         self.collate, self.arguments, self.show_progress = collate, arguments, show_progress
         self.metrics = METRICS[task]
         self.log = MetricsLog(run_dir / "metrics.jsonl")
@@ -149,14 +166,16 @@ class PythonRun:
     def train_arm(self, arm: str, folder: Path) -> None:
         seed_everything(self.seed)
         student = self.student.to(self.device).train()
-        objective = _objective(self.task, student, Teacher(self.teacher), self.spec, self.device, self.tokenizer)
+        objective = _objective(self.task, student, Teacher(self.teacher), self.spec, self.device, self.tokenizer,
+                               self.student_tokenizer)
         data, collate = self.train_data, self.collate
         stream = BatchStream(len(data), self.batch_size, lambda i: collate([data[j] for j in i.tolist()]),
                              seed=self.seed)
         stage = Stage(arm, objective, stream, self.config, self.run_dir / "checkpoints" / arm, self.log, self.device,
                       recipe=self.arguments)
         train(stage, show_progress=self.show_progress)
-        _save_student(folder, student, self.tokenizer, {"train_time_s": stage.elapsed_s, "steps": self.config.steps})
+        _save_student(folder, student, self.student_tokenizer,
+                      {"train_time_s": stage.elapsed_s, "steps": self.config.steps})
         self.trained = True
 
     def measure(self) -> dict[str, dict[str, Any]]:
@@ -164,8 +183,11 @@ class PythonRun:
         if not self.trained:  # finished by an earlier call: read the saved student instead of training again
             self.student = _load_student(self.student, folder).to(self.device)
         data = self.eval_data if self.eval_data is not None else self.train_data
-        return _measure(self.task, self.teacher, self.student, _batches(data, self.collate, self.batch_size),
-                        folder, self.device)
+        batches = _batches(data, self.collate, self.batch_size)
+        if self.task == "cross_lm":
+            return cross_tokenizer_rows(self.teacher, self.student, batches, self.tokenizer, self.student_tokenizer,
+                                        folder, self.device)
+        return _measure(self.task, self.teacher, self.student, batches, folder, self.device)
 
     def summary_fields(self) -> dict[str, Any]:
         return {}
@@ -175,7 +197,13 @@ class PythonRun:
 
 
 # ---------------------------------------------------------------------------------------------- components
-def _loss_spec(task: str, name: str, alpha: float, temperature: float, params: dict[str, float]) -> LogitLoss:
+def _loss_spec(task: str, name: str, alpha: float, temperature: float, params: dict[str, float]
+               ) -> LogitLoss | CrossTokenizerLoss:
+    if task == "cross_lm":
+        if name not in ("mapped_kl", "uld") or set(params) - {"kl_weight", "uld_weight"}:
+            raise DistilError(f"the teacher's and student's tokenizers differ: loss must be 'mapped_kl' (parameters "
+                              f"kl_weight, uld_weight) or 'uld', not {name!r} with {sorted(params)}")
+        return CrossTokenizerLoss(method=name, alpha=alpha, temperature=temperature, **params)  # type: ignore[arg-type]
     if task == "embedding":
         if name not in ("cosine", "mse") or params:
             raise DistilError(f"an encoder student learns the teacher's embeddings with loss 'cosine' or 'mse' (no "
@@ -191,8 +219,11 @@ def _loss_spec(task: str, name: str, alpha: float, temperature: float, params: d
     return LogitLoss(divergence=name, alpha=alpha, temperature=temperature, **fields)
 
 
-def _objective(task: str, student: nn.Module, teacher: Teacher, spec: LogitLoss, device: torch.device,
-               tokenizer: Any) -> Any:
+def _objective(task: str, student: nn.Module, teacher: Teacher, spec: Any, device: torch.device,
+               tokenizer: Any, student_tokenizer: Any = None) -> Any:
+    if task == "cross_lm":
+        vocab = vocab_map(student_tokenizer, tokenizer) if spec.method == "mapped_kl" else None
+        return CrossTokenizerObjective(student, teacher, spec, vocab=vocab, device=device)
     if task == "classification":
         return ClassifierObjective(student, teacher, spec, device)
     if task == "embedding":
@@ -207,11 +238,15 @@ def _needs_tokenizer(data: Any) -> bool:
     return isinstance(row, str) or (isinstance(row, dict) and "text" in row)
 
 
-def _collate(task: str, tokenizer: Any, max_length: int) -> Any:
+def _collate(task: str, tokenizer: Any, max_length: int, student_tokenizer: Any = None) -> Any:
     """Rows -> one batch in the form the task's objective reads."""
 
     def texts(rows: list[Any]) -> list[str]:
         return [row if isinstance(row, str) else row["text"] for row in rows]
+
+    def cross_lm(rows: list[Any]) -> dict[str, torch.Tensor]:
+        return pair_batch(texts(rows), student_tokenizer, tokenizer, max_length=max_length,
+                          student_pad=_pad_id(student_tokenizer), teacher_pad=_pad_id(tokenizer))
 
     def tokens(values: Any) -> list[int]:  # a list, tensor or array of token ids
         return torch.as_tensor(values, dtype=torch.long).tolist()
@@ -237,7 +272,13 @@ def _collate(task: str, tokenizer: Any, max_length: int) -> Any:
         enc = tokenizer(texts(rows), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pairs": 0}
 
-    return {"classification": classification, "causal_lm": causal_lm, "embedding": embedding}[task]
+    return {"classification": classification, "causal_lm": causal_lm, "embedding": embedding,
+            "cross_lm": cross_lm}[task]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
 
 
 def _input_and_label(row: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,3 +117,31 @@ def test_a_recipe_with_two_tokenizers_is_refused_with_where_it_works(pair):
         "train": {"steps": 2, "batch_size": 2}})
     (line,) = CausalLMTask().deep_problems(recipe)
     assert line.startswith("student and teacher tokenizers differ") and "CrossTokenizerObjective" in line
+
+
+def test_distill_from_python_with_a_student_of_its_own_tokenizer(pair, tmp_path):
+    """distil.distill with student_tokenizer: the pair trains on the same texts, both are scored in bits per byte,
+    and the student is saved with its own tokenizer."""
+    import json
+
+    import distil
+    from distil.errors import DistilError
+
+    (s_path, s_tok), (t_path, t_tok) = pair
+    student, teacher = AutoModelForCausalLM.from_pretrained(s_path), AutoModelForCausalLM.from_pretrained(t_path)
+    texts = [f"{TEXTS[i % 2]} {i}" for i in range(8)]
+    result = distil.distill(teacher, student, texts, tokenizer=t_tok, student_tokenizer=s_tok, steps=3,
+                            batch_size=4, max_length=48, output_dir=tmp_path / "run", lr=1e-3, log_every=1)
+    arms = result.summary["arms"]
+    for row in arms.values():
+        assert 0 < row["bits_per_byte"] < 40 and row["perplexity"] > 1
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
+    assert len(saved) == len(s_tok)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/kd" in row and "loss/ce" in row for row in logged)
+    with pytest.raises(DistilError, match="loss must be 'mapped_kl'"):
+        distil.distill(teacher, student, texts, tokenizer=t_tok, student_tokenizer=s_tok, loss="forward_kl", steps=1,
+                       output_dir=tmp_path / "run2")
+    with pytest.raises(DistilError, match="reads text"):
+        distil.distill(teacher, student, [{"input_ids": [1, 2, 3]}] * 4, tokenizer=t_tok, student_tokenizer=s_tok,
+                       steps=1, output_dir=tmp_path / "run3")

@@ -9,19 +9,23 @@ tokens, so micro-batches accumulate exactly.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil.data.alignment import align_text
+from distil.data.alignment import align_text, token_bytes
 from distil.data.formats import IGNORE
 from distil.distill.lm import final_hidden, next_token_targets
 from distil.distill.pair import Teacher
 from distil.losses import fused_linear_cross_entropy
 from distil.losses.cross_vocab import Merges, VocabMap, chunked_cross_vocab, mapped_kl_per_position, uld_per_position
+from distil.measure.cost import folder_size, measure_latency, parameter_count
+from distil.measure.lm import bits_per_byte, perplexity_and_predictions
 from distil.train.objective import Objective, teacher_models
 
 
@@ -131,3 +135,32 @@ class CrossTokenizerObjective(Objective):
         terms["kd"] = kd * aligned / tokens  # a sum over aligned positions per student target token
         terms["loss"] = spec.alpha * spec.temperature ** 2 * terms["kd"] + (1 - spec.alpha) * terms["ce"]
         return terms
+
+
+def model_view(batch: dict[str, torch.Tensor], who: str) -> dict[str, torch.Tensor]:
+    """One model's own tokens of a pair batch, as a plain LM batch (labels -100 on padding)."""
+    if who == "student":
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, IGNORE)}
+
+
+def cross_tokenizer_rows(teacher: nn.Module, student: nn.Module, batches: list[dict[str, torch.Tensor]],
+                         teacher_tokenizer: Any, student_tokenizer: Any, folder: Path, device: torch.device
+                         ) -> dict[str, dict[str, Any]]:
+    """Summary rows of a cross-tokenizer pair on held-out pair batches: bits per byte (comparable across the two
+    tokenizers), each model's perplexity on its own tokens (not comparable), parameters and latency."""
+    rows = {}
+    for name, model, tokenizer, who in (("teacher", teacher, teacher_tokenizer, "teacher"),
+                                        ("distilled", student, student_tokenizer, "student")):
+        own = [model_view(b, who) for b in batches]
+        lengths = torch.tensor([len(b) if b is not None else 0 for b in token_bytes(tokenizer)])
+        ppl, _ = perplexity_and_predictions(model, own, vocab_size=model.config.vocab_size, device=device)
+        example = {k: v[:1].to(device) for k, v in own[0].items() if k != "labels"}
+        with torch.inference_mode():
+            latency = measure_latency(lambda: model(**example), runs=5, warmup=1)  # noqa: B023
+        rows[name] = {"bits_per_byte": bits_per_byte(model, own, token_lengths=lengths, device=device),
+                      "perplexity": ppl, "params": parameter_count(model), "latency_ms": latency}
+    info = json.loads((folder / "train.json").read_text())
+    rows["distilled"].update(size_bytes=folder_size(folder), train_time_s=info.get("train_time_s"), path=str(folder))
+    return rows

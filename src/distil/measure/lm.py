@@ -47,9 +47,10 @@ def bits_per_byte(model: nn.Module, batches: Sequence[dict[str, Any]], *, token_
     was_training = model.training
     model.eval()
     total_bits, total_bytes = 0.0, 0
-    lengths = token_lengths.to(device)
     for batch in batches:
-        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1, : len(lengths)].float()
+        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1].float()
+        # the model's padding rows past the tokenizer's last id spell nothing
+        lengths = F.pad(token_lengths.to(device), (0, max(logits.shape[-1] - len(token_lengths), 0)))
         targets = batch["labels"][:, 1:].to(device)
         keep = targets != IGNORE
         keep &= lengths[targets.clamp_min(0)] > 0
