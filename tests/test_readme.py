@@ -34,20 +34,30 @@ def write_chats(folder: Path) -> None:
     (folder / "chats.jsonl").write_text("".join(lines), encoding="utf-8")
 
 
+@pytest.fixture(scope="module")
+def other_lm(tmp_path_factory):
+    """A tiny LM whose tokenizer is not tiny_lm's (640 tokens against 384)."""
+    from tests.conftest import build_tiny_lm
+
+    return build_tiny_lm(tmp_path_factory.mktemp("other-lm"), vocab=640, seed=5)
+
+
 def test_there_is_one_example_per_task():
     examples = distill_examples()
-    assert len(examples) == 4
-    assert [("AutoModelForCausalLM" in e, "AutoModel," in e) for e in examples] == [(False, False), (True, False),
-                                                                                    (False, True), (True, False)]
-    assert "load_lm_dataset" in examples[3]
+    assert len(examples) == 5
+    assert [("AutoModelForCausalLM" in e, "AutoModel," in e) for e in examples] == [
+        (False, False), (True, False), (False, True), (True, False), (True, False)]
+    assert "load_lm_dataset" in examples[3] and "student_tokenizer" in examples[4]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["classifier", "causal_lm", "encoder", "own-chat-data"])
-def test_readme_example_runs(index, tiny_lm, chat_lm, encoder_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4],
+                         ids=["classifier", "causal_lm", "encoder", "own-chat-data", "two-tokenizers"])
+def test_readme_example_runs(index, tiny_lm, chat_lm, encoder_dir, other_lm, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_chats(tmp_path)
     code = distill_examples()[index]
-    names = {"teacher_dir": chat_lm if index == 3 else tiny_lm, "encoder_dir": encoder_dir}
+    names = {"teacher_dir": chat_lm if index == 3 else other_lm if index == 4 else tiny_lm,
+             "student_dir": tiny_lm, "encoder_dir": encoder_dir}
     exec(compile(code, f"README.md example {index}", "exec"), names)
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "summary.json").is_file() and (run / "report.html").is_file()
