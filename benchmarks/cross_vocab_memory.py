@@ -27,13 +27,8 @@ import time
 from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_memory import _status_kib  # noqa: E402  (the same peak-RSS method)
 
 
 def _case(args: argparse.Namespace) -> dict:
