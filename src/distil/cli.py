@@ -50,7 +50,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from distil.estimate import estimate_memory
     from distil.tasks import task_of
 
-    if task_of(recipe.task).estimate is not None:  # as YAML comments: the output stays a valid recipe
+    task = task_of(recipe.task)
+    if hasattr(task, "pairing"):  # which method the teacher-student pair gets (e.g. two tokenizers)
+        Console().print(f"# pair: {task.pairing(recipe)}", markup=False, highlight=False, soft_wrap=True)
+    if task.estimate is not None:  # as YAML comments: the output stays a valid recipe
         Console().print(estimate_memory(recipe).format(prefix="# "), markup=False, highlight=False, soft_wrap=True)
     Console(stderr=True).print("[green]recipe is valid[/green]")
     return 0

@@ -122,3 +122,37 @@ def test_chunked_equals_plain_values_and_gradients():
         assert abs(got.item() - want.item()) < 1e-12
         for a, b in zip(g_got, g_want):
             assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_top_k_uld_by_hand_and_within_its_bound():
+    """top_k ranks the largest entries only and counts the tails by their masses: by hand, exact once top_k reaches
+    the smaller vocabulary, and otherwise between exact - 2 * min(tail masses) and exact."""
+    s = logits_of([0.7, 0.2, 0.1])
+    t = logits_of([0.05, 0.5, 0.15, 0.3])
+    # top 2: |.7 - .5| + |.2 - .3| + tails |.1 - .2| = 0.4 (here the exact value too: the tails are one entry each
+    # against two, .1 against .15 + .05).
+    assert uld(s, t, top_k=2).item() == pytest.approx(0.2 + 0.1 + 0.1, abs=1e-12)
+    assert uld(s, t, top_k=1).item() == pytest.approx(0.2 + abs(0.3 - 0.5), abs=1e-12)
+    for k in (3, 4, 100):
+        assert uld(s, t, top_k=k).item() == pytest.approx(uld(s, t).item(), abs=1e-12)
+    torch.manual_seed(0)
+    student = torch.randn(64, 300, dtype=torch.float64)  # flat
+    teacher = 4 * torch.randn(64, 500, dtype=torch.float64)  # peaked: its tail mass is small, the student's large
+    exact = uld_per_position(student, teacher)
+    for k in (1, 8, 64, 299):
+        approx = uld_per_position(student, teacher, top_k=k)
+        p_s, p_t = student.softmax(-1), teacher.softmax(-1)
+        tails = torch.minimum(1 - p_s.topk(k, -1).values.sum(-1), 1 - p_t.topk(k, -1).values.sum(-1))
+        assert (approx <= exact + 1e-12).all() and (exact - approx <= 2 * tails + 1e-12).all()
+        head_only = (p_s.topk(k, -1).values - p_t.topk(k, -1).values).abs().sum(-1)  # tails dropped instead
+        assert k == 299 or (exact - head_only > 2 * tails + 1e-6).any()  # the bound tells the two apart
+    assert torch.allclose(uld_per_position(student, teacher, top_k=300), exact, atol=1e-12, rtol=0)
+
+
+def test_top_k_gradients_in_float64():
+    torch.manual_seed(1)
+    s = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 11, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: uld_per_position(x, t, top_k=4), (s,))
+    vocab = VocabMap(torch.tensor([0, 2, 5]), torch.tensor([1, 3, 6]))
+    assert torch.autograd.gradcheck(lambda x: mapped_kl_per_position(x, t, vocab, top_k=2), (s,))

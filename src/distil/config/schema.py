@@ -170,6 +170,9 @@ class LossSpec(Strict):
     dkd_beta: float = Field(8.0, ge=0.0, description="DKD non-target-class weight")
     fused: bool = Field(True, description="LMs: chunked LM-head losses, never materialising [tokens, vocab] logits")
     chunk_size: int | None = Field(None, gt=0, description="LMs: tokens per chunk of the fused path; None = auto")
+    cross_tokenizer: Literal["mapped_kl", "uld"] = Field(
+        "mapped_kl", description="causal LMs with two tokenizers: the soft term at character-aligned positions, the "
+        "vocabulary-mapped KL (equal-string tokens, ULD on the rest) or ULD alone (distil.losses.cross_vocab)")
     features: list[FeatureTermSpec] = Field(
         default=[], description="feature / attention / relation terms added to the `distilled` arm's loss")
     embedding: Literal["cosine", "mse"] = Field(

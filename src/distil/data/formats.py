@@ -189,6 +189,15 @@ def _example(row: dict[str, Any], tokenizer: Any, fmt: str, columns: Columns, wh
         except Exception:  # e.g. a template that demands alternating roles: this row cannot be rendered
             tally.dropped["conversations the chat template cannot render"] += 1
             return None
+    values = _plain_values(row, fmt, columns, where)
+    if values is None:
+        tally.dropped["empty rows"] += 1
+        return None
+    return text_example(tokenizer, values[0]) if fmt == "text" else prompt_completion_example(tokenizer, *values)
+
+
+def _plain_values(row: dict[str, Any], fmt: str, columns: Columns, where: str) -> list[str] | None:
+    """The text (format text) or the prompt and completion of a row, checked; None for an empty row."""
     names = [columns.text] if fmt == "text" else [columns.prompt, columns.completion]
     missing = [n for n in names if n not in row]
     if missing:
@@ -197,7 +206,24 @@ def _example(row: dict[str, Any], tokenizer: Any, fmt: str, columns: Columns, wh
     values = [row[n] for n in names]
     if not all(isinstance(v, str) for v in values):
         raise DistilError(f"{where}: {', '.join(names)} must be text")
-    if not all(v.strip() for v in values):
-        tally.dropped["empty rows"] += 1
-        return None
-    return text_example(tokenizer, values[0]) if fmt == "text" else prompt_completion_example(tokenizer, *values)
+    return values if all(v.strip() for v in values) else None
+
+
+def plain_texts(rows: list[dict[str, Any]], fmt: str, columns: Columns = Columns(), source: str = "data"
+                ) -> tuple[list[tuple[str, int]], Tally]:
+    """Rows of format text or prompt_completion as (text, trained_from): the whole text and the character where its
+    trained part starts (0 for a document, the completion's first character for a prompt-completion pair), for two
+    models that tokenize the same text each its own way (distil.distill.cross_tokenizer.pair_batch)."""
+    if fmt not in ("text", "prompt_completion"):
+        raise DistilError(f"format {fmt} is rendered by each model's own template: only formats text and "
+                          "prompt_completion are read as plain text")
+    tally, texts = Tally(rows=len(rows)), []
+    for number, row in enumerate(rows, 1):
+        values = _plain_values(row, fmt, columns, f"{source} row {number}")
+        if values is None:
+            tally.dropped["empty rows"] += 1
+        else:
+            texts.append((values[0], 0) if fmt == "text" else (values[0] + values[1], len(values[0])))
+    if not texts:
+        raise DistilError(f"{source}: no example left to train on ({tally.describe()})")
+    return texts, tally

@@ -42,6 +42,30 @@ def load_lm_dataset(path: str | list[str], tokenizer: Any, *, format: str = "tex
     split: `eval_path`'s rows are held out, else a seeded `eval_fraction` of the rows. With `packing`, the training
     examples are packed into blocks of max_length tokens, attention kept inside each example."""
     columns = columns or Columns()
+    rows, held = split_rows(path, split=split, eval_path=eval_path, eval_fraction=eval_fraction, seed=seed,
+                            max_examples=max_examples)
+    train, tally = tokenize_rows(rows, tokenizer, format, max_length=max_length, columns=columns, source="data")
+    held_examples: list[Example] = []
+    if held:
+        held_examples, held_tally = tokenize_rows(held, tokenizer, format, max_length=max_length, columns=columns,
+                                                  source="held-out data")
+        tally.rows += held_tally.rows
+        tally.truncated += held_tally.truncated
+        tally.dropped.update(held_tally.dropped)
+    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
+    train_rows = examples
+    if packing:
+        train_rows = [{"input_ids": e.input_ids, "labels": e.labels, "position_ids": pos}
+                      for e, pos in pack_examples(train, max_length)]
+    eval_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in held_examples]
+    return LMDataset(train_rows, eval_rows, tally, packing, examples)
+
+
+def split_rows(path: str | list[str], *, split: str | None = None, eval_path: str | list[str] | None = None,
+               eval_fraction: float = 0.0, seed: int = 0, max_examples: int | None = None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows), untokenized: `eval_path`'s rows are held out, else a seeded `eval_fraction`
+    of the first `max_examples` rows of `path`."""
     if not 0.0 <= eval_fraction < 1.0:
         raise DistilError(f"eval_fraction={eval_fraction} must be in [0, 1)")
     rows = _rows(path, split, "data.path")
@@ -60,21 +84,7 @@ def load_lm_dataset(path: str | list[str], tokenizer: Any, *, format: str = "tex
     if not rows:
         raise DistilError(f"data: {len(held)} rows, all held out for evaluation: none left to train on; give more "
                           "rows, or the held-out ones in eval_path")
-    train, tally = tokenize_rows(rows, tokenizer, format, max_length=max_length, columns=columns, source="data")
-    held_examples: list[Example] = []
-    if held:
-        held_examples, held_tally = tokenize_rows(held, tokenizer, format, max_length=max_length, columns=columns,
-                                                  source="held-out data")
-        tally.rows += held_tally.rows
-        tally.truncated += held_tally.truncated
-        tally.dropped.update(held_tally.dropped)
-    examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in train]
-    train_rows = examples
-    if packing:
-        train_rows = [{"input_ids": e.input_ids, "labels": e.labels, "position_ids": pos}
-                      for e, pos in pack_examples(train, max_length)]
-    eval_rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in held_examples]
-    return LMDataset(train_rows, eval_rows, tally, packing, examples)
+    return rows, held
 
 
 def _rows(path: str | list[str], split: str | None, what: str) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from distil.precision import teacher_dtype
 from distil.remembered import Measurement, model_files_key, remembered
 from distil.reporting.summary import write_summary
 from distil.tasks import causal_lm_cache as cached
+from distil.tasks import cross_lm
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
 from distil.tasks.base import RunContext, data_and_model_rules, language_model_rules
 from distil.tasks.causal_lm_estimate import estimate_causal_lm
@@ -108,11 +109,8 @@ class CausalLMTask:
             tokenizer = hf.load_tokenizer(teacher_spec.source, trust_remote_code=teacher_spec.trust_remote_code)
             if isinstance(recipe.student.model, HFModelSpec):
                 s_tok = hf.load_tokenizer(recipe.student.model.source)
-                differences = hf.tokenizer_differences(s_tok, tokenizer)
-                if differences:
-                    return ["student and teacher tokenizers differ: " + "; ".join(differences) + ". Recipes "
-                            "distil pairs that share a tokenizer; across tokenizers, token-level distillation is so "
-                            "far in Python only (distil.distill.cross_tokenizer.CrossTokenizerObjective)"]
+                if hf.tokenizer_differences(s_tok, tokenizer):  # the cross-tokenizer path (distil.tasks.cross_lm)
+                    return cross_lm.cross_rules(recipe) or cross_lm.deep_problems(recipe)
                 chat = isinstance(recipe.data, DatasetData) and recipe.data.format == "chat"
                 if chat and (difference := hf.chat_template_difference(s_tok, tokenizer)):
                     return [difference]
@@ -130,7 +128,23 @@ class CausalLMTask:
             return [str(exc)]
         return []
 
-    def start(self, ctx: RunContext) -> CausalLMRun:
+    def pairing(self, recipe: Recipe) -> str:
+        """How the student will learn the teacher's tokens (one vocabulary, padded, or two tokenizers), in words."""
+        t_spec, s_spec = recipe.teacher.model, recipe.student.model
+        assert isinstance(t_spec, HFModelSpec)
+        t_tok = hf.load_tokenizer(t_spec.source, trust_remote_code=t_spec.trust_remote_code)
+        vocab = lambda source: json.loads((hf.resolve_model_path(source) / "config.json").read_text())["vocab_size"]  # noqa: E731
+        if not isinstance(s_spec, HFModelSpec):  # cut from the teacher: its tokenizer and head
+            return cross_lm.pair_method(t_tok, t_tok, vocab(t_spec.source), vocab(t_spec.source))
+        return cross_lm.pair_method(hf.load_tokenizer(s_spec.source), t_tok, vocab(s_spec.source), vocab(t_spec.source))
+
+    def start(self, ctx: RunContext) -> CausalLMRun | cross_lm.CrossLMRun:
+        spec = ctx.recipe.teacher.model
+        if isinstance(ctx.recipe.student.model, HFModelSpec) and isinstance(spec, HFModelSpec):
+            teacher_tokenizer = hf.load_tokenizer(spec.source, trust_remote_code=spec.trust_remote_code)
+            student_tokenizer = hf.load_tokenizer(ctx.recipe.student.model.source)
+            if hf.tokenizer_differences(student_tokenizer, teacher_tokenizer):
+                return cross_lm.CrossLMRun(ctx, teacher_tokenizer, student_tokenizer)
         return CausalLMRun(ctx)
 
 

@@ -1,0 +1,264 @@
+"""Causal-LM recipes whose student reads text with a tokenizer of its own (task causal_lm with two tokenizers).
+
+The pre-flight of task causal_lm says which method a pair uses (`pair_method`): one vocabulary, one vocabulary with
+padding rows, or two tokenizers; with two, the run is this one. Both models read the same plain texts (data.kind
+dataset, format text or prompt_completion), each with its own tokenizer. The arms:
+- student_alone: the student's next-token CE on the reference texts;
+- distilled, method logits: ULD or the vocabulary-mapped KL (loss.cross_tokenizer) at the positions aligned by
+  character offsets, plus (1 - alpha) * CE (distil.distill.cross_tokenizer);
+- distilled, method response: the student's CE on the teacher's answers to the training prompts.
+Every model is scored in bits per byte on the held-out texts (comparable across tokenizers), next to its perplexity
+on its own tokens (not comparable across tokenizers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distil.config.adapt import logit_loss, sampling, train_config
+from distil.config.schema import DatasetData, HFModelSpec, Recipe
+from distil.data.alignment import token_bytes, vocab_map
+from distil.data.formats import Columns, plain_texts
+from distil.data.stream import BatchStream
+from distil.data.lm_dataset import split_rows
+from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, model_view, pair_batch
+from distil.distill.lm import CausalLMObjective
+from distil.distill.pair import Teacher
+from distil.errors import DistilError
+from distil.guards import check_sequence_length
+from distil.generate import generate_responses
+from distil.measure.lm import bits_per_byte, greedy_continuations
+from distil.models import hf
+from distil.remembered import model_files_key, remembered
+from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
+from distil.tasks.base import RunContext
+from distil.tasks.causal_lm_measure import architecture, measure_lm
+from distil.tasks.hf_models import save_hf_folder
+from distil.train import distributed
+from distil.train.loop import Stage, train
+from distil.train.seed import seed_everything
+
+EVAL_BATCH = 4
+
+
+def pair_method(student_tokenizer: Any, teacher_tokenizer: Any, student_vocab: int, teacher_vocab: int) -> str:
+    """How a student learns a teacher's next-token distributions, in words (the pre-flight says it)."""
+    if hf.tokenizer_differences(student_tokenizer, teacher_tokenizer):
+        return (f"two tokenizers (student vocabulary {len(student_tokenizer):,}, teacher {len(teacher_tokenizer):,}): "
+                "cross-tokenizer distillation at positions aligned by character offsets")
+    if student_vocab != teacher_vocab:
+        return (f"one tokenizer, LM heads of {student_vocab:,} and {teacher_vocab:,} rows: compared over the "
+                f"{min(student_vocab, teacher_vocab):,} shared ones")
+    return f"one tokenizer and vocabulary ({student_vocab:,}): token-level distillation at every position"
+
+
+def cross_rules(recipe: Recipe) -> list[str]:
+    """What a recipe with two tokenizers may hold, one line per rule broken."""
+    found = []
+    data = recipe.data
+    if not isinstance(data, DatasetData) or data.format == "chat":
+        found.append("with two tokenizers both models read the same plain text: use data.kind dataset with format "
+                     "text or prompt_completion (chat templates render differently per model)")
+    elif data.packing:
+        found.append("with two tokenizers each text is aligned on its own: set data.packing: false")
+    if recipe.teacher.cache is not None:
+        found.append("teacher.cache stores the teacher's distributions over its own tokens: remove it when the "
+                     "tokenizers differ")
+    for section, present in (("loss.features", bool(recipe.loss.features)), ("onpolicy", recipe.onpolicy is not None),
+                             ("student.lora", recipe.student.lora is not None)):
+        if present:
+            found.append(f"{section} is not supported yet when the tokenizers differ: remove it")
+    if "logit_kd" in recipe.arms:
+        found.append("with two tokenizers the arms are student_alone and distilled")
+    return found
+
+
+def deep_problems(recipe: Recipe) -> list[str]:
+    """Read the texts and both models' configs: data size, context lengths, prompts for method response."""
+    try:
+        train_texts, _ = _texts(recipe)
+        if len(train_texts) < recipe.train.batch_size:
+            return [f"train.batch_size={recipe.train.batch_size} exceeds the {len(train_texts)} training rows; lower "
+                    "train.batch_size or give more rows"]
+        configs = {who: json.loads((hf.resolve_model_path(spec.source) / "config.json").read_text())
+                   for who, spec in (("teacher", recipe.teacher.model), ("student", _student_source(recipe)))}
+        check_sequence_length(recipe.data.seq_len, configs, key="data.max_length")
+        if recipe.method == "response":
+            if recipe.generate is None:
+                return ["method response needs a generate section (max_new_tokens, batch_size, ...)"]
+            if not all(start for _, start in train_texts):
+                return ["method response answers prompts: use data.format prompt_completion"]
+    except DistilError as exc:
+        return [str(exc)]
+    return []
+
+
+def _texts(recipe: Recipe) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    data = recipe.data
+    assert isinstance(data, DatasetData)
+    rows, held = split_rows(data.path, split=data.split, eval_path=data.eval_path,
+                            eval_fraction=0.0 if data.eval_path else data.eval_fraction, seed=recipe.seed,
+                            max_examples=data.max_examples)
+    columns = Columns(**data.columns.model_dump())
+    train_texts, _ = plain_texts(rows, data.format, columns)
+    if not held:
+        raise DistilError("data: no held-out example to evaluate on; give data.eval_path or raise data.eval_fraction")
+    eval_texts, _ = plain_texts(held, data.format, columns, source="held-out data")
+    return train_texts, eval_texts[: data.eval_examples]
+
+
+def _student_source(recipe: Recipe) -> HFModelSpec:
+    spec = recipe.student.model
+    if not isinstance(spec, HFModelSpec):
+        raise DistilError("a student built from the teacher shares its tokenizer; with a tokenizer of its own the "
+                          "student is student.model: {arch: hf, source: ...}")
+    return spec
+
+
+class CrossLMRun:
+    """The teacher, the student's initial weights (`student_init/`), both tokenizers and the texts."""
+
+    def __init__(self, ctx: RunContext, teacher_tokenizer: Any, student_tokenizer: Any):
+        self.ctx = ctx
+        recipe, console = ctx.recipe, ctx.console
+        broken = cross_rules(recipe)
+        if broken:
+            raise DistilError("; ".join(broken))
+        if distributed.active():
+            raise DistilError("cross-tokenizer runs use one process; run without torchrun")
+        t_spec = recipe.teacher.model
+        assert isinstance(t_spec, HFModelSpec)
+        self.t_tok, self.s_tok = teacher_tokenizer, student_tokenizer
+        self.teacher_path = hf.resolve_model_path(t_spec.source)
+        self.train_texts, self.eval_texts = _texts(recipe)
+        if len(self.train_texts) < recipe.train.batch_size:
+            raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {len(self.train_texts)} "
+                              "training rows; lower train.batch_size or give more rows")
+        console.print(f"data: {len(self.train_texts)} training texts, {len(self.eval_texts)} held out")
+        console.print(f"[bold]teacher[/bold]: {t_spec.source} ({self.teacher_path})")
+        teacher, _ = hf.load_causal_lm(t_spec.source, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
+        self.init = ctx.run_dir / INIT_FOLDER
+        if not is_model_folder(self.init):
+            student, _ = hf.load_causal_lm(_student_source(recipe).source, dtype="float32")
+            save_hf_folder(self.init, student.float(), student_tokenizer)
+        student_vocab = json.loads((self.init / "config.json").read_text())["vocab_size"]
+        console.print("pair: " + pair_method(student_tokenizer, teacher_tokenizer, student_vocab,
+                                             teacher.config.vocab_size))
+        self.teacher = teacher.to(ctx.device).eval()
+        self.texts = {"student_alone": self.train_texts, "distilled": self.train_texts}
+        if recipe.method == "response":
+            self.texts["distilled"] = self._teacher_answers()
+        self.metrics = ["bits_per_byte", "perplexity"]
+
+    def _teacher_answers(self) -> list[tuple[str, int]]:
+        """The teacher's answers to the training prompts (a prompt: the text before its trained part)."""
+        recipe = self.ctx.recipe
+        spec = recipe.generate
+        if spec is None:
+            raise DistilError("method response needs a generate section (max_new_tokens, batch_size, ...)")
+        prompts = [text[:start] for text, start in self.train_texts[: spec.num_prompts]]
+        if not all(prompts):
+            raise DistilError("method response answers prompts: use data.format prompt_completion")
+        self.ctx.console.print(f"[bold]generate[/bold]: the teacher answers {len(prompts)} prompts")
+        answers = generate_responses(self.teacher, self.t_tok, prompts, self.ctx.run_dir / "generations.jsonl",
+                                     spec=replace(sampling(spec), chat_template=False),
+                                     teacher_id=str(recipe.teacher.model.source),  # type: ignore[union-attr]
+                                     seed=recipe.seed, show_progress=self.ctx.show_progress)
+        return [(r["prompt"] + r["response"], len(r["prompt"])) for r in answers]
+
+    def _pairs(self, texts: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        return pair_batch([t for t, _ in texts], self.s_tok, self.t_tok, max_length=self.ctx.recipe.data.seq_len,
+                          student_pad=self.s_tok.pad_token_id, teacher_pad=self.t_tok.pad_token_id,
+                          trained_from=[start for _, start in texts])
+
+    # ------------------------------------------------------------------------------------------------- training
+    def train_arm(self, arm: str, folder: Path) -> None:
+        recipe, device = self.ctx.recipe, self.ctx.device
+        texts = self.texts[arm]
+        seed_everything(recipe.seed)
+        student = hf.load_causal_lm(self.init, dtype="float32")[0].to(device)
+        student.config.use_cache = False
+        if recipe.student.freeze_embeddings:
+            for head in (student.get_input_embeddings(), student.get_output_embeddings()):
+                head.weight.requires_grad_(False)
+        objective: Any
+        if arm == "distilled" and recipe.method == "logits":
+            loss = recipe.loss
+            spec = CrossTokenizerLoss(method=loss.cross_tokenizer, alpha=loss.alpha, temperature=loss.temperature)
+            vocab = vocab_map(self.s_tok, self.t_tok) if spec.method == "mapped_kl" else None
+            objective = CrossTokenizerObjective(student, Teacher(self.teacher), spec, vocab=vocab, device=device)
+            batches = lambda i: self._pairs([texts[j] for j in i.tolist()])  # noqa: E731
+        else:  # the student's own CE on the texts: the reference ones, or the teacher's answers
+            objective = CausalLMObjective(student, None, logit_loss(recipe.loss), vocab_size=student.config.vocab_size,
+                                          device=device, pad_token_id=self.s_tok.pad_token_id)
+            batches = lambda i: model_view(self._pairs([texts[j] for j in i.tolist()]), "student")  # noqa: E731
+        stream = BatchStream(len(texts), recipe.train.batch_size, batches, seed=recipe.seed)
+        stage = Stage(arm, objective, stream, train_config(recipe.train), self.ctx.run_dir / "checkpoints" / arm,
+                      self.ctx.metrics, device, recipe=recipe.model_dump(mode="json"))
+        train(stage, show_progress=self.ctx.show_progress)
+        student.config.use_cache = True
+        save_hf_folder(folder, student, self.s_tok, {"train_time_s": stage.elapsed_s, "steps": recipe.train.steps})
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def measure(self) -> dict[str, dict[str, Any]]:
+        recipe, device = self.ctx.recipe, self.ctx.device
+        self.ctx.console.print("evaluating teacher and students on held-out text (bits per byte) ...")
+        pairs = [self._pairs(self.eval_texts[i : i + EVAL_BATCH]) for i in range(0, len(self.eval_texts), EVAL_BATCH)]
+        prompts = self._sample_prompts()
+        repeats = min(2, recipe.latency_runs)
+
+        def measure_teacher() -> Any:
+            return self._row(self.teacher, self.teacher_path, pairs, "teacher", repeats, None, prompts)
+
+        what = {"model": model_files_key(self.teacher_path), "cross_tokenizer_eval": self._eval_key(),
+                "prompts": prompts, "repeats": repeats, "device": str(device), "student_tokenizer": len(self.s_tok)}
+        rows: dict[str, Any] = {}
+        rows["teacher"], _, teacher_samples = remembered(what, measure_teacher)
+        samples = {"teacher": teacher_samples}
+        speed = None
+        for arm, folder in [("student_init", self.init)] + [(a, arm_folder(self.ctx.run_dir, a)) for a in recipe.arms]:
+            model = hf.load_causal_lm(folder, dtype="float32")[0].to(device)
+            rows[arm], _, texts = self._row(model, folder, pairs, "student", repeats, speed, prompts)
+            speed = speed or (architecture(model), rows[arm])
+            if arm != "student_init":
+                samples[arm] = texts
+        self.generations = [{"prompt": p, **{name: texts[i] for name, texts in samples.items()}}
+                            for i, p in enumerate(prompts)]
+        return rows
+
+    def _row(self, model: Any, folder: Path, pairs: list[dict[str, torch.Tensor]], who: str, repeats: int,
+             speed: tuple | None, prompts: list[str]) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
+        tokenizer = self.t_tok if who == "teacher" else self.s_tok
+        own = [model_view(b, who) for b in pairs]
+        same = speed is not None and speed[0] == architecture(model)
+        row, predictions = measure_lm(model, folder, own, model.config.vocab_size, None, tokenizer, repeats,
+                                      speed=speed[1] if same else None)
+        row.pop("agreement")  # top-1 tokens of two vocabularies do not compare
+        lengths = torch.tensor([len(b) if b is not None else 0 for b in token_bytes(tokenizer)])
+        row["bits_per_byte"] = bits_per_byte(model, own, token_lengths=lengths)
+        return row, predictions, greedy_continuations(model, tokenizer, prompts)
+
+    def _sample_prompts(self) -> list[str]:
+        count = self.ctx.recipe.generations_shown
+        step = max(1, len(self.eval_texts) // max(count, 1))
+        return [text[:start] if start else text[:200] for text, start in self.eval_texts[::step][:count]]
+
+    def _eval_key(self) -> str:
+        digest = hashlib.sha256()
+        for text, start in self.eval_texts:
+            digest.update(repr((text, start, self.ctx.recipe.data.seq_len)).encode())
+        return digest.hexdigest()
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"method": self.ctx.recipe.method, "generations": self.generations,
+                "pair": "cross-tokenizer", "cross_tokenizer_loss": self.ctx.recipe.loss.cross_tokenizer,
+                "eval_texts": len(self.eval_texts)}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        return summary

@@ -1,0 +1,118 @@
+"""Recipes whose student has a tokenizer of its own (task causal_lm, distil.tasks.cross_lm), on two tiny Llamas with
+byte-level BPE tokenizers of different vocabularies (384 and 640) and a prompt-completion JSONL made here."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from distil.cli import main
+from distil.config.load import validate_recipe
+from distil.data.formats import IGNORE
+from distil.distill.cross_tokenizer import pair_batch
+from distil.runner import check, run_recipe
+
+PROMPTS = ["Shall I compare thee", "Thou art more lovely", "Rough winds do shake", "And summer's lease hath",
+           "Sometime too hot the eye", "And often is his gold", "And every fair from fair", "By chance, or nature's"]
+ANSWERS = [" to a summer's day?", " and more temperate:", " the darling buds of May,", " all too short a date;",
+           " of heaven shines,", " complexion dimm'd;", " sometime declines,", " changing course untrimm'd;"]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_lm, tmp_path_factory):
+    from tests.conftest import build_tiny_lm
+
+    return tiny_lm, build_tiny_lm(tmp_path_factory.mktemp("teacher-640"), vocab=640, seed=3)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [{"prompt": p, "completion": a} for p, a in zip(PROMPTS * 2, ANSWERS * 2)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _recipe(pair, data_file, run_dir, **extra):
+    student, teacher = pair
+    recipe = {
+        "name": "two-tokenizers", "task": "causal_lm", "seed": 0, "output_dir": str(run_dir),
+        "data": {"kind": "dataset", "path": str(data_file), "format": "prompt_completion", "max_length": 48,
+                 "packing": False, "eval_fraction": 0.25},
+        "teacher": {"model": {"arch": "hf", "source": str(teacher)}},
+        "student": {"model": {"arch": "hf", "source": str(student)}},
+        "loss": {"alpha": 0.5, "temperature": 1.0},
+        "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1},
+        "generate": {"max_new_tokens": 6, "batch_size": 4, "num_prompts": 8},
+        "latency_runs": 1, "generations_shown": 1,
+    }
+    for key, value in extra.items():
+        section, _, field = key.partition("__")
+        if field:
+            recipe[section] = {**recipe[section], field: value}
+        else:
+            recipe[section] = value
+    return validate_recipe(recipe)
+
+
+def test_prompt_tokens_are_context_for_both_models(pair):
+    """With trained_from, tokens that start before the completion are not labels of either model, and no aligned
+    position predicts one; with trained_from 0 the batch is the one without it."""
+    s_tok, t_tok = AutoTokenizer.from_pretrained(pair[0]), AutoTokenizer.from_pretrained(pair[1])
+    texts = [p + a for p, a in zip(PROMPTS[:3], ANSWERS[:3])]
+    kwargs = {"max_length": 48, "student_pad": s_tok.pad_token_id, "teacher_pad": t_tok.pad_token_id}
+    plain = pair_batch(texts, s_tok, t_tok, **kwargs)
+    assert {k: v.tolist() for k, v in pair_batch(texts, s_tok, t_tok, trained_from=[0] * 3, **kwargs).items()} \
+        == {k: v.tolist() for k, v in plain.items()}
+    batch = pair_batch(texts, s_tok, t_tok, trained_from=[len(p) for p in PROMPTS[:3]], **kwargs)
+    for b, (prompt, text) in enumerate(zip(PROMPTS, texts)):
+        for tokenizer, ids, labels in ((s_tok, "input_ids", "labels"), (t_tok, "teacher_input_ids", "teacher_labels")):
+            offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+            want = [t if begin >= len(prompt) else IGNORE for t, (begin, _) in zip(batch[ids][b].tolist(), offsets)]
+            assert batch[labels][b, : len(offsets)].tolist() == want
+            assert tokenizer.decode([t for t in want if t != IGNORE]).strip() == text[len(prompt):].strip()
+    targets = batch["labels"].flatten()[batch["student_index"] + 1]
+    assert (targets != IGNORE).all() and 0 < len(targets) < len(plain["student_index"])
+
+
+def test_validate_says_the_pair_uses_two_tokenizers_and_refuses_what_does_not_apply(pair, data_file, tmp_path,
+                                                                                    capsys):
+    recipe = _recipe(pair, data_file, tmp_path / "run")
+    assert check(recipe) == []
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe.model_dump(mode="json")))
+    assert main(["validate", str(path)]) == 0
+    assert "# pair: two tokenizers (student vocabulary 384, teacher 640)" in capsys.readouterr().out
+    packed = _recipe(pair, data_file, tmp_path / "run", data__packing=True)
+    assert check(packed) == ["with two tokenizers each text is aligned on its own: set data.packing: false"]
+    (line,) = check(_recipe(pair, data_file, tmp_path / "run", arms=["logit_kd"]))
+    assert "arms are student_alone and distilled" in line
+    (line,) = check(_recipe(pair, data_file, tmp_path / "run", train__batch_size=64))
+    assert "exceeds the 12 training rows" in line
+
+
+@pytest.mark.parametrize("method, loss", [("logits", "mapped_kl"), ("logits", "uld"), ("response", "mapped_kl")])
+def test_recipe_trains_both_arms_and_scores_every_model_in_bits_per_byte(pair, data_file, tmp_path, method, loss):
+    arms = ["student_alone", "distilled"] if loss == "mapped_kl" else ["distilled"]
+    recipe = _recipe(pair, data_file, tmp_path / "run", method=method, loss__cross_tokenizer=loss, arms=arms)
+    summary = run_recipe(recipe, show_progress=False)
+    rows = summary["arms"]
+    assert list(rows) == ["teacher", "student_init", *arms]
+    for row in rows.values():
+        assert 0 < row["bits_per_byte"] < 40 and row["perplexity"] > 1 and "agreement" not in row
+    assert summary["metrics"] == ["bits_per_byte", "perplexity"]
+    assert rows["teacher"]["params"] > rows["student_init"]["params"]
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "run" / "student")) == 384
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    distilled = [r for r in logged if r.get("arm") == "distilled" and "loss/ce" in r]
+    assert distilled, logged
+    if method == "logits":  # the soft term across tokenizers was in the loss
+        assert all(r["loss/kd"] > 0 for r in distilled)
+        # trained: the student moved away from its initial weights
+        assert rows["distilled"]["bits_per_byte"] != rows["student_init"]["bits_per_byte"]
+    else:  # the teacher's answers, one per distinct training prompt, are what the distilled arm read
+        answers = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+        prompts = [a["prompt"] for a in answers]
+        assert len(set(prompts)) == len(prompts) > 4 and set(prompts) <= set(PROMPTS)
+    assert torch.isfinite(torch.tensor([r["bits_per_byte"] for r in rows.values()])).all()
