@@ -5,8 +5,9 @@ h_t @ W_t.T (vocabulary 151,936, Qwen2.5's; hidden 896), at 2,048 aligned positi
 respect to the student's hidden states and LM-head weight.
 
 - chunked: ``distil.losses.cross_vocab.chunked_cross_vocab`` (each chunk's logits of both models exist only while
-  the chunk is in use; the backward pass recomputes them);
-- plain: both models' logits materialised, then ``uld`` / ``mapped_kl``.
+  the chunk is in use, and its gradient is taken there: nothing is recomputed in the backward pass);
+- plain: both models' logits materialised, then ``uld`` / ``mapped_kl``;
+- ``--top-k K``: ULD ranks each row's K largest probabilities instead of sorting all (``sorted_distance``).
 
 The vocabulary map of mapped_kl is synthetic: ``--mapped`` random pairs, by default as many as SmolLM2 and Qwen2.5
 really share (39,237, measured with ``distil.data.alignment.vocab_map``), and 10% of positions carry a multi-token
@@ -52,6 +53,7 @@ def _case(args: argparse.Namespace) -> dict:
 
     def run(hs, ws, ht, wt, merges):
         extra = {"vocab": vocab, "merges": merges} if args.loss == "mapped_kl" else {}
+        extra["top_k"] = args.top_k
         if args.path == "chunked":
             return chunked_cross_vocab(per_position, hs, ws, ht, wt, chunk_size=args.chunk_size, **extra)
         with torch.no_grad():
@@ -68,6 +70,7 @@ def _case(args: argparse.Namespace) -> dict:
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     return {"loss": args.loss, "path": args.path, "tokens": n, "student_vocab": args.student_vocab,
             "teacher_vocab": args.teacher_vocab, "mapped": args.mapped, "chunk_size": args.chunk_size,
+            "top_k": args.top_k,
             "peak_mib": (_status_kib("VmHWM") - base) / 1024, "time_s": seconds, "cpu_s": cpu_s,
             "value": loss.item(), "grad_w_norm": ws.grad.norm().item(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -85,16 +88,22 @@ def main() -> None:
     parser.add_argument("--teacher-hidden", type=int, default=896)
     parser.add_argument("--mapped", type=int, default=39237)  # SmolLM2 and Qwen2.5 share 39,237 (vocab_map)
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=None, help="ULD's ranked entries per row (default: all)")
+    parser.add_argument("--losses", default="uld,mapped_kl")
+    parser.add_argument("--paths", default="chunked,plain")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(_case(args)))
         return
     rows = []
-    for loss in ("uld", "mapped_kl"):
-        for path in ("chunked", "plain"):
-            cmd = [sys.executable, __file__, "--case", "--loss", loss, "--path", path, *sys.argv[1:]]
-            cmd = [c for c in cmd if c != "--out" and c != str(args.out)]
+    for loss in args.losses.split(","):
+        for path in args.paths.split(","):
+            cmd = [sys.executable, __file__, "--case", "--loss", loss, "--path", path, "--tokens", str(args.tokens),
+                   "--student-vocab", str(args.student_vocab), "--student-hidden", str(args.student_hidden),
+                   "--teacher-vocab", str(args.teacher_vocab), "--teacher-hidden", str(args.teacher_hidden),
+                   "--mapped", str(args.mapped), "--chunk-size", str(args.chunk_size),
+                   *(["--top-k", str(args.top_k)] if args.top_k else [])]
             done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)

@@ -200,9 +200,9 @@ class PythonRun:
 def _loss_spec(task: str, name: str, alpha: float, temperature: float, params: dict[str, float]
                ) -> LogitLoss | CrossTokenizerLoss:
     if task == "cross_lm":
-        if name not in ("mapped_kl", "uld") or set(params) - {"kl_weight", "uld_weight"}:
+        if name not in ("mapped_kl", "uld") or set(params) - {"kl_weight", "uld_weight", "top_k"}:
             raise DistilError(f"the teacher's and student's tokenizers differ: loss must be 'mapped_kl' (parameters "
-                              f"kl_weight, uld_weight) or 'uld', not {name!r} with {sorted(params)}")
+                              f"kl_weight, uld_weight, top_k) or 'uld' (top_k), not {name!r} with {sorted(params)}")
         return CrossTokenizerLoss(method=name, alpha=alpha, temperature=temperature, **params)  # type: ignore[arg-type]
     if task == "embedding":
         if name not in ("cosine", "mse") or params:

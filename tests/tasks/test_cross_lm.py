@@ -92,10 +92,13 @@ def test_validate_says_the_pair_uses_two_tokenizers_and_refuses_what_does_not_ap
     assert "exceeds the 12 training rows" in line
 
 
-@pytest.mark.parametrize("method, loss", [("logits", "mapped_kl"), ("logits", "uld"), ("response", "mapped_kl")])
+@pytest.mark.parametrize("method, loss", [("logits", "mapped_kl"), ("logits", "uld"), ("response", "mapped_kl"),
+                                          ("onpolicy", "uld")])
 def test_recipe_trains_both_arms_and_scores_every_model_in_bits_per_byte(pair, data_file, tmp_path, method, loss):
-    arms = ["student_alone", "distilled"] if loss == "mapped_kl" else ["distilled"]
-    recipe = _recipe(pair, data_file, tmp_path / "run", method=method, loss__cross_tokenizer=loss, arms=arms)
+    arms = ["student_alone", "distilled"] if (method, loss) == ("logits", "mapped_kl") else ["distilled"]
+    extra = {"onpolicy": {"lmbda": 1.0, "max_new_tokens": 6}} if method == "onpolicy" else {}
+    recipe = _recipe(pair, data_file, tmp_path / "run", method="response" if method == "response" else "logits",
+                     loss__cross_tokenizer=loss, arms=arms, **extra)
     summary = run_recipe(recipe, show_progress=False)
     rows = summary["arms"]
     assert list(rows) == ["teacher", "student_init", *arms]
@@ -107,12 +110,47 @@ def test_recipe_trains_both_arms_and_scores_every_model_in_bits_per_byte(pair, d
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     distilled = [r for r in logged if r.get("arm") == "distilled" and "loss/ce" in r]
     assert distilled, logged
-    if method == "logits":  # the soft term across tokenizers was in the loss
+    if method == "onpolicy":  # every step on the student's samples: the soft term alone (T = 1)
+        assert all(r["loss"] == pytest.approx(r["loss/kd"], rel=1e-6) and r["loss/kd"] > 0 for r in distilled)
+    if method in ("logits", "onpolicy"):  # the soft term across tokenizers was in the loss
         assert all(r["loss/kd"] > 0 for r in distilled)
         # trained: the student moved away from its initial weights
         assert rows["distilled"]["bits_per_byte"] != rows["student_init"]["bits_per_byte"]
-    else:  # the teacher's answers, one per distinct training prompt, are what the distilled arm read
+    if method == "response":  # the teacher's answers, one per distinct training prompt, are what the arm read
         answers = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
         prompts = [a["prompt"] for a in answers]
         assert len(set(prompts)) == len(prompts) > 4 and set(prompts) <= set(PROMPTS)
     assert torch.isfinite(torch.tensor([r["bits_per_byte"] for r in rows.values()])).all()
+
+
+def test_on_policy_samples_are_read_by_both_tokenizers_and_only_the_sampled_text_is_trained(pair):
+    from transformers import AutoModelForCausalLM
+
+    from distil.data.alignment import vocab_map
+    from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, Tokenizers
+    from distil.distill.lm import OnPolicy
+    from distil.distill.pair import Teacher
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(pair[0]), AutoTokenizer.from_pretrained(pair[1])
+    student, teacher = (AutoModelForCausalLM.from_pretrained(path) for path in pair)
+    objective = CrossTokenizerObjective(student, Teacher(teacher), CrossTokenizerLoss(), vocab=vocab_map(s_tok, t_tok),
+                                        device=torch.device("cpu"), onpolicy=OnPolicy(lmbda=1.0, max_new_tokens=8),
+                                        tokenizers=Tokenizers(s_tok, t_tok, 48))
+    texts = [p + a for p, a in zip(PROMPTS[:2], ANSWERS[:2])]
+    batch = pair_batch(texts, s_tok, t_tok, max_length=48, student_pad=s_tok.pad_token_id,
+                       teacher_pad=t_tok.pad_token_id, trained_from=[len(p) for p in PROMPTS[:2]])
+    torch.manual_seed(0)
+    (sampled,) = objective.prepare([batch], step=0)
+    assert "onpolicy" in sampled
+    for b, prompt in enumerate(PROMPTS[:2]):
+        ids = sampled["input_ids"][b][sampled["attention_mask"][b].bool()].tolist()
+        text = s_tok.decode(ids)
+        assert text.startswith(prompt) and text != texts[b]  # the prompt, then the student's own words
+        trained = [t for t in sampled["labels"][b].tolist() if t != IGNORE]
+        assert s_tok.decode(trained) == text[len(prompt):]
+        t_trained = [t for t in sampled["teacher_labels"][b].tolist() if t != IGNORE]
+        assert t_tok.decode(t_trained).strip() == text[len(prompt):].strip()
+    terms = objective.loss(sampled)
+    assert torch.equal(terms["loss"], terms["kd"]) and terms["kd"] > 0  # T = 1: the soft term alone
+    torch.manual_seed(0)
+    assert objective.prepare([batch], step=0)[0]["input_ids"].tolist() == sampled["input_ids"].tolist()  # seeded

@@ -173,6 +173,8 @@ class LossSpec(Strict):
     cross_tokenizer: Literal["mapped_kl", "uld"] = Field(
         "mapped_kl", description="causal LMs with two tokenizers: the soft term at character-aligned positions, the "
         "vocabulary-mapped KL (equal-string tokens, ULD on the rest) or ULD alone (distil.losses.cross_vocab)")
+    uld_top_k: int | None = Field(1024, gt=0, description="ULD ranks each distribution's top k probabilities, the "
+                                  "rest by its mass (low by at most twice the smaller tail); null = all")
     features: list[FeatureTermSpec] = Field(
         default=[], description="feature / attention / relation terms added to the `distilled` arm's loss")
     embedding: Literal["cosine", "mse"] = Field(

@@ -10,6 +10,7 @@ tokens, so micro-batches accumulate exactly.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,8 @@ from torch import nn
 
 from distil.data.alignment import Alignment, align_text, token_bytes, tokenize_with_offsets
 from distil.data.formats import IGNORE
-from distil.distill.lm import final_hidden, next_token_targets
+from distil.distill.lm import (OnPolicy, eos_ids, example_prompt, final_hidden, next_token_targets,
+                               sample_continuations)
 from distil.distill.pair import Teacher
 from distil.losses import fused_linear_cross_entropy
 from distil.losses.cross_vocab import Merges, VocabMap, chunked_cross_vocab, mapped_kl_per_position, uld_per_position
@@ -110,18 +112,62 @@ def spelling_logprobs(hidden: torch.Tensor, weight: torch.Tensor, next_ids: torc
     return torch.zeros(len(starts), dtype=torch.float32, device=hidden.device).index_add_(0, span, token)
 
 
+@dataclass(frozen=True)
+class Tokenizers:
+    """What on-policy steps need to turn the student's samples into pair batches again."""
+
+    student: Any
+    teacher: Any
+    max_length: int
+
+
 class CrossTokenizerObjective(Objective):
-    """alpha * T^2 * (ULD or mapped KL at aligned positions) + (1 - alpha) * the student's next-token CE."""
+    """alpha * T^2 * (ULD or mapped KL at aligned positions) + (1 - alpha) * the student's next-token CE.
+
+    With `onpolicy` (and `tokenizers`), a step is on-policy with probability lmbda, as in GKD (distil.distill.lm):
+    the student continues each example's prompt, the text it wrote is read by both tokenizers again, and only the
+    soft term (T^2 * divergence) at the aligned positions of the sampled part is trained on."""
 
     unit = "tokens"
 
     def __init__(self, student: nn.Module, teacher: Teacher, spec: CrossTokenizerLoss, *, vocab: VocabMap | None,
-                 device: torch.device):
+                 device: torch.device, onpolicy: OnPolicy | None = None, tokenizers: Tokenizers | None = None):
         if spec.method == "mapped_kl" and vocab is None:
             raise ValueError("method mapped_kl needs the vocabulary map (distil.data.alignment.vocab_map)")
+        if onpolicy is not None and tokenizers is None:
+            raise ValueError("on-policy steps need both tokenizers (tokenizers=Tokenizers(...))")
         self.student, self.teacher, self.spec, self.device = student, teacher, spec, device
         self.vocab = vocab.to(device) if vocab is not None else None
+        self.onpolicy, self.tokenizers = onpolicy, tokenizers
         self.modules = {"student": student}
+
+    def prepare(self, batches: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+        """With probability lmbda (decided once per optimizer step), every micro-batch becomes student samples."""
+        spec = self.onpolicy
+        if spec is None or step < spec.start_step or not bool(torch.rand(()) < spec.lmbda):
+            return batches
+        return [self._sample(batch) for batch in batches]
+
+    def _sample(self, batch: dict[str, Any]) -> dict[str, Any]:
+        spec, tokenizers = self.onpolicy, self.tokenizers
+        assert spec is not None and tokenizers is not None
+        s_tok = tokenizers.student
+        ids, labels, lengths = batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].sum(1)
+        prompts = [example_prompt(row, row_labels, spec.prompt_tokens, int(n))
+                   for row, row_labels, n in zip(ids, labels, lengths.tolist())]
+        pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else eos_ids(self.student)[0]
+        texts, starts = [], []
+        for prompt, sampled in zip(prompts, sample_continuations(self.student, prompts, spec, pad, self.device)):
+            prompt_text = s_tok.decode(prompt, skip_special_tokens=True)
+            text = s_tok.decode(prompt + sampled, skip_special_tokens=True)
+            texts.append(text)
+            # the sampled text starts where the prompt's does end (a prompt cut inside a character decodes otherwise)
+            starts.append(len(prompt_text) if text.startswith(prompt_text) else len(os.path.commonprefix([text,
+                                                                                                      prompt_text])))
+        teacher_pad = tokenizers.teacher.pad_token_id
+        return {**pair_batch(texts, s_tok, tokenizers.teacher, max_length=tokenizers.max_length, student_pad=pad,
+                             teacher_pad=teacher_pad if teacher_pad is not None else 0, trained_from=starts),
+                "onpolicy": torch.ones(())}
 
     def teachers(self) -> dict[str, nn.Module]:
         return teacher_models(teacher=self.teacher)
@@ -161,7 +207,10 @@ class CrossTokenizerObjective(Objective):
         kd = chunked_cross_vocab(per_position, s_flat[s_index], s_weight, t_flat[t_index], t_weight, merges=merges,
                                  chunk_size=spec.chunk_size, temperature=spec.temperature, **options)
         terms["kd"] = kd * aligned / tokens  # a sum over aligned positions per student target token
-        terms["loss"] = spec.alpha * spec.temperature ** 2 * terms["kd"] + (1 - spec.alpha) * terms["ce"]
+        if "onpolicy" in batch:  # the student's own samples: the soft term alone, as in GKD
+            terms["loss"] = spec.temperature ** 2 * terms["kd"]
+        else:
+            terms["loss"] = spec.alpha * spec.temperature ** 2 * terms["kd"] + (1 - spec.alpha) * terms["ce"]
         return terms
 
 

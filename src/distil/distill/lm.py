@@ -38,6 +38,25 @@ class OnPolicy:
     start_step: int = 0  # off-policy warm-up: the steps before this one are never on-policy
 
 
+def sample_continuations(student: nn.Module, prompts: list[list[int]], spec: OnPolicy, pad: int,
+                         device: torch.device) -> list[list[int]]:
+    """The student's sampled continuation of each prompt (token ids), up to and with its first EOS."""
+    width = max(len(p) for p in prompts)
+    left = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        sequences = student.generate(
+            input_ids=left, attention_mask=attention, do_sample=True, temperature=spec.temperature,
+            top_k=spec.top_k or 0, top_p=1.0, max_new_tokens=spec.max_new_tokens, pad_token_id=pad, use_cache=True,
+        )
+    student.train(was_training)
+    eos = set(eos_ids(student))
+    return [next((row[: i + 1] for i, token in enumerate(row) if token in eos), row)
+            for row in sequences[:, width:].tolist()]
+
+
 def fused_problem(model: nn.Module, who: str, inputs: dict[str, torch.Tensor]) -> str | None:
     """Why the fused path cannot compute this model's logits as ``hidden @ lm_head.weight.T`` (None when it can).
 
@@ -74,14 +93,14 @@ def final_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
     return out.last_hidden_state
 
 
-def _prompt(ids: list[int], labels: list[int], prompt_tokens: int, length: int) -> list[int]:
+def example_prompt(ids: list[int], labels: list[int], prompt_tokens: int, length: int) -> list[int]:
     """The untrained prefix of an example (`length` real tokens), or its first prompt_tokens tokens when its first
     token is trained on (a text block)."""
     first = prompt_length(labels[:length])
     return ids[: first if first > 0 else min(prompt_tokens, length - 1)]
 
 
-def _eos_ids(model: nn.Module) -> list[int]:
+def eos_ids(model: nn.Module) -> list[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = model.config.eos_token_id
@@ -151,26 +170,12 @@ class CausalLMObjective(Objective):
         mask = batch.get("attention_mask")
         ids = batch["input_ids"]
         lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * len(ids)
-        prompts = [_prompt(row, labels, spec.prompt_tokens, int(n))
+        prompts = [example_prompt(row, labels, spec.prompt_tokens, int(n))
                    for row, labels, n in zip(ids.tolist(), batch["labels"].tolist(), lengths)]
-        pad = self.pad_token_id if self.pad_token_id is not None else _eos_ids(self.student)[0]
-        width = max(len(p) for p in prompts)
-        left = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        was_training = self.student.training
-        self.student.eval()
-        with torch.no_grad():
-            sequences = self.student.generate(
-                input_ids=left, attention_mask=attention, do_sample=True, temperature=spec.temperature,
-                top_k=spec.top_k or 0, top_p=1.0, max_new_tokens=spec.max_new_tokens, pad_token_id=pad,
-                use_cache=True,
-            )
-        self.student.train(was_training)
-        eos = set(_eos_ids(self.student))
-        examples = []
-        for prompt, row in zip(prompts, sequences[:, width:].tolist()):
-            sampled = next((row[: i + 1] for i, token in enumerate(row) if token in eos), row)
-            examples.append(Example(prompt + sampled, [IGNORE] * len(prompt) + sampled))
+        pad = self.pad_token_id if self.pad_token_id is not None else eos_ids(self.student)[0]
+        examples = [Example(prompt + sampled, [IGNORE] * len(prompt) + sampled)
+                    for prompt, sampled in zip(prompts, sample_continuations(self.student, prompts, spec, pad,
+                                                                             self.device))]
         return {**padded_batch(examples, pad), "onpolicy": True}  # right-padded again, as training batches are
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

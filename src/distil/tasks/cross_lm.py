@@ -5,7 +5,8 @@ padding rows, or two tokenizers; with two, the run is this one. Both models read
 dataset, format text or prompt_completion), each with its own tokenizer. The arms:
 - student_alone: the student's next-token CE on the reference texts;
 - distilled, method logits: ULD or the vocabulary-mapped KL (loss.cross_tokenizer) at the positions aligned by
-  character offsets, plus (1 - alpha) * CE (distil.distill.cross_tokenizer);
+  character offsets, plus (1 - alpha) * CE (distil.distill.cross_tokenizer); with an onpolicy section, GKD's
+  on-policy steps: the student's own continuations, read by both tokenizers and scored by the soft term;
 - distilled, method response: the student's CE on the teacher's answers to the training prompts.
 Every model is scored in bits per byte on the held-out texts (comparable across tokenizers), next to its perplexity
 on its own tokens (not comparable across tokenizers).
@@ -21,13 +22,14 @@ from typing import Any
 
 import torch
 
-from distil.config.adapt import logit_loss, sampling, train_config
+from distil.config.adapt import logit_loss, onpolicy, sampling, train_config
 from distil.config.schema import DatasetData, HFModelSpec, Recipe
 from distil.data.alignment import token_bytes, vocab_map
 from distil.data.formats import Columns, plain_texts
 from distil.data.stream import BatchStream
 from distil.data.lm_dataset import split_rows
-from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, model_view, pair_batch
+from distil.distill.cross_tokenizer import (CrossTokenizerLoss, CrossTokenizerObjective, Tokenizers, model_view,
+                                           pair_batch)
 from distil.distill.lm import CausalLMObjective
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
@@ -70,7 +72,7 @@ def cross_rules(recipe: Recipe) -> list[str]:
     if recipe.teacher.cache is not None:
         found.append("teacher.cache stores the teacher's distributions over its own tokens: remove it when the "
                      "tokenizers differ")
-    for section, present in (("loss.features", bool(recipe.loss.features)), ("onpolicy", recipe.onpolicy is not None),
+    for section, present in (("loss.features", bool(recipe.loss.features)),
                              ("student.lora", recipe.student.lora is not None)):
         if present:
             found.append(f"{section} is not supported yet when the tokenizers differ: remove it")
@@ -190,9 +192,12 @@ class CrossLMRun:
         objective: Any
         if arm == "distilled" and recipe.method == "logits":
             loss = recipe.loss
-            spec = CrossTokenizerLoss(method=loss.cross_tokenizer, alpha=loss.alpha, temperature=loss.temperature)
+            spec = CrossTokenizerLoss(method=loss.cross_tokenizer, alpha=loss.alpha, temperature=loss.temperature,
+                                      top_k=loss.uld_top_k)
             vocab = vocab_map(self.s_tok, self.t_tok) if spec.method == "mapped_kl" else None
-            objective = CrossTokenizerObjective(student, Teacher(self.teacher), spec, vocab=vocab, device=device)
+            objective = CrossTokenizerObjective(
+                student, Teacher(self.teacher), spec, vocab=vocab, device=device, onpolicy=onpolicy(recipe.onpolicy),
+                tokenizers=Tokenizers(self.s_tok, self.t_tok, recipe.data.seq_len))
             batches = lambda i: self._pairs([texts[j] for j in i.tolist()])  # noqa: E731
         else:  # the student's own CE on the texts: the reference ones, or the teacher's answers
             objective = CausalLMObjective(student, None, logit_loss(recipe.loss), vocab_size=student.config.vocab_size,
