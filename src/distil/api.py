@@ -43,8 +43,8 @@ from distil.data.formats import IGNORE, Example
 from distil.data.packing import model_inputs, packed_batch, padded_batch
 from distil.data.stream import BatchStream
 from distil.diskspace import tensor_bytes
-from distil.distill.cross_tokenizer import (CrossTokenizerLoss, CrossTokenizerObjective, cross_tokenizer_rows,
-                                           pair_batch)
+from distil.data.pairs import pair_batch
+from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, cross_tokenizer_rows
 from distil.distill.embedding import EmbeddingObjective, encode
 from distil.distill.lm import CausalLMObjective
 from distil.distill.objectives import ClassifierObjective, LogitLoss

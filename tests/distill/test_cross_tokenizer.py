@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distil.data.alignment import vocab_map
-from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, pair_batch, spelling_logprobs
+from distil.data.pairs import pair_batch
+from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, spelling_logprobs
 from distil.distill.pair import Teacher
 from distil.losses import forward_kl
 

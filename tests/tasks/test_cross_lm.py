@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from distil.cli import main
 from distil.config.load import validate_recipe
 from distil.data.formats import IGNORE
-from distil.distill.cross_tokenizer import pair_batch
+from distil.data.pairs import pair_batch
 from distil.runner import check, run_recipe
 
 PROMPTS = ["Shall I compare thee", "Thou art more lovely", "Rough winds do shake", "And summer's lease hath",
@@ -154,3 +154,84 @@ def test_on_policy_samples_are_read_by_both_tokenizers_and_only_the_sampled_text
     assert torch.equal(terms["loss"], terms["kd"]) and terms["kd"] > 0  # T = 1: the soft term alone
     torch.manual_seed(0)
     assert objective.prepare([batch], step=0)[0]["input_ids"].tolist() == sampled["input_ids"].tolist()  # seeded
+
+
+TEACHER_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+                    "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_pair_models(pair, chat_lm, tmp_path_factory):
+    """The student with ChatML, the teacher (another vocabulary) with a '### role:' template."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("teacher-chat")
+    shutil.copytree(pair[1], folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TEACHER_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return chat_lm, folder
+
+
+CHATS = [[{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}] for p, a in zip(PROMPTS, ANSWERS)]
+
+
+def test_conversations_are_rendered_by_each_template_and_aligned_inside_the_contents(chat_pair_models):
+    from distil.data.formats import render
+    from distil.data.pairs import chat_pair, content_spans
+
+    s_tok, t_tok = (AutoTokenizer.from_pretrained(path) for path in chat_pair_models)
+    messages = [{"role": "user", "content": "Shall I compare thee — café?"},
+                {"role": "assistant", "content": "Thou art more lovely, 東京 🙂"}]
+    row = chat_pair(messages, s_tok, t_tok, max_length=96)
+    renderings = {}
+    for who, tokenizer, ids, labels in (("student", s_tok, row.student_ids, row.student_labels),
+                                        ("teacher", t_tok, row.teacher_ids, row.teacher_labels)):
+        text = render(tokenizer, messages)
+        assert "<|im_start|>" in text if who == "student" else "### assistant:" in text
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert encoded["input_ids"] == ids
+        trained = tokenizer.decode([t for t in labels if t != IGNORE])
+        assert trained.startswith(messages[1]["content"]) and messages[0]["content"] not in trained
+        renderings[who] = (text, encoded["offset_mapping"], content_spans(text, messages, who))
+
+    def where(who, position):  # (message, character inside its content) where the prefix ends
+        text, offsets, spans = renderings[who]
+        end = offsets[position][1]
+        return next((k, end - a) for k, (a, b) in enumerate(spans) if a <= end <= b)
+
+    pairs = list(zip(row.alignment.student.tolist(), row.alignment.teacher.tolist()))
+    assert len(pairs) >= 5
+    for s, t in pairs:
+        assert where("student", s) == where("teacher", t) and where("student", s)[0] == 1  # in the answer
+        assert row.student_labels[s + 1] != IGNORE
+    # ... and every character boundary inside the answer that both tokenizations share is aligned
+    def answer_ends(who):
+        _, offsets, spans = renderings[who]
+        a, b = spans[1]
+        return {where(who, i) for i in range(len(offsets) - 1)
+                if a <= offsets[i][1] <= b and offsets[i][1] != offsets[i + 1][1]}  # not inside a character
+
+    assert {where("student", s) for s, _ in pairs} == answer_ends("student") & answer_ends("teacher")
+
+
+def test_a_chat_recipe_with_two_templates_trains_and_scores(chat_pair_models, tmp_path):
+    rows = [{"messages": m} for m in CHATS * 2]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = _recipe(chat_pair_models, data, tmp_path / "run", arms=["distilled"], data__format="chat",
+                     data__max_length=96)
+    assert check(recipe) == []
+    summary = run_recipe(recipe, show_progress=False)
+    assert set(summary["arms"]) == {"teacher", "student_init", "distilled"}
+    assert all(0 < row["bits_per_byte"] < 40 for row in summary["arms"].values())
+    assert summary["generations"][0]["prompt"] in PROMPTS
+    from distil.errors import DistilError
+
+    with pytest.raises(DistilError, match="no held-out example keeps a trained token within data.max_length"):
+        run_recipe(_recipe(chat_pair_models, data, tmp_path / "short", data__format="chat", data__max_length=40),
+                   show_progress=False)  # every answer starts past 40 tokens: refused before any model loads
+    assert check(_recipe(chat_pair_models, data, tmp_path / "run", data__format="chat", data__max_length=96,
+                         onpolicy={"lmbda": 1.0})) == [
+        "on-policy steps across tokenizers continue plain prompts: use format prompt_completion or text, or remove "
+        "onpolicy"]

@@ -1,6 +1,6 @@
 """Token-level distillation between causal LMs that do not share a tokenizer.
 
-Each model reads the same texts with its own tokenizer (`pair_batch`); the soft term compares their next-token
+Each model reads the same texts with its own tokenizer (distil.data.pairs); the soft term compares their next-token
 distributions at the positions aligned by character offsets (distil.data.alignment) with ULD or the vocabulary-mapped
 KL (distil.losses.cross_vocab), chunked over aligned positions so that neither model's [tokens, vocab] logits exist.
 The hard term is the student's own next-token CE. Both are sums over the batch divided by its student target
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distil.data.alignment import Alignment, align_text, token_bytes, tokenize_with_offsets
-from distil.data.formats import IGNORE
+from distil.data.alignment import token_bytes
+from distil.data.pairs import pair_batch
 from distil.distill.lm import (OnPolicy, eos_ids, example_prompt, final_hidden, next_token_targets,
                                sample_continuations)
 from distil.distill.pair import Teacher
@@ -40,59 +40,6 @@ class CrossTokenizerLoss:
     uld_weight: float = 1.0  # mapped_kl: ULD on what is left unmapped
     top_k: int | None = 1024  # ULD ranks each row's top_k probabilities, not all (losses.cross_vocab.sorted_distance)
     chunk_size: int = 256  # aligned positions per chunk
-
-
-def pair_batch(texts: list[str], student_tokenizer: Any, teacher_tokenizer: Any, *, max_length: int,
-               student_pad: int, teacher_pad: int, trained_from: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Both tokenizations of `texts`, right-padded, and their aligned positions as flat indices into [B * L]:
-    student_index / teacher_index, and for multi-token spellings teacher_span_end (-1 where none) with
-    merge_token, the student token the teacher tokens after teacher_index up to teacher_span_end spell.
-
-    With `trained_from` (a character per text, e.g. where a completion starts after its prompt), the tokens that
-    start before it are context: not labels (student `labels`, teacher `teacher_labels`), and no aligned position
-    predicts them."""
-    rows = [(s, t, alignment, s, t)  # + both models' labels: every token by default
-            for s, t, alignment in (align_text(text, student_tokenizer, teacher_tokenizer, max_length=max_length)
-                                    for text in texts)]
-    if trained_from is not None:
-        rows = [_context_dropped(row, text, start, student_tokenizer, teacher_tokenizer, max_length)
-                for row, text, start in zip(rows, texts, trained_from)]
-    width_s = max(len(row[0]) for row in rows)
-    width_t = max(len(row[1]) for row in rows)
-    ids = torch.full((len(rows), width_s), student_pad, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE)
-    t_ids = torch.full((len(rows), width_t), teacher_pad, dtype=torch.long)
-    s_mask, t_mask = torch.zeros_like(ids), torch.zeros_like(t_ids)
-    s_index, t_index, span_end, merge_token = [], [], [], []
-    t_labels = torch.full_like(t_ids, IGNORE)
-    for b, (s, t, alignment, s_trained, t_trained) in enumerate(rows):
-        ids[b, : len(s)], labels[b, : len(s)], s_mask[b, : len(s)] = torch.tensor(s), torch.tensor(s_trained), 1
-        t_ids[b, : len(t)], t_labels[b, : len(t)], t_mask[b, : len(t)] = torch.tensor(t), torch.tensor(t_trained), 1
-        nxt = alignment.teacher_next
-        spelled = nxt > alignment.teacher + 1  # one teacher token: its mapping (if its string is equal) covers it
-        s_index.append(b * width_s + alignment.student)
-        t_index.append(b * width_t + alignment.teacher)
-        span_end.append(torch.where(spelled, b * width_t + nxt, -1))
-        merge_token.append(torch.where(spelled, ids[b, (alignment.student + 1).clamp_max(width_s - 1)], -1))
-    return {"input_ids": ids, "attention_mask": s_mask, "labels": labels, "teacher_input_ids": t_ids,
-            "teacher_attention_mask": t_mask, "teacher_labels": t_labels, "student_index": torch.cat(s_index), "teacher_index": torch.cat(t_index),
-            "teacher_span_end": torch.cat(span_end), "merge_token": torch.cat(merge_token)}
-
-
-def _context_dropped(row: tuple, text: str, start: int, student_tokenizer: Any, teacher_tokenizer: Any,
-                     max_length: int) -> tuple:
-    """A pair row with the tokens that start before character `start` made context."""
-    s_ids, t_ids, alignment, _, _ = row
-
-    def labels(tokenizer: Any, ids: list[int]) -> list[int]:
-        _, offsets = tokenize_with_offsets(tokenizer, text, max_length=max_length)
-        return [IGNORE if begin < start else token for token, (begin, _) in zip(ids, offsets)]
-
-    s_labels = labels(student_tokenizer, s_ids)
-    target = torch.tensor(s_labels)[alignment.student + 1] if len(alignment) else torch.zeros(0, dtype=torch.long)
-    keep = target != IGNORE
-    kept = Alignment(alignment.student[keep], alignment.teacher[keep], alignment.teacher_next[keep])
-    return s_ids, t_ids, kept, s_labels, labels(teacher_tokenizer, t_ids)
 
 
 def spelling_logprobs(hidden: torch.Tensor, weight: torch.Tensor, next_ids: torch.Tensor, starts: torch.Tensor,

@@ -1,8 +1,9 @@
 """Causal-LM recipes whose student reads text with a tokenizer of its own (task causal_lm with two tokenizers).
 
 The pre-flight of task causal_lm says which method a pair uses (`pair_method`): one vocabulary, one vocabulary with
-padding rows, or two tokenizers; with two, the run is this one. Both models read the same plain texts (data.kind
-dataset, format text or prompt_completion), each with its own tokenizer. The arms:
+padding rows, or two tokenizers; with two, the run is this one. Both models read the same examples (data.kind
+dataset), each with its own tokenizer: plain texts (format text, prompt_completion: the prompt is context) or
+conversations, which each model renders with its own chat template (distil.data.pairs). The arms:
 - student_alone: the student's next-token CE on the reference texts;
 - distilled, method logits: ULD or the vocabulary-mapped KL (loss.cross_tokenizer) at the positions aligned by
   character offsets, plus (1 - alpha) * CE (distil.distill.cross_tokenizer); with an onpolicy section, GKD's
@@ -25,11 +26,11 @@ import torch
 from distil.config.adapt import logit_loss, onpolicy, sampling, train_config
 from distil.config.schema import DatasetData, HFModelSpec, Recipe
 from distil.data.alignment import token_bytes, vocab_map
-from distil.data.formats import Columns, plain_texts
+from distil.data.formats import IGNORE, Columns, plain_texts, render, to_messages
+from distil.data.pairs import Messages, chat_pair, collate_pairs, text_pair
 from distil.data.stream import BatchStream
 from distil.data.lm_dataset import split_rows
-from distil.distill.cross_tokenizer import (CrossTokenizerLoss, CrossTokenizerObjective, Tokenizers, model_view,
-                                           pair_batch)
+from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, Tokenizers, model_view
 from distil.distill.lm import CausalLMObjective
 from distil.distill.pair import Teacher
 from distil.errors import DistilError
@@ -47,6 +48,7 @@ from distil.train.loop import Stage, train
 from distil.train.seed import seed_everything
 
 EVAL_BATCH = 4
+Example = tuple[str, int] | Messages  # (text, character where its trained part starts), or a conversation
 
 
 def pair_method(student_tokenizer: Any, teacher_tokenizer: Any, student_vocab: int, teacher_vocab: int) -> str:
@@ -64,11 +66,14 @@ def cross_rules(recipe: Recipe) -> list[str]:
     """What a recipe with two tokenizers may hold, one line per rule broken."""
     found = []
     data = recipe.data
-    if not isinstance(data, DatasetData) or data.format == "chat":
-        found.append("with two tokenizers both models read the same plain text: use data.kind dataset with format "
-                     "text or prompt_completion (chat templates render differently per model)")
+    if not isinstance(data, DatasetData):
+        found.append("with two tokenizers both models read the same examples: use data.kind dataset (format text, "
+                     "prompt_completion or chat)")
     elif data.packing:
         found.append("with two tokenizers each text is aligned on its own: set data.packing: false")
+    elif data.format == "chat" and recipe.onpolicy is not None:
+        found.append("on-policy steps across tokenizers continue plain prompts: use format prompt_completion or "
+                     "text, or remove onpolicy")
     if recipe.teacher.cache is not None:
         found.append("teacher.cache stores the teacher's distributions over its own tokens: remove it when the "
                      "tokenizers differ")
@@ -88,31 +93,69 @@ def deep_problems(recipe: Recipe) -> list[str]:
         if len(train_texts) < recipe.train.batch_size:
             return [f"train.batch_size={recipe.train.batch_size} exceeds the {len(train_texts)} training rows; lower "
                     "train.batch_size or give more rows"]
+        if isinstance(train_texts[0], list):  # both chat templates render the conversation, its contents intact
+            tokenizers = [hf.load_tokenizer(spec.source) for spec in (_student_source(recipe), recipe.teacher.model)]
+            chat_pair(train_texts[0], *tokenizers, max_length=recipe.data.seq_len)
         configs = {who: json.loads((hf.resolve_model_path(spec.source) / "config.json").read_text())
                    for who, spec in (("teacher", recipe.teacher.model), ("student", _student_source(recipe)))}
         check_sequence_length(recipe.data.seq_len, configs, key="data.max_length")
         if recipe.method == "response":
             if recipe.generate is None:
                 return ["method response needs a generate section (max_new_tokens, batch_size, ...)"]
-            if not all(start for _, start in train_texts):
+            if not all(isinstance(t, tuple) and t[1] for t in train_texts):
                 return ["method response answers prompts: use data.format prompt_completion"]
     except DistilError as exc:
         return [str(exc)]
     return []
 
 
-def _texts(recipe: Recipe) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def _texts(recipe: Recipe) -> tuple[list[Example], list[Example]]:
+    """Training and held-out examples: (text, trained_from) for formats text and prompt_completion, the messages
+    of a conversation (with an assistant turn to learn) for format chat."""
     data = recipe.data
     assert isinstance(data, DatasetData)
     rows, held = split_rows(data.path, split=data.split, eval_path=data.eval_path,
                             eval_fraction=0.0 if data.eval_path else data.eval_fraction, seed=recipe.seed,
                             max_examples=data.max_examples)
-    columns = Columns(**data.columns.model_dump())
-    train_texts, _ = plain_texts(rows, data.format, columns)
     if not held:
         raise DistilError("data: no held-out example to evaluate on; give data.eval_path or raise data.eval_fraction")
+    columns = Columns(**data.columns.model_dump())
+    if data.format == "chat":
+        return _conversations(rows, columns, "data"), _conversations(held, columns, "held-out data")[
+            : data.eval_examples]
+    train_texts, _ = plain_texts(rows, data.format, columns)
     eval_texts, _ = plain_texts(held, data.format, columns, source="held-out data")
-    return train_texts, eval_texts[: data.eval_examples]
+    return list(train_texts), list(eval_texts[: data.eval_examples])
+
+
+def _conversations(rows: list[dict[str, Any]], columns: Columns, source: str) -> list[Example]:
+    chats = [to_messages(row, columns, f"{source} row {n}") for n, row in enumerate(rows, 1)]
+    chats = [m for m in chats if any(turn["role"] == "assistant" for turn in m[1:])]  # something to learn
+    if not chats:
+        raise DistilError(f"{source}: no conversation with an assistant turn after its first message")
+    return chats
+
+
+def _with_trained_tokens(examples: list[Example], run: CrossLMRun, length: int) -> tuple[list[Example], int]:
+    """The examples with at least one trained student token within `length` tokens (a long prompt can leave none),
+    and how many were dropped."""
+    kept = [e for e in examples if any(label != IGNORE for label in run._pairs([e])["labels"][0, 1:].tolist())]
+    return kept, len(examples) - len(kept)
+
+
+def _last_user_turn(conversation: Messages) -> str:
+    first = next(i for i, turn in enumerate(conversation) if turn["role"] == "assistant" and i > 0)
+    return conversation[first - 1]["content"]
+
+
+def _prompt(example: Example, tokenizer: Any) -> str:
+    """What a model continues for the generations shown: a conversation up to its first answer in the model's own
+    template; a prompt; a document's first 200 characters."""
+    if isinstance(example, list):
+        first = next(i for i, turn in enumerate(example) if turn["role"] == "assistant" and i > 0)
+        return render(tokenizer, example[:first], generation_prompt=True)
+    text, start = example
+    return text[:start] if start else text[:200]
 
 
 def _student_source(recipe: Recipe) -> HFModelSpec:
@@ -139,6 +182,13 @@ class CrossLMRun:
         self.t_tok, self.s_tok = teacher_tokenizer, student_tokenizer
         self.teacher_path = hf.resolve_model_path(t_spec.source)
         self.train_texts, self.eval_texts = _texts(recipe)
+        self.train_texts, dropped = _with_trained_tokens(self.train_texts, self, recipe.data.seq_len)
+        self.eval_texts, dropped_eval = _with_trained_tokens(self.eval_texts, self, recipe.data.seq_len)
+        if dropped or dropped_eval:
+            console.print(f"data: {dropped} training and {dropped_eval} held-out examples dropped: nothing to learn "
+                          f"within data.max_length={recipe.data.seq_len} tokens of the student")
+        if not self.eval_texts:
+            raise DistilError("data: no held-out example keeps a trained token within data.max_length; raise it")
         if len(self.train_texts) < recipe.train.batch_size:
             raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {len(self.train_texts)} "
                               "training rows; lower train.batch_size or give more rows")
@@ -164,9 +214,9 @@ class CrossLMRun:
         spec = recipe.generate
         if spec is None:
             raise DistilError("method response needs a generate section (max_new_tokens, batch_size, ...)")
-        prompts = [text[:start] for text, start in self.train_texts[: spec.num_prompts]]
-        if not all(prompts):
+        if not all(isinstance(e, tuple) and e[1] for e in self.train_texts):
             raise DistilError("method response answers prompts: use data.format prompt_completion")
+        prompts = [text[:start] for text, start in self.train_texts[: spec.num_prompts]]
         self.ctx.console.print(f"[bold]generate[/bold]: the teacher answers {len(prompts)} prompts")
         answers = generate_responses(self.teacher, self.t_tok, prompts, self.ctx.run_dir / "generations.jsonl",
                                      spec=replace(sampling(spec), chat_template=False),
@@ -174,10 +224,11 @@ class CrossLMRun:
                                      seed=recipe.seed, show_progress=self.ctx.show_progress)
         return [(r["prompt"] + r["response"], len(r["prompt"])) for r in answers]
 
-    def _pairs(self, texts: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        return pair_batch([t for t, _ in texts], self.s_tok, self.t_tok, max_length=self.ctx.recipe.data.seq_len,
-                          student_pad=self.s_tok.pad_token_id, teacher_pad=self.t_tok.pad_token_id,
-                          trained_from=[start for _, start in texts])
+    def _pairs(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        length = self.ctx.recipe.data.seq_len
+        rows = [chat_pair(e, self.s_tok, self.t_tok, max_length=length) if isinstance(e, list) else
+                text_pair(e[0], self.s_tok, self.t_tok, max_length=length, trained_from=e[1]) for e in examples]
+        return collate_pairs(rows, student_pad=self.s_tok.pad_token_id, teacher_pad=self.t_tok.pad_token_id)
 
     # ------------------------------------------------------------------------------------------------- training
     def train_arm(self, arm: str, folder: Path) -> None:
@@ -215,30 +266,30 @@ class CrossLMRun:
         recipe, device = self.ctx.recipe, self.ctx.device
         self.ctx.console.print("evaluating teacher and students on held-out text (bits per byte) ...")
         pairs = [self._pairs(self.eval_texts[i : i + EVAL_BATCH]) for i in range(0, len(self.eval_texts), EVAL_BATCH)]
-        prompts = self._sample_prompts()
+        shown = self._shown()
         repeats = min(2, recipe.latency_runs)
 
         def measure_teacher() -> Any:
-            return self._row(self.teacher, self.teacher_path, pairs, "teacher", repeats, None, prompts)
+            return self._row(self.teacher, self.teacher_path, pairs, "teacher", repeats, None, shown)
 
         what = {"model": model_files_key(self.teacher_path), "cross_tokenizer_eval": self._eval_key(),
-                "prompts": prompts, "repeats": repeats, "device": str(device), "student_tokenizer": len(self.s_tok)}
+                "shown": shown, "repeats": repeats, "device": str(device), "student_tokenizer": len(self.s_tok)}
         rows: dict[str, Any] = {}
         rows["teacher"], _, teacher_samples = remembered(what, measure_teacher)
         samples = {"teacher": teacher_samples}
         speed = None
         for arm, folder in [("student_init", self.init)] + [(a, arm_folder(self.ctx.run_dir, a)) for a in recipe.arms]:
             model = hf.load_causal_lm(folder, dtype="float32")[0].to(device)
-            rows[arm], _, texts = self._row(model, folder, pairs, "student", repeats, speed, prompts)
+            rows[arm], _, texts = self._row(model, folder, pairs, "student", repeats, speed, shown)
             speed = speed or (architecture(model), rows[arm])
             if arm != "student_init":
                 samples[arm] = texts
-        self.generations = [{"prompt": p, **{name: texts[i] for name, texts in samples.items()}}
-                            for i, p in enumerate(prompts)]
+        self.generations = [{"prompt": _prompt(e, None) if isinstance(e, tuple) else _last_user_turn(e),
+                             **{name: texts[i] for name, texts in samples.items()}} for i, e in enumerate(shown)]
         return rows
 
     def _row(self, model: Any, folder: Path, pairs: list[dict[str, torch.Tensor]], who: str, repeats: int,
-             speed: tuple | None, prompts: list[str]) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
+             speed: tuple | None, shown: list[Example]) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
         tokenizer = self.t_tok if who == "teacher" else self.s_tok
         own = [model_view(b, who) for b in pairs]
         same = speed is not None and speed[0] == architecture(model)
@@ -247,17 +298,18 @@ class CrossLMRun:
         row.pop("agreement")  # top-1 tokens of two vocabularies do not compare
         lengths = torch.tensor([len(b) if b is not None else 0 for b in token_bytes(tokenizer)])
         row["bits_per_byte"] = bits_per_byte(model, own, token_lengths=lengths)
+        prompts = [_prompt(example, tokenizer) for example in shown]  # in the model's own chat template
         return row, predictions, greedy_continuations(model, tokenizer, prompts)
 
-    def _sample_prompts(self) -> list[str]:
+    def _shown(self) -> list[Example]:
+        """Held-out examples, evenly spaced, whose continuations go side by side in the report."""
         count = self.ctx.recipe.generations_shown
         step = max(1, len(self.eval_texts) // max(count, 1))
-        return [text[:start] if start else text[:200] for text, start in self.eval_texts[::step][:count]]
+        return self.eval_texts[::step][:count]
 
     def _eval_key(self) -> str:
         digest = hashlib.sha256()
-        for text, start in self.eval_texts:
-            digest.update(repr((text, start, self.ctx.recipe.data.seq_len)).encode())
+        digest.update(repr((self.eval_texts, self.ctx.recipe.data.seq_len)).encode())
         return digest.hexdigest()
 
     def summary_fields(self) -> dict[str, Any]:
