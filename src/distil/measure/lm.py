@@ -15,49 +15,53 @@ from distil.data.formats import IGNORE
 from distil.data.packing import model_inputs
 
 
-@torch.inference_mode()
 def perplexity_and_predictions(
     model: nn.Module, batches: Sequence[dict[str, Any]], *, vocab_size: int, device: torch.device | None = None
 ) -> tuple[float, torch.Tensor]:
     """exp(mean next-token CE) over the positions whose label counts (not -100) in held-out `batches` (input_ids,
     labels and their attention_mask or position_ids), and the model's top-1 prediction at each of them, in order."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens, predictions = 0.0, 0, []
-    for batch in batches:
-        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1, :vocab_size].float()
-        targets = batch["labels"][:, 1:].to(device)
-        keep = targets != IGNORE
-        total_nll += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
-        total_tokens += int(keep.sum())
-        predictions.append(logits[keep].argmax(-1).cpu())
-    model.train(was_training)
-    return math.exp(total_nll / max(total_tokens, 1)), torch.cat(predictions)
+    ppl, predictions, _ = lm_scores(model, batches, vocab_size=vocab_size, device=device)
+    return ppl, predictions
 
 
-@torch.inference_mode()
 def bits_per_byte(model: nn.Module, batches: Sequence[dict[str, Any]], *, token_lengths: torch.Tensor,
                   device: torch.device | None = None) -> float:
     """Bits per UTF-8 byte of held-out text: the summed next-token NLL in bits over the text's bytes, at the positions
     whose label counts. `token_lengths[id]` is the bytes token `id` spells (distil.data.alignment.token_bytes); a
     target that spells none (a special token) counts in neither sum. Unlike perplexity, it does not depend on the
     tokenizer, so models with different vocabularies compare on it."""
+    bpb = lm_scores(model, batches, vocab_size=None, token_lengths=token_lengths, device=device)[2]
+    assert bpb is not None
+    return bpb
+
+
+@torch.inference_mode()
+def lm_scores(model: nn.Module, batches: Sequence[dict[str, Any]], *, vocab_size: int | None,
+              token_lengths: torch.Tensor | None = None, device: torch.device | None = None
+              ) -> tuple[float, torch.Tensor, float | None]:
+    """(perplexity, top-1 predictions, bits per byte or None without `token_lengths`) from one pass over `batches`
+    (see perplexity_and_predictions and bits_per_byte); logits beyond `vocab_size` are left out when it is given."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total_bits, total_bytes = 0.0, 0
+    total_nll, total_tokens, predictions, total_bits, total_bytes = 0.0, 0, [], 0.0, 0
     for batch in batches:
-        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1].float()
-        # the model's padding rows past the tokenizer's last id spell nothing
-        lengths = F.pad(token_lengths.to(device), (0, max(logits.shape[-1] - len(token_lengths), 0)))
+        logits = model(**model_inputs(batch, device), use_cache=False).logits[:, :-1, :vocab_size].float()
         targets = batch["labels"][:, 1:].to(device)
         keep = targets != IGNORE
-        keep &= lengths[targets.clamp_min(0)] > 0
-        total_bits += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum")) / math.log(2)
-        total_bytes += int(lengths[targets[keep]].sum())
+        nll = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+        total_nll += float(nll.sum())
+        total_tokens += int(keep.sum())
+        predictions.append(logits[keep].argmax(-1).cpu())
+        if token_lengths is not None:
+            # the model's padding rows past the tokenizer's last id spell nothing
+            lengths = F.pad(token_lengths.to(device), (0, max(logits.shape[-1] - len(token_lengths), 0)))
+            spelled = lengths[targets[keep]]
+            total_bits += float(nll[spelled > 0].sum()) / math.log(2)
+            total_bytes += int(spelled.sum())
     model.train(was_training)
-    return total_bits / max(total_bytes, 1)
+    bpb = total_bits / max(total_bytes, 1) if token_lengths is not None else None
+    return math.exp(total_nll / max(total_tokens, 1)), torch.cat(predictions), bpb
 
 
 def agreement(predictions: torch.Tensor, teacher_predictions: torch.Tensor) -> float:

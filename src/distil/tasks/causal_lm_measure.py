@@ -10,7 +10,7 @@ import torch
 
 from distil.data.packing import model_inputs
 from distil.measure.cost import folder_size, measure_peak_memory, parameter_count
-from distil.measure.lm import agreement, generation_speed, perplexity_and_predictions
+from distil.measure.lm import agreement, generation_speed, lm_scores
 
 
 SPEED_KEYS = ("tokens_per_s_b1", "tokens_per_s_b8", "latency_ms", "peak_memory_bytes", "peak_memory_batch")
@@ -23,12 +23,13 @@ def architecture(model: Any) -> tuple:
 
 def measure_lm(model: Any, folder: Path, eval_batches: list[dict[str, Any]], vocab: int,
                teacher_predictions: torch.Tensor | None, tokenizer: Any, repeats: int = 2,
-               speed: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
-    """A model's summary row (held-out perplexity and agreement, size, generation speed, peak memory) and its top-1
-    predictions at the scored positions; `speed`: the speed and memory already measured on a model of the same
-    architecture."""
+               speed: dict[str, Any] | None = None, token_lengths: torch.Tensor | None = None
+               ) -> tuple[dict[str, Any], torch.Tensor]:
+    """A model's summary row (held-out perplexity and agreement, size, generation speed, peak memory; bits per byte
+    with `token_lengths`, from the same pass) and its top-1 predictions at the scored positions; `speed`: the speed
+    and memory already measured on a model of the same architecture."""
     model.eval()
-    ppl, predictions = perplexity_and_predictions(model, eval_batches, vocab_size=vocab)
+    ppl, predictions, bpb = lm_scores(model, eval_batches, vocab_size=vocab, token_lengths=token_lengths)
     if speed is None:
         speed_1 = generation_speed(model, batch_size=1, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
                                    repeats=repeats)
@@ -44,6 +45,7 @@ def measure_lm(model: Any, folder: Path, eval_batches: list[dict[str, Any]], voc
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     return {
+        **({"bits_per_byte": bpb} if bpb is not None else {}),
         "perplexity": ppl,
         "agreement": 1.0 if teacher_predictions is None else agreement(predictions, teacher_predictions),
         "params": parameter_count(model),

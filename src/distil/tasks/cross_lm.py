@@ -25,7 +25,7 @@ import torch
 
 from distil.config.adapt import logit_loss, onpolicy, sampling, train_config
 from distil.config.schema import DatasetData, HFModelSpec, Recipe
-from distil.data.alignment import token_bytes, vocab_map
+from distil.data.alignment import projected_vocab_map, token_bytes
 from distil.data.formats import IGNORE, Columns, plain_texts, render, to_messages
 from distil.data.pairs import Messages, chat_pair, collate_pairs, text_pair
 from distil.data.stream import BatchStream
@@ -36,8 +36,9 @@ from distil.distill.pair import Teacher
 from distil.errors import DistilError
 from distil.guards import check_sequence_length
 from distil.generate import generate_responses
-from distil.measure.lm import bits_per_byte, greedy_continuations
+from distil.measure.lm import greedy_continuations
 from distil.models import hf
+from distil.precision import teacher_dtype
 from distil.remembered import model_files_key, remembered
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
 from distil.tasks.base import RunContext
@@ -202,10 +203,11 @@ class CrossLMRun:
         student_vocab = json.loads((self.init / "config.json").read_text())["vocab_size"]
         console.print("pair: " + pair_method(student_tokenizer, teacher_tokenizer, student_vocab,
                                              teacher.config.vocab_size))
-        self.teacher = teacher.to(ctx.device).eval()
+        dtype = teacher_dtype(t_spec.dtype, recipe.train.precision, ctx.device.type)  # bf16 where it is native
+        self.teacher = (teacher.to(getattr(torch, dtype)) if dtype else teacher).to(ctx.device).eval()
         self.texts = {"student_alone": self.train_texts, "distilled": self.train_texts}
         if recipe.method == "response":
-            self.texts["distilled"] = self._teacher_answers()
+            self.texts["distilled"], _ = _with_trained_tokens(self._teacher_answers(), self, recipe.data.seq_len)
         self.metrics = ["bits_per_byte", "perplexity"]
 
     def _teacher_answers(self) -> list[tuple[str, int]]:
@@ -245,7 +247,7 @@ class CrossLMRun:
             loss = recipe.loss
             spec = CrossTokenizerLoss(method=loss.cross_tokenizer, alpha=loss.alpha, temperature=loss.temperature,
                                       top_k=loss.uld_top_k)
-            vocab = vocab_map(self.s_tok, self.t_tok) if spec.method == "mapped_kl" else None
+            vocab = projected_vocab_map(self.s_tok, self.t_tok) if spec.method == "mapped_kl" else None
             objective = CrossTokenizerObjective(
                 student, Teacher(self.teacher), spec, vocab=vocab, device=device, onpolicy=onpolicy(recipe.onpolicy),
                 tokenizers=Tokenizers(self.s_tok, self.t_tok, recipe.data.seq_len))
@@ -293,11 +295,10 @@ class CrossLMRun:
         tokenizer = self.t_tok if who == "teacher" else self.s_tok
         own = [model_view(b, who) for b in pairs]
         same = speed is not None and speed[0] == architecture(model)
-        row, predictions = measure_lm(model, folder, own, model.config.vocab_size, None, tokenizer, repeats,
-                                      speed=speed[1] if same else None)
-        row.pop("agreement")  # top-1 tokens of two vocabularies do not compare
         lengths = torch.tensor([len(b) if b is not None else 0 for b in token_bytes(tokenizer)])
-        row["bits_per_byte"] = bits_per_byte(model, own, token_lengths=lengths)
+        row, predictions = measure_lm(model, folder, own, model.config.vocab_size, None, tokenizer, repeats,
+                                      speed=speed[1] if same else None, token_lengths=lengths)
+        row.pop("agreement")  # top-1 tokens of two vocabularies do not compare
         prompts = [_prompt(example, tokenizer) for example in shown]  # in the model's own chat template
         return row, predictions, greedy_continuations(model, tokenizer, prompts)
 
