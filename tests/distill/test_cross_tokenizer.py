@@ -104,7 +104,7 @@ def test_spellings_by_several_teacher_tokens(pair):
         assert abs(g - want) < 1e-6  # the chain is computed in fp32
 
 
-def test_a_recipe_with_two_tokenizers_on_token_blocks_is_told_to_read_plain_texts(pair):
+def test_a_recipe_with_two_tokenizers_on_token_blocks_is_told_to_read_a_dataset(pair):
     from distil.config.load import validate_recipe
     from distil.tasks.causal_lm import CausalLMTask
 
@@ -117,7 +117,7 @@ def test_a_recipe_with_two_tokenizers_on_token_blocks_is_told_to_read_plain_text
         "student": {"model": {"arch": "hf", "source": str(student_path)}},
         "train": {"steps": 2, "batch_size": 2}})
     (line,) = CausalLMTask().deep_problems(recipe)
-    assert "use data.kind dataset with format text or prompt_completion" in line
+    assert "use data.kind dataset (format text, prompt_completion or chat)" in line
 
 
 def test_distill_from_python_with_a_student_of_its_own_tokenizer(pair, tmp_path):
