@@ -165,3 +165,22 @@ def test_several_teacher_tokens_counting_as_one_student_token_add_up():
     kl = 0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.3) + 0.1 * math.log(0.1 / 0.2)
     assert mapped_kl(s, t, vocab, uld_weight=0.0).item() == pytest.approx(kl, abs=1e-12)
     assert mapped_kl(s, t, vocab).item() == pytest.approx(kl + abs(0.2 - 0.1), abs=1e-12)  # rests: c .2, d .1
+
+
+def test_chunked_with_a_bf16_student_matches_fp32_within_bf16_rounding():
+    """A bf16 student's chunks are scored in fp32 (this used to fail: a bf16 chunk gradient met the fp32 weight
+    gradient), the gradients come back in bf16, and the loss is the fp32 loss of the same inputs up to the bf16
+    rounding of the logits."""
+    torch.manual_seed(0)
+    hs = torch.randn(12, 16).bfloat16().requires_grad_(True)
+    ws = torch.randn(40, 16).bfloat16().requires_grad_(True)
+    ht, wt = torch.randn(12, 8), torch.randn(56, 8)
+    vocab = VocabMap(torch.arange(30), torch.arange(30))
+    loss = chunked_cross_vocab(mapped_kl_per_position, hs, ws, ht, wt, vocab=vocab, chunk_size=5, top_k=16)
+    loss.backward()
+    assert hs.grad.dtype == torch.bfloat16 and ws.grad.dtype == torch.bfloat16
+    z = hs.detach().float() @ ws.detach().float().T  # the same inputs' logits in fp32
+    want = mapped_kl(z, ht @ wt.T, vocab, top_k=16)
+    # bf16 logits are off by at most 2^-8 relative; each term (the KL and ULD) moves by at most twice the largest
+    # logit change: at most 4 * 2^-8 * max|z| in all
+    assert loss.dtype == torch.float32 and abs(loss.item() - want.item()) <= 4 * 2**-8 * z.abs().max().item()

@@ -213,7 +213,7 @@ def plain_texts(rows: list[dict[str, Any]], fmt: str, columns: Columns = Columns
                 ) -> tuple[list[tuple[str, int]], Tally]:
     """Rows of format text or prompt_completion as (text, trained_from): the whole text and the character where its
     trained part starts (0 for a document, the completion's first character for a prompt-completion pair), for two
-    models that tokenize the same text each its own way (distil.distill.cross_tokenizer.pair_batch)."""
+    models that tokenize the same text each its own way (distil.data.pairs)."""
     if fmt not in ("text", "prompt_completion"):
         raise DistilError(f"format {fmt} is rendered by each model's own template: only formats text and "
                           "prompt_completion are read as plain text")

@@ -55,10 +55,15 @@ def text_pair(text: str, student_tokenizer: Any, teacher_tokenizer: Any, *, max_
     return PairRow(s_ids, t_ids, _trained_positions(alignment, s_labels), s_labels, labels(teacher_tokenizer, t_ids))
 
 
-def content_spans(rendered: str, messages: Messages, who: str) -> list[Span]:
-    """Where each message's content sits in one model's rendering of the conversation, in order."""
+def content_spans(rendered: str, messages: Messages, who: str, tokenizer: Any = None) -> list[Span]:
+    """Where each message's content sits in one model's rendering of the conversation, in order; with `tokenizer`,
+    each is looked for after the rendering of the messages before it (not inside a default system prompt)."""
     spans, position = [], 0
     for number, message in enumerate(messages, 1):
+        if tokenizer is not None and number > 1:
+            before = _prefix_render(tokenizer, messages[: number - 1])
+            if before is not None and rendered.startswith(before):
+                position = max(position, len(before))
         start = rendered.find(message["content"], position)
         if start < 0:
             raise DistilError(f"the {who}'s chat template changes the text of message {number} ({message['role']}), "
@@ -68,9 +73,17 @@ def content_spans(rendered: str, messages: Messages, who: str) -> list[Span]:
     return spans
 
 
+def _prefix_render(tokenizer: Any, messages: Messages) -> str | None:
+    try:
+        return render(tokenizer, messages)
+    except Exception:  # a template that refuses a partial conversation (e.g. one ending on a user turn)
+        return None
+
+
 def chat_pair(messages: Messages, student_tokenizer: Any, teacher_tokenizer: Any, *, max_length: int) -> PairRow:
-    """A conversation rendered by each model's chat template: positions aligned inside the messages' contents, each
-    model's labels on its own assistant turns (their end-of-turn tokens included), as distil's chat data has them."""
+    """A conversation rendered by each model's chat template: positions aligned inside the messages' contents (a
+    position whose next token is template text, such as end of turn, is not aligned), each model's labels on its own
+    assistant turns (their end-of-turn tokens included), as distil's chat data has them."""
     sides = []
     for tokenizer, who in ((student_tokenizer, "student"), (teacher_tokenizer, "teacher")):
         example = chat_example(tokenizer, messages, who, max_length)
@@ -79,9 +92,16 @@ def chat_pair(messages: Messages, student_tokenizer: Any, teacher_tokenizer: Any
         if ids != example.input_ids[:max_length]:
             raise DistilError(f"the {who}'s tokenizer splits its rendered conversation differently with offsets; "
                               "use format prompt_completion")
-        sides.append((ids, example.labels[:max_length], token_ends(offsets, content_spans(rendered, messages, who))))
+        spans = content_spans(rendered, messages, who, tokenizer)
+        sides.append((ids, example.labels[:max_length], token_ends(offsets, spans)))
     (s_ids, s_labels, s_ends), (t_ids, t_labels, t_ends) = sides
-    return PairRow(s_ids, t_ids, _trained_positions(align(s_ends, t_ends), s_labels), s_labels, t_labels)
+    alignment = align(s_ends, t_ends)
+    # Where a content ends, each model's next token is its own template's (end of turn): not comparable, so the
+    # soft term leaves it to the student's CE.
+    inside = torch.from_numpy((s_ends[alignment.student.numpy() + 1] >= 0) &
+                              (t_ends[alignment.teacher.numpy() + 1] >= 0))
+    alignment = Alignment(alignment.student[inside], alignment.teacher[inside], alignment.teacher_next[inside])
+    return PairRow(s_ids, t_ids, _trained_positions(alignment, s_labels), s_labels, t_labels)
 
 
 def collate_pairs(rows: list[PairRow], *, student_pad: int, teacher_pad: int) -> dict[str, torch.Tensor]:

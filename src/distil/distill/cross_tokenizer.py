@@ -9,6 +9,7 @@ tokens, so micro-batches accumulate exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from distil.distill.pair import Teacher
 from distil.losses import fused_linear_cross_entropy
 from distil.losses.cross_vocab import Merges, VocabMap, chunked_cross_vocab, mapped_kl_per_position, uld_per_position
 from distil.measure.cost import folder_size, measure_latency, parameter_count
-from distil.measure.lm import bits_per_byte, perplexity_and_predictions
+from distil.measure.lm import lm_scores
 from distil.train.objective import Objective, teacher_models
 
 
@@ -130,7 +131,9 @@ class CrossTokenizerObjective(Objective):
         hidden = final_hidden(self.student, {"input_ids": batch["input_ids"],
                                              "attention_mask": batch["attention_mask"]}).to(s_weight.dtype)
         targets, _ = next_token_targets(batch["labels"])
-        terms = {"ce": fused_linear_cross_entropy(hidden[:, :-1], s_weight, targets, reduction="sum") / tokens}
+        onpolicy = "onpolicy" in batch
+        with torch.no_grad() if onpolicy else contextlib.nullcontext():  # on the student's samples: reported only
+            terms = {"ce": fused_linear_cross_entropy(hidden[:, :-1], s_weight, targets, reduction="sum") / tokens}
         teacher = self.teacher.model
         t_weight = teacher.get_output_embeddings().weight
         with torch.no_grad():
@@ -154,7 +157,7 @@ class CrossTokenizerObjective(Objective):
         kd = chunked_cross_vocab(per_position, s_flat[s_index], s_weight, t_flat[t_index], t_weight, merges=merges,
                                  chunk_size=spec.chunk_size, temperature=spec.temperature, **options)
         terms["kd"] = kd * aligned / tokens  # a sum over aligned positions per student target token
-        if "onpolicy" in batch:  # the student's own samples: the soft term alone, as in GKD
+        if onpolicy:  # the student's own samples: the soft term alone, as in GKD
             terms["loss"] = spec.temperature ** 2 * terms["kd"]
         else:
             terms["loss"] = spec.alpha * spec.temperature ** 2 * terms["kd"] + (1 - spec.alpha) * terms["ce"]
@@ -179,12 +182,12 @@ def cross_tokenizer_rows(teacher: nn.Module, student: nn.Module, batches: list[d
                                         ("distilled", student, student_tokenizer, "student")):
         own = [model_view(b, who) for b in batches]
         lengths = torch.tensor([len(b) if b is not None else 0 for b in token_bytes(tokenizer)])
-        ppl, _ = perplexity_and_predictions(model, own, vocab_size=model.config.vocab_size, device=device)
+        ppl, _, bpb = lm_scores(model, own, vocab_size=model.config.vocab_size, token_lengths=lengths, device=device)
         example = {k: v[:1].to(device) for k, v in own[0].items() if k != "labels"}
         with torch.inference_mode():
             latency = measure_latency(lambda: model(**example), runs=5, warmup=1)  # noqa: B023
-        rows[name] = {"bits_per_byte": bits_per_byte(model, own, token_lengths=lengths, device=device),
-                      "perplexity": ppl, "params": parameter_count(model), "latency_ms": latency}
+        rows[name] = {"bits_per_byte": bpb, "perplexity": ppl, "params": parameter_count(model),
+                      "latency_ms": latency}
     info = json.loads((folder / "train.json").read_text())
     rows["distilled"].update(size_bytes=folder_size(folder), train_time_s=info.get("train_time_s"), path=str(folder))
     return rows

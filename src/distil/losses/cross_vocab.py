@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from distil.errors import DistilError
 from distil.losses.fused import _apply
 
 
@@ -176,13 +177,13 @@ def chunked_cross_vocab(per_position: Callable[..., torch.Tensor], student_hidde
     keep = keep.to(torch.float64) if student_hidden.dtype == torch.float64 else keep
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+        raise DistilError(f"chunk_size must be a positive number of positions, got {chunk_size}")
 
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Grad mode is off here (inside the fused function's forward or under no_grad).
         t_logits = teacher_hidden[start:end] @ teacher_weight.T
         extra = {"merges": merges.rows(slice(start, end))} if merges is not None else {}
-        z = h @ student_weight.T
+        z = _fp32(h @ student_weight.T)  # a bf16 student's chunk: fp32 loss and gradient, as the fused kernels
         if not want_grad:
             return (per_position(z, t_logits, **extra, **options) * keep[start:end]).sum(), None
         with torch.enable_grad():

@@ -137,8 +137,8 @@ def _conversations(rows: list[dict[str, Any]], columns: Columns, source: str) ->
     return chats
 
 
-def _with_trained_tokens(examples: list[Example], run: CrossLMRun, length: int) -> tuple[list[Example], int]:
-    """The examples with at least one trained student token within `length` tokens (a long prompt can leave none),
+def _with_trained_tokens(examples: list[Example], run: CrossLMRun) -> tuple[list[Example], int]:
+    """The examples with at least one trained student token within data.max_length tokens (a long prompt can leave none),
     and how many were dropped."""
     kept = [e for e in examples if any(label != IGNORE for label in run._pairs([e])["labels"][0, 1:].tolist())]
     return kept, len(examples) - len(kept)
@@ -183,8 +183,8 @@ class CrossLMRun:
         self.t_tok, self.s_tok = teacher_tokenizer, student_tokenizer
         self.teacher_path = hf.resolve_model_path(t_spec.source)
         self.train_texts, self.eval_texts = _texts(recipe)
-        self.train_texts, dropped = _with_trained_tokens(self.train_texts, self, recipe.data.seq_len)
-        self.eval_texts, dropped_eval = _with_trained_tokens(self.eval_texts, self, recipe.data.seq_len)
+        self.train_texts, dropped = _with_trained_tokens(self.train_texts, self)
+        self.eval_texts, dropped_eval = _with_trained_tokens(self.eval_texts, self)
         if dropped or dropped_eval:
             console.print(f"data: {dropped} training and {dropped_eval} held-out examples dropped: nothing to learn "
                           f"within data.max_length={recipe.data.seq_len} tokens of the student")
@@ -207,7 +207,7 @@ class CrossLMRun:
         self.teacher = (teacher.to(getattr(torch, dtype)) if dtype else teacher).to(ctx.device).eval()
         self.texts = {"student_alone": self.train_texts, "distilled": self.train_texts}
         if recipe.method == "response":
-            self.texts["distilled"], _ = _with_trained_tokens(self._teacher_answers(), self, recipe.data.seq_len)
+            self.texts["distilled"], _ = _with_trained_tokens(self._teacher_answers(), self)
         self.metrics = ["bits_per_byte", "perplexity"]
 
     def _teacher_answers(self) -> list[tuple[str, int]]:
@@ -275,6 +275,7 @@ class CrossLMRun:
             return self._row(self.teacher, self.teacher_path, pairs, "teacher", repeats, None, shown)
 
         what = {"model": model_files_key(self.teacher_path), "cross_tokenizer_eval": self._eval_key(),
+                "dtype": str(next(self.teacher.parameters()).dtype),
                 "shown": shown, "repeats": repeats, "device": str(device), "student_tokenizer": len(self.s_tok)}
         rows: dict[str, Any] = {}
         rows["teacher"], _, teacher_samples = remembered(what, measure_teacher)
