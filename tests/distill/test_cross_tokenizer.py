@@ -146,3 +146,24 @@ def test_distill_from_python_with_a_student_of_its_own_tokenizer(pair, tmp_path)
     with pytest.raises(DistilError, match="reads text"):
         distil.distill(teacher, student, [{"input_ids": [1, 2, 3]}] * 4, tokenizer=t_tok, student_tokenizer=s_tok,
                        steps=1, output_dir=tmp_path / "run3")
+
+
+@pytest.mark.parametrize("method", ["uld", "mapped_kl"])
+def test_bf16_autocast_trains_and_stays_near_fp32(pair, method):
+    """train.precision bf16 (the default where the CPU runs bf16 natively) runs the objective under autocast: the
+    spelling chain is still computed in fp32, the loss is finite and its gradient reaches the student. bf16 keeps 8
+    bits of mantissa (relative rounding 2^-9 per operand), so logits of these tiny models move by about 1%, and the
+    loss, a smooth function of them, by about as much: 5% is a bound that only a wrong dtype path breaks."""
+    (t_path, t_tok), (s_path, s_tok) = pair  # the larger vocabulary as student: spellings by several teacher tokens
+    student, teacher = model(s_path).float(), model(t_path).float()
+    spec = CrossTokenizerLoss(method=method, alpha=0.5, temperature=1.0, chunk_size=5)
+    objective = CrossTokenizerObjective(student, Teacher(teacher), spec, vocab=vocab_map(s_tok, t_tok),
+                                        device=torch.device("cpu"))
+    batch = batch_of(TEXTS, s_tok, t_tok)
+    want = objective.loss(batch)["kd"].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = objective.loss(batch)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"])
+    assert abs(terms["kd"].item() - want) <= 0.05 * abs(want)
+    assert student.get_output_embeddings().weight.grad.abs().sum() > 0

@@ -99,11 +99,17 @@ def align_text(text: str, student_tokenizer: Any, teacher_tokenizer: Any, *, max
     """Both tokenizations of one plain text and their alignment: (student ids, teacher ids, alignment)."""
     s_ids, s_off = tokenize_with_offsets(student_tokenizer, text, max_length=max_length)
     t_ids, t_off = tokenize_with_offsets(teacher_tokenizer, text, max_length=max_length)
-    if s_ids == t_ids and s_off == t_off:  # one tokenizer on both sides: every position is shared, even mid-character
-        positions = torch.arange(max(len(s_ids) - 1, 0))
-        return s_ids, t_ids, Alignment(positions, positions, positions + 1)
-    spans = [(0, len(text))]
-    return s_ids, t_ids, align(token_ends(s_off, spans), token_ends(t_off, spans))
+    return s_ids, t_ids, align_offsets(len(text), (s_ids, s_off), (t_ids, t_off))
+
+
+def align_offsets(text_length: int, student: tuple[list[int], list[Span]], teacher: tuple[list[int], list[Span]]
+                  ) -> Alignment:
+    """The alignment of two tokenizations of one text, each given as (ids, character offsets)."""
+    if student == teacher:  # one tokenizer on both sides: every position is shared, even mid-character
+        positions = torch.arange(max(len(student[0]) - 1, 0))
+        return Alignment(positions, positions, positions + 1)
+    spans = [(0, text_length)]
+    return align(token_ends(student[1], spans), token_ends(teacher[1], spans))
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from distil.data.alignment import Alignment, Span, align, align_text, token_ends, tokenize_with_offsets
+from distil.data.alignment import Alignment, Span, align, align_offsets, token_ends, tokenize_with_offsets
 from distil.data.formats import IGNORE, chat_example, render
 from distil.errors import DistilError
 
@@ -43,16 +43,17 @@ def _trained_positions(alignment: Alignment, student_labels: list[int]) -> Align
 def text_pair(text: str, student_tokenizer: Any, teacher_tokenizer: Any, *, max_length: int,
               trained_from: int = 0) -> PairRow:
     """A plain text in both tokenizations; tokens that start before character `trained_from` are context."""
-    s_ids, t_ids, alignment = align_text(text, student_tokenizer, teacher_tokenizer, max_length=max_length)
-    if trained_from <= 0:
-        return PairRow(s_ids, t_ids, alignment, s_ids, t_ids)
+    student = tokenize_with_offsets(student_tokenizer, text, max_length=max_length)
+    teacher = tokenize_with_offsets(teacher_tokenizer, text, max_length=max_length)
+    alignment = align_offsets(len(text), student, teacher)
 
-    def labels(tokenizer: Any, ids: list[int]) -> list[int]:
-        _, offsets = tokenize_with_offsets(tokenizer, text, max_length=max_length)
+    def labels(ids: list[int], offsets: list[Span]) -> list[int]:
         return [IGNORE if begin < trained_from else token for token, (begin, _) in zip(ids, offsets)]
 
-    s_labels = labels(student_tokenizer, s_ids)
-    return PairRow(s_ids, t_ids, _trained_positions(alignment, s_labels), s_labels, labels(teacher_tokenizer, t_ids))
+    s_labels, t_labels = labels(*student), labels(*teacher)
+    if trained_from > 0:
+        alignment = _trained_positions(alignment, s_labels)
+    return PairRow(student[0], teacher[0], alignment, s_labels, t_labels)
 
 
 def content_spans(rendered: str, messages: Messages, who: str, tokenizer: Any = None) -> list[Span]:

@@ -54,7 +54,7 @@ def spelling_logprobs(hidden: torch.Tensor, weight: torch.Tensor, next_ids: torc
     offset = torch.arange(int(lengths.sum()), device=hidden.device) - torch.repeat_interleave(
         torch.cumsum(lengths, 0) - lengths, lengths)
     positions = starts[span] + offset
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):  # fp32 even under bf16 autocast
         logits = hidden[positions].float() @ weight.float().T
         token = F.log_softmax(logits / temperature, dim=-1).gather(1, next_ids[positions + 1, None]).squeeze(1)
     return torch.zeros(len(starts), dtype=torch.float32, device=hidden.device).index_add_(0, span, token)

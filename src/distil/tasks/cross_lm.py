@@ -27,7 +27,7 @@ from distil.config.adapt import logit_loss, onpolicy, sampling, train_config
 from distil.config.schema import DatasetData, HFModelSpec, Recipe
 from distil.data.alignment import projected_vocab_map, token_bytes
 from distil.data.formats import IGNORE, Columns, plain_texts, render, to_messages
-from distil.data.pairs import Messages, chat_pair, collate_pairs, text_pair
+from distil.data.pairs import Messages, PairRow, chat_pair, collate_pairs, text_pair
 from distil.data.stream import BatchStream
 from distil.data.lm_dataset import split_rows
 from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, Tokenizers, model_view
@@ -91,23 +91,32 @@ def deep_problems(recipe: Recipe) -> list[str]:
     """Read the texts and both models' configs: data size, context lengths, prompts for method response."""
     try:
         train_texts, _ = _texts(recipe)
-        if len(train_texts) < recipe.train.batch_size:
-            return [f"train.batch_size={recipe.train.batch_size} exceeds the {len(train_texts)} training rows; lower "
-                    "train.batch_size or give more rows"]
+        found = _text_problems(recipe, train_texts)
+        if found:
+            return found
         if isinstance(train_texts[0], list):  # both chat templates render the conversation, its contents intact
             tokenizers = [hf.load_tokenizer(spec.source) for spec in (_student_source(recipe), recipe.teacher.model)]
             chat_pair(train_texts[0], *tokenizers, max_length=recipe.data.seq_len)
         configs = {who: json.loads((hf.resolve_model_path(spec.source) / "config.json").read_text())
                    for who, spec in (("teacher", recipe.teacher.model), ("student", _student_source(recipe)))}
         check_sequence_length(recipe.data.seq_len, configs, key="data.max_length")
-        if recipe.method == "response":
-            if recipe.generate is None:
-                return ["method response needs a generate section (max_new_tokens, batch_size, ...)"]
-            if not all(isinstance(t, tuple) and t[1] for t in train_texts):
-                return ["method response answers prompts: use data.format prompt_completion"]
     except DistilError as exc:
         return [str(exc)]
     return []
+
+
+def _text_problems(recipe: Recipe, train_texts: list[Example]) -> list[str]:
+    """What the training examples themselves rule out: fewer than a batch; method response without prompts."""
+    found = []
+    if len(train_texts) < recipe.train.batch_size:
+        found.append(f"train.batch_size={recipe.train.batch_size} exceeds the {len(train_texts)} training rows; lower "
+                     "train.batch_size or give more rows")
+    if recipe.method == "response":
+        if recipe.generate is None:
+            found.append("method response needs a generate section (max_new_tokens, batch_size, ...)")
+        if not all(isinstance(t, tuple) and t[1] for t in train_texts):
+            found.append("method response answers prompts: use data.format prompt_completion")
+    return found
 
 
 def _texts(recipe: Recipe) -> tuple[list[Example], list[Example]]:
@@ -140,21 +149,24 @@ def _conversations(rows: list[dict[str, Any]], columns: Columns, source: str) ->
 def _with_trained_tokens(examples: list[Example], run: CrossLMRun) -> tuple[list[Example], int]:
     """The examples with at least one trained student token within data.max_length tokens (a long prompt can leave none),
     and how many were dropped."""
-    kept = [e for e in examples if any(label != IGNORE for label in run._pairs([e])["labels"][0, 1:].tolist())]
+    kept = [e for e in examples if any(label != IGNORE for label in run._pair_row(e).student_labels[1:])]
     return kept, len(examples) - len(kept)
 
 
+def _first_answer(conversation: Messages) -> int:
+    """The index of the first assistant turn after the opening message."""
+    return next(i for i, turn in enumerate(conversation) if turn["role"] == "assistant" and i > 0)
+
+
 def _last_user_turn(conversation: Messages) -> str:
-    first = next(i for i, turn in enumerate(conversation) if turn["role"] == "assistant" and i > 0)
-    return conversation[first - 1]["content"]
+    return conversation[_first_answer(conversation) - 1]["content"]
 
 
 def _prompt(example: Example, tokenizer: Any) -> str:
     """What a model continues for the generations shown: a conversation up to its first answer in the model's own
     template; a prompt; a document's first 200 characters."""
     if isinstance(example, list):
-        first = next(i for i, turn in enumerate(example) if turn["role"] == "assistant" and i > 0)
-        return render(tokenizer, example[:first], generation_prompt=True)
+        return render(tokenizer, example[: _first_answer(example)], generation_prompt=True)
     text, start = example
     return text[:start] if start else text[:200]
 
@@ -190,9 +202,9 @@ class CrossLMRun:
                           f"within data.max_length={recipe.data.seq_len} tokens of the student")
         if not self.eval_texts:
             raise DistilError("data: no held-out example keeps a trained token within data.max_length; raise it")
-        if len(self.train_texts) < recipe.train.batch_size:
-            raise DistilError(f"train.batch_size={recipe.train.batch_size} exceeds the {len(self.train_texts)} "
-                              "training rows; lower train.batch_size or give more rows")
+        broken = _text_problems(recipe, self.train_texts)
+        if broken:
+            raise DistilError("; ".join(broken))
         console.print(f"data: {len(self.train_texts)} training texts, {len(self.eval_texts)} held out")
         console.print(f"[bold]teacher[/bold]: {t_spec.source} ({self.teacher_path})")
         teacher, _ = hf.load_causal_lm(t_spec.source, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
@@ -214,10 +226,7 @@ class CrossLMRun:
         """The teacher's answers to the training prompts (a prompt: the text before its trained part)."""
         recipe = self.ctx.recipe
         spec = recipe.generate
-        if spec is None:
-            raise DistilError("method response needs a generate section (max_new_tokens, batch_size, ...)")
-        if not all(isinstance(e, tuple) and e[1] for e in self.train_texts):
-            raise DistilError("method response answers prompts: use data.format prompt_completion")
+        assert spec is not None  # _text_problems
         prompts = [text[:start] for text, start in self.train_texts[: spec.num_prompts]]
         self.ctx.console.print(f"[bold]generate[/bold]: the teacher answers {len(prompts)} prompts")
         answers = generate_responses(self.teacher, self.t_tok, prompts, self.ctx.run_dir / "generations.jsonl",
@@ -226,11 +235,15 @@ class CrossLMRun:
                                      seed=recipe.seed, show_progress=self.ctx.show_progress)
         return [(r["prompt"] + r["response"], len(r["prompt"])) for r in answers]
 
-    def _pairs(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+    def _pair_row(self, example: Example) -> PairRow:
         length = self.ctx.recipe.data.seq_len
-        rows = [chat_pair(e, self.s_tok, self.t_tok, max_length=length) if isinstance(e, list) else
-                text_pair(e[0], self.s_tok, self.t_tok, max_length=length, trained_from=e[1]) for e in examples]
-        return collate_pairs(rows, student_pad=self.s_tok.pad_token_id, teacher_pad=self.t_tok.pad_token_id)
+        if isinstance(example, list):
+            return chat_pair(example, self.s_tok, self.t_tok, max_length=length)
+        return text_pair(example[0], self.s_tok, self.t_tok, max_length=length, trained_from=example[1])
+
+    def _pairs(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        return collate_pairs([self._pair_row(e) for e in examples], student_pad=self.s_tok.pad_token_id,
+                             teacher_pad=self.t_tok.pad_token_id)
 
     # ------------------------------------------------------------------------------------------------- training
     def train_arm(self, arm: str, folder: Path) -> None:
