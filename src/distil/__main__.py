@@ -1,3 +1,3 @@
-from distil.cli import main
+from distil.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -25,7 +25,10 @@ from reliability_runs import COUNTS
 
 pytest.importorskip("sklearn", reason="digits-kd needs scikit-learn (pip install 'distil[classic]')")
 
-SHORT = ["latency_runs=1", "train.steps=2", "teacher.train.steps=2", "train.log_every=1", "teacher.train.log_every=1"]
+# fp32 on every CPU kind: the estimate counts fp32 tensors (bf16 autocast's copies are not modelled; see
+# distil.estimate), and precision auto picks bf16 where the CPU runs it natively.
+SHORT = ["latency_runs=1", "train.steps=2", "teacher.train.steps=2", "train.log_every=1", "teacher.train.log_every=1",
+         "train.precision=fp32", "teacher.train.precision=fp32"]
 BASELINE = ["teacher.model={arch: mlp, hidden_sizes: [8, 8]}", "student.model.hidden_sizes=[8]"]
 MEASURED = {
     # weights, gradients and AdamW state dominate; the AdamW step's temporaries matter

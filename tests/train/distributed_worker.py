@@ -67,7 +67,7 @@ def classifier_stage(folder: Path, strategy: str, *, world: int, precision: str 
     model, teacher_model = classifier_pair(dropout)
     model = student or model
     spec = TrainSpec(steps=steps, batch_size=GLOBAL_BATCH // (2 * world), grad_accum=2, lr=0.02, log_every=1,
-                     save_every=2, warmup_steps=1, eval_every=3)
+                     save_every=2, warmup_steps=1, eval_every=3, precision="fp32")  # bf16: FSDP's mixed_precision
     loss = LossSpec(alpha=0.7, temperature=3.0)
     args = (model, Teacher(teacher_model), loss, CPU)
     objective = Crashing(*args, crash_at=crash_at) if crash_at else ClassifierObjective(*args)
@@ -102,7 +102,8 @@ def lm_stage(folder: Path, tiny_lm: Path, strategy: str, *, world: int, teacher:
             batch["labels"][row, : 3 * (i % 5)] = -100
         return batch
 
-    spec = TrainSpec(steps=4, batch_size=GLOBAL_BATCH // world, lr=3e-3, log_every=1, save_every=2)
+    spec = TrainSpec(steps=4, batch_size=GLOBAL_BATCH // world, lr=3e-3, log_every=1, save_every=2,
+                     precision="fp32")  # the parity tolerances are fp32 ones, on every CPU kind
     loss = LossSpec(alpha=0.5, temperature=2.0, fused=True, chunk_size=16)
     objective = CausalLMObjective(student, Teacher(teacher_model), loss, vocab_size=teacher_model.config.vocab_size,
                                   device=CPU)

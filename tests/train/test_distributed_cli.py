@@ -139,7 +139,7 @@ data: {{kind: text, train: [sonnets_gut], eval: [phoenix_and_the_turtle_gut], se
 teacher: {{model: {{arch: hf, source: {tiny_lm}}}}}
 student: {{model: {{arch: from_teacher, num_layers: 2}}}}
 loss: {{alpha: 0.5, temperature: 2.0}}
-train: {{steps: 4, batch_size: 8, log_every: 2, eval_every: 2}}
+train: {{steps: 4, batch_size: 8, log_every: 2, eval_every: 2, precision: fp32}}  # fp32 parity on every CPU kind
 generations_shown: 1
 latency_runs: 2
 """)
