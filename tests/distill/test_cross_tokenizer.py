@@ -167,3 +167,28 @@ def test_bf16_autocast_trains_and_stays_near_fp32(pair, method):
     assert torch.isfinite(terms["loss"])
     assert abs(terms["kd"].item() - want) <= 0.05 * abs(want)
     assert student.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_positions_without_a_teacher_target_keep_the_full_ce(pair, alpha):
+    """loss = alpha T^2 kd + (1 - alpha) CE at aligned positions + CE at trained positions no teacher position is
+    aligned with, each a sum over positions divided by the trained tokens; the CE read off the full logits."""
+    (s_path, s_tok), (t_path, t_tok) = pair
+    student, teacher = model(s_path), model(t_path)
+    spec = CrossTokenizerLoss(method="uld", alpha=alpha, temperature=2.0, chunk_size=5)
+    objective = CrossTokenizerObjective(student, Teacher(teacher), spec, vocab=None, device=torch.device("cpu"))
+    batch = batch_of(TEXTS, s_tok, t_tok)
+    terms = objective.loss(batch)
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    counted = targets != -100
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    aligned = torch.zeros(batch["input_ids"].numel(), dtype=torch.bool)
+    aligned[batch["student_index"]] = True
+    aligned = aligned.view(batch["input_ids"].shape)[:, :-1] & counted
+    unaligned = counted & ~aligned
+    assert 0 < int(unaligned.sum()) < int(counted.sum())  # both kinds of positions occur in these texts
+    tokens = int(counted.sum())
+    want = alpha * 4.0 * terms["kd"] + ((1 - alpha) * nll[aligned].sum() + nll[unaligned].sum()) / tokens
+    assert abs(terms["loss"].item() - want.item()) < 1e-10  # float64
+    assert abs(terms["ce"].item() - nll[counted].sum().item() / tokens) < 1e-10
