@@ -6,13 +6,14 @@ from dataclasses import fields, replace
 from typing import Any
 
 from distil.config.schema import (
-    BornAgainSpec, DistributedSpec, EMASpec, FeatureTermSpec, GenerateSpec, LoraSpec, LossSpec, OnPolicySpec,
+    BenchmarkSpec, BornAgainSpec, DistributedSpec, EMASpec, FeatureTermSpec, GenerateSpec, LoraSpec, LossSpec, OnPolicySpec,
     TrainSpec,
 )
 from distil.distill.feature_objective import FeatureTerm
 from distil.distill.lm import OnPolicy
 from distil.distill.objectives import LogitLoss
 from distil.generate import Sampling
+from distil.measure.benchmark import Benchmark
 from distil.models.lora import Lora
 from distil.train.config import ParallelConfig, TrainConfig
 
@@ -42,6 +43,10 @@ def self_distill_loss(loss: LossSpec, section: BornAgainSpec | EMASpec) -> Logit
 
 def sampling(spec: GenerateSpec) -> Sampling:
     return _copy(spec, Sampling)
+
+
+def benchmark(spec: BenchmarkSpec) -> Benchmark:
+    return _copy(spec, Benchmark)
 
 
 def onpolicy(spec: OnPolicySpec | None) -> OnPolicy | None:

@@ -213,6 +213,18 @@ class GenerateSpec(Strict):
     chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template when it has one")
 
 
+class BenchmarkSpec(Strict):
+    """causal_lm: a benchmark scored by running each model's greedy completions of the held-out rows (teacher, the
+    student before training, every arm); distil.measure.benchmark."""
+
+    name: Literal["humaneval"] = Field("humaneval", description="pass@1 of HumanEval-style rows (prompt, test, "
+                                      "entry_point)")
+    problems: int | None = Field(None, gt=0, description="held-out problems scored; default all")
+    max_new_tokens: int = Field(384, gt=0)
+    batch_size: int = Field(8, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="seconds each program may run its tests")
+
+
 # ------------------------------------------------------------------------------------------------------ distributed
 class DistributedSpec(Strict):
     """How a run launched by torchrun (or accelerate launch) spreads over its processes; ignored in one process.
@@ -343,6 +355,7 @@ class Recipe(Strict):
     train: TrainSpec
     onpolicy: OnPolicySpec | None = None
     generate: GenerateSpec | None = None
+    benchmark: BenchmarkSpec | None = None
     multi_teacher: MultiTeacherSpec | None = None
     self_distill: SelfDistillSpec = SelfDistillSpec()
     arms: list[Arm] = Field(default=["student_alone", "distilled"], min_length=1)
@@ -356,6 +369,8 @@ class Recipe(Strict):
         """Rules of every task; each task's own rules are in its module (distil.tasks), checked by validate_recipe."""
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms has duplicates: {self.arms}")
+        if self.benchmark is not None and self.task != "causal_lm":
+            raise ValueError("benchmark (HumanEval pass@1) applies to task causal_lm; remove it")
         if self.teacher.model.arch == "from_teacher":
             raise ValueError("teacher.model.arch cannot be from_teacher; use arch: hf with a source")
         if self.loss.features and "distilled" not in self.arms:

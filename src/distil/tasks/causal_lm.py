@@ -39,7 +39,7 @@ from distil.tasks import cross_lm
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
 from distil.tasks.base import RunContext, data_and_model_rules, language_model_rules
 from distil.tasks.causal_lm_estimate import estimate_causal_lm
-from distil.tasks.causal_lm_measure import architecture, measure_lm
+from distil.tasks.causal_lm_measure import architecture, benchmark_key, benchmark_problems, benchmark_score, measure_lm
 from distil.tasks.hf_models import feature_distiller, save_hf_folder, source_problems, student_from_teacher
 from distil.tasks.response import response_batches, response_perplexities
 from distil.train import distributed
@@ -63,6 +63,9 @@ class CausalLMTask:
             found.append("onpolicy applies to method logits, not response")
         if response and own_data and recipe.generate and recipe.generate.prompts != "corpus":
             found.append("with data.kind dataset the prompts are the dataset's own: leave generate.prompts out")
+        if recipe.benchmark is not None and not own_data:
+            found.append("benchmark scores held-out rows of your own data: use data.kind dataset (data.path: "
+                         "humaneval for HumanEval)")
         if own_data and recipe.onpolicy is not None and recipe.data.packing:
             found.append("onpolicy samples one example per row: set data.packing: false")
         if recipe.teacher.cache is not None:
@@ -104,6 +107,7 @@ class CausalLMTask:
     def deep_problems(self, recipe: Recipe) -> list[str]:
         """Load the tokenizers and the text: tokenizer agreement, context length, data size."""
         try:
+            benchmark_problems(recipe)  # the held-out rows carry the benchmark's columns
             teacher_spec = recipe.teacher.model
             assert isinstance(teacher_spec, HFModelSpec)
             tokenizer = hf.load_tokenizer(teacher_spec.source, trust_remote_code=teacher_spec.trust_remote_code)
@@ -262,7 +266,7 @@ class CausalLMRun:
             self.arm_data = response_batches(recipe, run_dir, teacher, tokenizer, corpus, console, ctx.show_progress)
         else:
             self.arm_data = {arm: (loaded.collate, loaded.size) for arm in recipe.arms}
-        self.metrics = ["perplexity", "agreement"]
+        self.metrics = ["pass_at_1"] * (recipe.benchmark is not None) + ["perplexity", "agreement"]
 
     # ------------------------------------------------------------------------------------------------- training
     def train_arm(self, arm: str, folder: Path) -> None:
@@ -326,16 +330,22 @@ class CausalLMRun:
         rows: dict[str, Any] = {}
         prompts = corpus.sample_prompts(recipe.generations_shown)
         samples: dict[str, list[str]] = {}
+        problems = benchmark_problems(recipe)
+
+        def scored(model: Any, who: str) -> dict[str, float]:
+            return benchmark_score(recipe, model, tokenizer, problems, who, self.ctx.run_dir, self.ctx.show_progress)
+
         if teacher is not None:
             def measure_teacher() -> Measurement:
                 row, predictions = measure_lm(teacher, self.teacher_path, self.eval_batches, self.vocab, None,
                                               tokenizer, repeats)
-                return row, predictions, greedy_continuations(teacher, tokenizer, prompts)
+                return {**row, **scored(teacher, "teacher")}, predictions, greedy_continuations(teacher, tokenizer,
+                                                                                                 prompts)
 
             # The same teacher on the same held-out text measures the same every run: measured once, then reused.
             what = {"model": model_files_key(self.teacher_path), "dtype": str(next(teacher.parameters()).dtype),
                     "eval": corpus.eval_key(), "prompts": prompts, "vocab": self.vocab, "repeats": repeats,
-                    "device": str(device)}
+                    "device": str(device), **benchmark_key(recipe, problems)}
             rows["teacher"], teacher_predictions, samples["teacher"] = remembered(what, measure_teacher)
         else:
             rows["teacher"] = {**cached.read_teacher_eval(Path(recipe.teacher.cache.path)),  # type: ignore[union-attr]
@@ -347,6 +357,7 @@ class CausalLMRun:
             shape = architecture(model)
             rows[arm], _ = measure_lm(model, folder, self.eval_batches, self.vocab, teacher_predictions, tokenizer,
                                       repeats, speed=speeds.get(shape))
+            rows[arm].update(scored(model, arm))
             speeds.setdefault(shape, rows[arm])
             if arm != "student_init":
                 samples[arm] = greedy_continuations(model, tokenizer, prompts)

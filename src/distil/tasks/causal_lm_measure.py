@@ -1,4 +1,5 @@
-"""Measuring a causal LM for the summary: held-out perplexity and agreement, size, generation speed, peak memory."""
+"""Measuring a causal LM for the summary: held-out perplexity and agreement, size, generation speed, peak memory, and
+the recipe's benchmark (HumanEval pass@1) where it has one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from typing import Any
 
 import torch
 
+from distil.config.adapt import benchmark
+from distil.config.schema import DatasetData, Recipe
+from distil.data.lm_dataset import split_rows
 from distil.data.packing import model_inputs
+from distil.errors import DistilError
+from distil.measure.benchmark import humaneval_pass_at_1, humaneval_problems
 from distil.measure.cost import folder_size, measure_peak_memory, parameter_count
 from distil.measure.lm import agreement, generation_speed, lm_scores
 
@@ -63,3 +69,38 @@ def _memory_batch(batches: list[dict[str, Any]], device: torch.device) -> dict[s
     if len(batches) > 1 and batches[1]["input_ids"].shape[1] == first["input_ids"].shape[1]:
         first = {k: torch.cat([first[k], batches[1][k]]) for k in ("input_ids", "attention_mask")}
     return model_inputs(first, device)
+
+
+def benchmark_problems(recipe: Recipe) -> list[dict[str, Any]] | None:
+    """The held-out rows the recipe's benchmark scores (the same split as training's), or None without one."""
+    if recipe.benchmark is None:
+        return None
+    data = recipe.data
+    if not isinstance(data, DatasetData):
+        raise DistilError("benchmark scores held-out rows of your own data: use data.kind dataset (data.path: "
+                          "humaneval for HumanEval)")
+    _, held = split_rows(data.path, split=data.split, eval_path=data.eval_path,
+                         eval_fraction=0.0 if data.eval_path else data.eval_fraction, seed=recipe.seed,
+                         max_examples=data.max_examples)
+    return humaneval_problems(held, recipe.benchmark.problems)
+
+
+def benchmark_score(recipe: Recipe, model: Any, tokenizer: Any, problems: list[dict[str, Any]] | None, who: str,
+                    run_dir: Path, show_progress: bool) -> dict[str, float]:
+    """{"pass_at_1": ...} for one model (completions and outcomes in RUN_DIR/benchmark/<who>.jsonl), {} without a
+    benchmark."""
+    if problems is None or recipe.benchmark is None:
+        return {}
+    folder = run_dir / "benchmark"
+    folder.mkdir(parents=True, exist_ok=True)
+    rate = humaneval_pass_at_1(model, tokenizer, problems, folder / f"{who}.jsonl", benchmark(recipe.benchmark),
+                               model_id=who, show_progress=show_progress)
+    return {"pass_at_1": rate}
+
+
+def benchmark_key(recipe: Recipe, problems: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """What a remembered teacher measurement with a benchmark depends on: its settings and problems."""
+    if problems is None or recipe.benchmark is None:
+        return {}
+    return {"benchmark": recipe.benchmark.model_dump(mode="json"),
+            "problems": [(p.get("task_id"), p["prompt"], p["test"]) for p in problems]}

@@ -42,7 +42,8 @@ from distil.precision import teacher_dtype
 from distil.remembered import model_files_key, remembered
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
 from distil.tasks.base import RunContext
-from distil.tasks.causal_lm_measure import architecture, measure_lm
+from distil.tasks.causal_lm_measure import (architecture, benchmark_key, benchmark_problems, benchmark_score,
+                                            measure_lm)
 from distil.tasks.hf_models import save_hf_folder
 from distil.train import distributed
 from distil.train.loop import Stage, train
@@ -220,7 +221,7 @@ class CrossLMRun:
         self.texts = {"student_alone": self.train_texts, "distilled": self.train_texts}
         if recipe.method == "response":
             self.texts["distilled"], _ = _with_trained_tokens(self._teacher_answers(), self)
-        self.metrics = ["bits_per_byte", "perplexity"]
+        self.metrics = ["pass_at_1"] * (recipe.benchmark is not None) + ["bits_per_byte", "perplexity"]
 
     def _teacher_answers(self) -> list[tuple[str, int]]:
         """The teacher's answers to the training prompts (a prompt: the text before its trained part)."""
@@ -283,13 +284,16 @@ class CrossLMRun:
         pairs = [self._pairs(self.eval_texts[i : i + EVAL_BATCH]) for i in range(0, len(self.eval_texts), EVAL_BATCH)]
         shown = self._shown()
         repeats = min(2, recipe.latency_runs)
+        problems = benchmark_problems(recipe)
 
         def measure_teacher() -> Any:
-            return self._row(self.teacher, self.teacher_path, pairs, "teacher", repeats, None, shown)
+            row, predictions, texts = self._row(self.teacher, self.teacher_path, pairs, "teacher", repeats, None, shown)
+            return {**row, **self._scored(self.teacher, "teacher", problems)}, predictions, texts
 
         what = {"model": model_files_key(self.teacher_path), "cross_tokenizer_eval": self._eval_key(),
                 "dtype": str(next(self.teacher.parameters()).dtype),
-                "shown": shown, "repeats": repeats, "device": str(device), "student_tokenizer": len(self.s_tok)}
+                "shown": shown, "repeats": repeats, "device": str(device), "student_tokenizer": len(self.s_tok),
+                **benchmark_key(recipe, problems)}
         rows: dict[str, Any] = {}
         rows["teacher"], _, teacher_samples = remembered(what, measure_teacher)
         samples = {"teacher": teacher_samples}
@@ -297,6 +301,7 @@ class CrossLMRun:
         for arm, folder in [("student_init", self.init)] + [(a, arm_folder(self.ctx.run_dir, a)) for a in recipe.arms]:
             model = hf.load_causal_lm(folder, dtype="float32")[0].to(device)
             rows[arm], _, texts = self._row(model, folder, pairs, "student", repeats, speed, shown)
+            rows[arm].update(self._scored(model, arm, problems))
             speed = speed or (architecture(model), rows[arm])
             if arm != "student_init":
                 samples[arm] = texts
@@ -315,6 +320,11 @@ class CrossLMRun:
         row.pop("agreement")  # top-1 tokens of two vocabularies do not compare
         prompts = [_prompt(example, tokenizer) for example in shown]  # in the model's own chat template
         return row, predictions, greedy_continuations(model, tokenizer, prompts)
+
+    def _scored(self, model: Any, who: str, problems: list[dict[str, Any]] | None) -> dict[str, float]:
+        tokenizer = self.t_tok if who == "teacher" else self.s_tok
+        return benchmark_score(self.ctx.recipe, model, tokenizer, problems, who, self.ctx.run_dir,
+                               self.ctx.show_progress)
 
     def _shown(self) -> list[Example]:
         """Held-out examples, evenly spaced, whose continuations go side by side in the report."""
