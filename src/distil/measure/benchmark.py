@@ -58,7 +58,7 @@ def humaneval_pass_at_1(model: Any, tokenizer: Any, problems: list[dict[str, Any
                         *, model_id: str, show_progress: bool = True) -> float:
     """pass@1 of the model's greedy completions; completions and outcomes are written to `output` (JSONL)."""
     sampling = Sampling(max_new_tokens=spec.max_new_tokens, do_sample=False, batch_size=spec.batch_size,
-                        chat_template=False)
+                        chat_template=False, stop=STOP_SEQUENCES)
     generations = output.with_suffix(".generations.jsonl")
     records = generate_responses(model, tokenizer, [p["prompt"] for p in problems], generations, spec=sampling,
                                  teacher_id=model_id, show_progress=show_progress)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from distil.config import adapt
 from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
 from distil.errors import DistilError
 from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes,
                                     parameter_bytes, trace_saved)
+from distil.models.lora import with_lora
 from distil.paths import cache_dir
 from distil.precision import device_kind, teacher_dtype
 
@@ -66,7 +68,7 @@ def _activation_bytes(config, batch: int, length: int) -> int:  # type: ignore[n
     traced = []
     for layers in (1, 2):
         small = copy.deepcopy(config)
-        small.num_hidden_layers, small.vocab_size = layers, 64
+        small.num_hidden_layers, small.vocab_size, small.pad_token_id = layers, 64, None  # ids must fit 64 rows
         if getattr(small, "layer_types", None) is not None:
             small.layer_types = small.layer_types[:layers]
         model = AutoModelForCausalLM.from_config(small)
@@ -93,6 +95,8 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     with meta:
         teacher = AutoModelForCausalLM.from_config(t_config)
         student = AutoModelForCausalLM.from_config(s_config)
+        if recipe.student.lora is not None:  # only the adapters train: their gradients and optimizer state
+            student = with_lora(student, adapt.lora(recipe.student.lora))
     if recipe.student.freeze_embeddings:
         for head in (student.get_input_embeddings(), student.get_output_embeddings()):
             head.weight.requires_grad_(False)
