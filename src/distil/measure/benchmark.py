@@ -5,8 +5,9 @@ rows of the recipe's own data, which must carry HumanEval's columns (`prompt`, `
 `humaneval`, or a JSONL of your own in that shape). Each model (teacher, the student before training, every arm)
 completes each prompt greedily, without a chat template, as HumanEval is scored; a completion ends where a new
 top-level statement starts (Codex's stop sequences). The completions are kept in `RUN_DIR/benchmark/<model>.jsonl`
-(resumable: a killed evaluation continues where it stopped) and each is run against the problem's tests in a
-sandboxed process (distil.measure.code_execution).
+(resumable: a killed evaluation continues where it stopped; the teacher's only in the run that measured it, since
+later runs reuse its remembered row) and each is run against the problem's tests in a sandboxed process
+(distil.measure.code_execution).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ from distil.tasks import cross_lm
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
 from distil.tasks.base import RunContext, data_and_model_rules, language_model_rules
 from distil.tasks.causal_lm_estimate import estimate_causal_lm
-from distil.tasks.causal_lm_measure import architecture, benchmark_key, benchmark_problems, benchmark_score, measure_lm
+from distil.tasks.causal_lm_measure import (BENCHMARK_DATA, architecture, benchmark_key, benchmark_problems,
+                                            benchmark_score, measure_lm)
 from distil.tasks.hf_models import feature_distiller, save_hf_folder, source_problems, student_from_teacher
 from distil.tasks.response import response_batches, response_perplexities
 from distil.train import distributed
@@ -64,8 +65,7 @@ class CausalLMTask:
         if response and own_data and recipe.generate and recipe.generate.prompts != "corpus":
             found.append("with data.kind dataset the prompts are the dataset's own: leave generate.prompts out")
         if recipe.benchmark is not None and not own_data:
-            found.append("benchmark scores held-out rows of your own data: use data.kind dataset (data.path: "
-                         "humaneval for HumanEval)")
+            found.append(BENCHMARK_DATA)
         if own_data and recipe.onpolicy is not None and recipe.data.packing:
             found.append("onpolicy samples one example per row: set data.packing: false")
         if recipe.teacher.cache is not None:

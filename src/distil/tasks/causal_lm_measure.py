@@ -11,7 +11,7 @@ import torch
 
 from distil.config.adapt import benchmark
 from distil.config.schema import DatasetData, Recipe
-from distil.data.lm_dataset import split_rows
+from distil.data.sources.dataset import dataset_rows
 from distil.data.packing import model_inputs
 from distil.errors import DistilError
 from distil.measure.benchmark import humaneval_pass_at_1, humaneval_problems
@@ -19,6 +19,8 @@ from distil.measure.cost import folder_size, measure_peak_memory, parameter_coun
 from distil.measure.lm import agreement, generation_speed, lm_scores
 
 
+BENCHMARK_DATA = ("benchmark scores held-out rows of your own data: use data.kind dataset (data.path: humaneval for "
+                  "HumanEval)")
 SPEED_KEYS = ("tokens_per_s_b1", "tokens_per_s_b8", "latency_ms", "peak_memory_bytes", "peak_memory_batch")
 
 
@@ -77,11 +79,8 @@ def benchmark_problems(recipe: Recipe) -> list[dict[str, Any]] | None:
         return None
     data = recipe.data
     if not isinstance(data, DatasetData):
-        raise DistilError("benchmark scores held-out rows of your own data: use data.kind dataset (data.path: "
-                          "humaneval for HumanEval)")
-    _, held = split_rows(data.path, split=data.split, eval_path=data.eval_path,
-                         eval_fraction=0.0 if data.eval_path else data.eval_fraction, seed=recipe.seed,
-                         max_examples=data.max_examples)
+        raise DistilError(BENCHMARK_DATA)
+    _, held = dataset_rows(data, recipe.seed)
     return humaneval_problems(held, recipe.benchmark.problems)
 
 

@@ -29,7 +29,7 @@ from distil.data.alignment import projected_vocab_map, token_bytes
 from distil.data.formats import IGNORE, Columns, plain_texts, render, to_messages
 from distil.data.pairs import Messages, PairRow, chat_pair, collate_pairs, text_pair
 from distil.data.stream import BatchStream
-from distil.data.lm_dataset import split_rows
+from distil.data.sources.dataset import dataset_rows
 from distil.distill.cross_tokenizer import CrossTokenizerLoss, CrossTokenizerObjective, Tokenizers, model_view
 from distil.distill.lm import CausalLMObjective
 from distil.distill.pair import Teacher
@@ -125,9 +125,7 @@ def _texts(recipe: Recipe) -> tuple[list[Example], list[Example]]:
     of a conversation (with an assistant turn to learn) for format chat."""
     data = recipe.data
     assert isinstance(data, DatasetData)
-    rows, held = split_rows(data.path, split=data.split, eval_path=data.eval_path,
-                            eval_fraction=0.0 if data.eval_path else data.eval_fraction, seed=recipe.seed,
-                            max_examples=data.max_examples)
+    rows, held = dataset_rows(data, recipe.seed)
     if not held:
         raise DistilError("data: no held-out example to evaluate on; give data.eval_path or raise data.eval_fraction")
     columns = Columns(**data.columns.model_dump())

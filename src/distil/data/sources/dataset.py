@@ -15,7 +15,7 @@ from distil.config.schema import DatasetData
 from distil.data.builtin import BUILTIN
 from distil.data.files import resolve_paths
 from distil.data.formats import IGNORE, Columns, Example, Tally, prompt_length
-from distil.data.lm_dataset import load_lm_dataset
+from distil.data.lm_dataset import load_lm_dataset, split_rows
 from distil.data.packing import packed_batch, padded_batch, padded_batches
 from distil.data.sources.base import DataSource, LoadedData
 from distil.errors import DistilError
@@ -94,6 +94,14 @@ def problems(spec: DatasetData) -> list[str]:
             except DistilError as exc:
                 found.append(str(exc))
     return found
+
+
+def dataset_rows(spec: DatasetData, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows), untokenized: the split `_load` tokenizes, for readers of the rows themselves
+    (two tokenizers, benchmarks)."""
+    return split_rows(spec.path, split=spec.split, eval_path=spec.eval_path,
+                      eval_fraction=0.0 if spec.eval_path else spec.eval_fraction, seed=seed,
+                      max_examples=spec.max_examples)
 
 
 def _load(spec: DatasetData, *, seed: int, tokenizer: Any = None) -> LoadedData:
