@@ -57,7 +57,7 @@ def _plain_and_fused(name, params, h_s, w_s, h_t, w_t, temperature=1.0, mask=Non
 
 
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
-def test_equals_plain_with_mask_and_ragged_chunks(name, params):
+def test_equals_plain_with_mask_and_ragged_chunks(name, params, row_blocks):
     """In fp64 the fused and plain paths agree to rounding (the same formulas). In fp32 both round, differently:
     the fused value and gradients must be about as close to the fp64 truth as the plain path's own (at most 4x its
     largest error, plus a few ulps of the largest entry), since a fixed tolerance would only record one machine's
@@ -80,7 +80,7 @@ def test_equals_plain_with_mask_and_ragged_chunks(name, params):
 
 
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
-def test_gradcheck_fp64(name, params):
+def test_gradcheck_fp64(name, params, row_blocks):
     h_s, w_s, h_t, w_t = _heads(b=1, t=5, hs=3, ht=4, v=7, seed=2, dtype=torch.float64)
     mask = torch.tensor([[True, True, False, True, True]])
 
@@ -239,7 +239,7 @@ def test_tiny_llama_hidden_states_and_head():
 
 
 # ------------------------------------------------------------------------------------------- cross-entropy
-def test_cross_entropy_equals_plain():
+def test_cross_entropy_equals_plain(row_blocks):
     h_s, w_s, _, _ = _heads(seed=6)
     labels = torch.randint(0, 37, (2, 13), generator=torch.Generator().manual_seed(7))
     labels[0, :5] = -100
@@ -257,7 +257,7 @@ def test_cross_entropy_equals_plain():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_cross_entropy_gradcheck_and_all_ignored():
+def test_cross_entropy_gradcheck_and_all_ignored(row_blocks):
     h_s, w_s, _, _ = _heads(b=1, t=5, hs=3, v=7, seed=8, dtype=torch.float64)
     labels = torch.tensor([[1, -100, 6, 0, 3]])
     assert torch.autograd.gradcheck(

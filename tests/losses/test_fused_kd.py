@@ -49,7 +49,7 @@ def both(fn, h_s, w_s, *rest, **kw):
 
 @pytest.mark.parametrize("divergence,params,temperature", CASES)
 @pytest.mark.parametrize("weights", [(0.5 * 4, 0.5), (1.0, 0.0), (0.0, 1.0)], ids=["both", "kd-only", "ce-only"])
-def test_equals_the_two_separate_losses(divergence, params, temperature, weights):
+def test_equals_the_two_separate_losses(divergence, params, temperature, weights, row_blocks):
     h_s, w_s, h_t, w_t, labels = heads()
     kd_w, ce_w = weights
     ours = both(lambda hs, ws: fused_linear_kd_and_ce(hs, ws, h_t, w_t, labels, kd_weight=kd_w, ce_weight=ce_w,
@@ -67,7 +67,7 @@ def test_equals_the_two_separate_losses(divergence, params, temperature, weights
     close_as_the_reference(ours, ref, exact)
 
 
-def test_padded_student_head_trains_its_extra_rows_by_ce_only():
+def test_padded_student_head_trains_its_extra_rows_by_ce_only(row_blocks):
     """Student head 40 rows, teacher 37: the divergence runs over the shared 37, the CE over all 40."""
     h_s, w_s, h_t, w_t, labels = heads(vs=40, vt=37)
     ours = both(lambda hs, ws: fused_linear_kd_and_ce(hs, ws, h_t, w_t, labels, kd_weight=1.5, ce_weight=0.5,
@@ -81,7 +81,7 @@ def test_padded_student_head_trains_its_extra_rows_by_ce_only():
 
 
 @pytest.mark.parametrize("divergence,temperature", [("jsd", 2.0), ("forward_kl", 1.0), ("reverse_kl", 1.0)])
-def test_gradcheck_fp64(divergence, temperature):  # T = 1: the shared log-softmax path
+def test_gradcheck_fp64(divergence, temperature, row_blocks):  # T = 1: the shared log-softmax path
     g = torch.Generator().manual_seed(1)
     h_s, w_s = torch.randn(1, 5, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
     h_t, w_t = torch.randn(1, 5, 2, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64)

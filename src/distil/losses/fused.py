@@ -5,8 +5,12 @@ tensors of that size alive at once (logits, softened logits, log-probabilities, 
 processed ``chunk_size`` tokens at a time: the student's logits for the chunk, the teacher's under no-grad, the
 chunk's summed loss and, in the same pass, the gradient with respect to the chunk's logits, which is folded straight
 into the gradients of the student's hidden states and LM-head weight. Only those two gradients are kept for
-backward, which merely scales them by the incoming gradient. Peak memory: about six ``chunk_size x vocab`` tensors
-plus the weight gradient.
+backward, which merely scales them by the incoming gradient.
+
+Each model's chunk logits land in one buffer reused chunk after chunk, and the elementwise work (softmax, divergence,
+gradient) runs over blocks of a few rows at a time, writing the gradient back over the student's logits: the
+temporaries stay block-sized and in cache while the matmuls still see the whole chunk. Peak memory: two
+``chunk_size x vocab`` buffers (one for the cross-entropy) plus the weight gradient.
 
 The divergences are those of :mod:`distil.losses.logits` (same values, same conventions: no T**2 factor inside,
 mean over kept positions, teacher treated as a constant). ``torch.autograd.gradcheck`` passes; double backward is not
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,10 @@ __all__ = ["DEFAULT_CHUNK_ELEMENTS", "fused_linear_cross_entropy", "fused_linear
 # Default chunk: about this many logits per chunk (128 MiB in fp32): 261 tokens at a 128k vocabulary, 682 at 49k,
 # 1,024 at 32k. Larger chunks run the matmuls a little faster and cost memory (benchmarks/fused_memory.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+# Elementwise work runs over blocks of about this many logits (1 MiB in fp32): small enough to stay in cache, large
+# enough that a block's dozen operator calls cost little next to their arithmetic.
+BLOCK_ELEMENTS = 1 << 18
 
 # A chunk step: (student hidden rows of the chunk, start, end, want gradient) -> (summed loss, d loss / d logits or
 # None). It computes the chunk's logits itself, so that nothing outside it keeps them alive.
@@ -67,6 +75,64 @@ def _run_chunks(
         if grad_w is not None:
             grad_w.addmm_(g.t(), h.to(acc))
     return total, grad_h, grad_w
+
+
+class _ChunkLogits:
+    """Each model's ``[chunk, vocab]`` logits in the compute dtype, written by the chunk's matmul into one buffer per
+    model that is reused chunk after chunk (a fresh buffer of that size per chunk costs its page faults each time).
+    The steps overwrite the student's with the gradient, block by block."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        rows = hidden.shape[0]
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self._buffers[name] = hidden.new_empty((rows, weight.shape[0]), dtype=self.dtype)
+        out = buffer[:rows]
+        if hidden.dtype == self.dtype:
+            torch.mm(hidden, weight.t(), out=out)
+        else:  # a bf16/fp16 head: its matmul, then one conversion into the buffer
+            out.copy_(F.linear(hidden, weight))
+        return out
+
+
+def _row_blocks(rows: int, vocab: int) -> Iterator[slice]:
+    """Slices of at most ``BLOCK_ELEMENTS // vocab`` rows (at least one) covering ``range(rows)``."""
+    step = max(1, BLOCK_ELEMENTS // max(vocab, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _blockwise(block: Callable, z_s: torch.Tensor, *others: torch.Tensor, **static) -> torch.Tensor:
+    """The sum of ``block(z_s, *others, **static)`` over the blocks of rows of a chunk. A block leaves its gradient
+    in its rows of ``z_s`` and returns its summed value(s)."""
+    total = None
+    for rows in _row_blocks(z_s.shape[0], z_s.shape[1]):
+        value = block(z_s[rows], *(t[rows] for t in others), **static)
+        total = value if total is None else total + value
+    return total
+
+
+def _divergence_block(z_s: torch.Tensor, z_t: torch.Tensor, *, kernel: Callable, params: dict, temperature: float,
+                      want_grad: bool) -> torch.Tensor:
+    value, grad = _divergence_value_and_grad(kernel, params, [z_s, z_t], temperature, want_grad)
+    if grad is not None:
+        z_s.copy_(grad)
+    return value
+
+
+def _cross_entropy_block(z: torch.Tensor, y: torch.Tensor, *, want_grad: bool) -> torch.Tensor:
+    """Summed CE of the rows of z against y ([rows, 1]); z becomes softmax - onehot, all in place."""
+    z.sub_(z.amax(-1, keepdim=True))
+    picked = z.gather(-1, y)
+    total = z.exp_().sum(-1, keepdim=True)
+    loss = (total.log() - picked).sum()
+    if want_grad:
+        z.div_(total).scatter_add_(-1, y, torch.full_like(y, -1, dtype=z.dtype))
+    return loss
 
 
 class _Fused(torch.autograd.Function):
@@ -296,10 +362,14 @@ def fused_linear_divergence(
     pair = _head_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, mask,
                       vocab_size, divergence_params)
 
+    logits = _ChunkLogits(torch.float64 if student_hidden.dtype == torch.float64 else torch.float32)
+
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Grad mode is off here (no_grad or inside _Fused.forward): these matmuls build no graph.
-        logits = [F.linear(h, pair.ws), F.linear(pair.ht[start:end], pair.wt)]
-        return _divergence_value_and_grad(pair.kernel, pair.params, logits, temperature, want_grad)
+        z_s, z_t = logits("student", h, pair.ws), logits("teacher", pair.ht[start:end], pair.wt)
+        total = _blockwise(_divergence_block, z_s, z_t, kernel=pair.kernel, params=pair.params,
+                           temperature=temperature, want_grad=want_grad)
+        return total, z_s if want_grad else None
 
     return _apply(pair.hs, pair.ws, _chunk_tokens(chunk_size, pair.vocab_size), step, reduction)
 
@@ -337,19 +407,11 @@ def fused_linear_cross_entropy(
             f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found "
             f"{int(targets.min())}..{int(targets.max())}"
         )
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = _ChunkLogits(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = F.linear(h, weight).to(acc)
-        y = targets[start:end].unsqueeze(-1)
-        z.sub_(z.amax(-1, keepdim=True))  # shifted in place: the chunk's raw logits are not needed
-        e = z.exp()
-        total = e.sum(-1, keepdim=True)
-        loss = (total.log() - z.gather(-1, y)).sum()
-        if not want_grad:
-            return loss, None
-        grad = e.div_(total)  # softmax - onehot
-        grad.scatter_add_(-1, y, torch.full_like(y, -1, dtype=acc))
-        return loss, grad
+        z = logits("student", h, weight)
+        loss = _blockwise(_cross_entropy_block, z, targets[start:end].unsqueeze(-1), want_grad=want_grad)
+        return loss, z if want_grad else None
 
     return _apply(_flat_rows(hidden, keep), weight, _chunk_tokens(chunk_size, vocab), step, reduction)
