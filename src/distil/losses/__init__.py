@@ -4,6 +4,7 @@ from distil.losses.attention import attention_kl, minilm_relations
 from distil.losses.features import attention_map, attention_transfer, fitnets_hint, hidden_cosine, hidden_mse
 from distil.losses.fused import DEFAULT_CHUNK_ELEMENTS, fused_linear_cross_entropy, fused_linear_divergence
 from distil.losses.cached import cached_divergence
+from distil.losses.fused_sparse import fused_linear_cached_kd_and_ce
 from distil.losses.logits import (
     LOG_PROB_FLOOR,
     distillation_loss,
@@ -25,7 +26,7 @@ __all__ = [
     # logits
     "distillation_loss", "dkd", "forward_kl", "generalized_jsd", "reverse_kl", "skew_kl", "skew_reverse_kl", "tvd",
     # chunked LM head
-    "fused_linear_cross_entropy", "fused_linear_divergence",
+    "fused_linear_cached_kd_and_ce", "fused_linear_cross_entropy", "fused_linear_divergence",
     # cached (sparse) teacher targets
     "cached_divergence", "sampled_forward_kl", "sparse_forward_kl", "sparse_jsd", "sparse_reverse_kl",
     # features, attention, relations, several teachers

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from distil.errors import DistilError
-from distil.losses.registry import DIVERGENCES, SPARSE_DIVERGENCES, divergence_spec
+from distil.losses.registry import DIVERGENCES, SPARSE_DIVERGENCES, Divergence, divergence_spec
 from distil.losses.sparse import sampled_forward_kl
 
 __all__ = ["cached_divergence"]
@@ -31,6 +31,23 @@ def cached_divergence(
     takes the cache's build temperature (``targets["temperature"]``); any other value must equal it.
     ``divergence_params`` are the divergence's parameters (``beta``); missing ones take the registry's defaults.
     """
+    spec, params, temperature, targets = resolve_cached(targets, divergence, temperature, divergence_params,
+                                                        student_logits.device)
+    keep = targets["mask"]
+    keep = keep if mask is None else keep & mask
+    common = {"temperature": temperature, "mask": keep, "reduction": reduction}
+    if "weights" in targets:
+        return sampled_forward_kl(student_logits, targets["ids"], targets["weights"],
+                                  teacher_entropy=targets.get("entropy"), **common)
+    return spec.sparse(student_logits, targets.get("ids"), targets["logprobs"],
+                       tail_logmass=targets.get("tail_logmass"), **common, **params)
+
+
+def resolve_cached(targets: Mapping[str, torch.Tensor], divergence: str, temperature: float | None,
+                   divergence_params: Mapping[str, float], device: torch.device
+                   ) -> tuple[Divergence, dict[str, float], float, dict[str, torch.Tensor]]:
+    """Check a divergence against a batch of cached targets: (its registry entry, its parameters, the temperature,
+    the targets on ``device`` without the temperature). Shared with :mod:`distil.losses.fused_sparse`."""
     spec = divergence_spec(divergence) if divergence in DIVERGENCES else None
     if spec is None or spec.sparse is None:
         raise DistilError(f"divergence must be one of {', '.join(SPARSE_DIVERGENCES)}, got {divergence!r}")
@@ -41,16 +58,8 @@ def cached_divergence(
     elif built is not None and not math.isclose(temperature, built, rel_tol=1e-6):
         raise DistilError(f"the teacher cache holds targets at temperature {built:g}, this loss asks {temperature:g}; "
                           "sparse targets cannot be re-softened exactly: rebuild the cache at this temperature")
-    targets = {name: t.to(student_logits.device, non_blocking=True) for name, t in targets.items()
-               if name != "temperature"}
-    keep = targets["mask"]
-    keep = keep if mask is None else keep & mask
-    common = {"temperature": temperature, "mask": keep, "reduction": reduction}
-    if "weights" in targets:
-        if spec.name != "forward_kl":
-            raise DistilError(f"a sampled cache gives unbiased forward KL only, not {divergence}; build a topk cache "
-                              "for reverse KL or JSD")
-        return sampled_forward_kl(student_logits, targets["ids"], targets["weights"],
-                                  teacher_entropy=targets.get("entropy"), **common)
-    return spec.sparse(student_logits, targets.get("ids"), targets["logprobs"],
-                       tail_logmass=targets.get("tail_logmass"), **common, **params)
+    if "weights" in targets and spec.name != "forward_kl":
+        raise DistilError(f"a sampled cache gives unbiased forward KL only, not {divergence}; build a topk cache "
+                          "for reverse KL or JSD")
+    moved = {name: t.to(device, non_blocking=True) for name, t in targets.items() if name != "temperature"}
+    return spec, params, temperature, moved

@@ -178,15 +178,27 @@ def _divergence(kind: str, student_logits: torch.Tensor, target_ids: torch.Tenso
                  tail_logmass=tail_logmass)
     teacher, student, valid = _buckets(_soften(z, temperature), t["target_ids"], t["target_logprobs"],
                                        t["tail_logmass"])
+    return _reduce(bucket_divergence(kind, teacher, student, valid, beta), student_logits.shape[:-1], mask, reduction)
+
+
+def bucket_divergence(kind: str, teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor,
+                      beta: float = 0.5) -> torch.Tensor:
+    """Per row, the ``kind`` ("forward", "reverse" or "jsd") divergence between bucketed log-probabilities
+    ``[N, B]`` over the ``valid`` buckets (shared with :mod:`distil.losses.fused_sparse`)."""
     if kind == "forward":
-        values = _kl(teacher, student, valid)
-    elif kind == "reverse":
-        values = _kl(student, teacher, valid)
-    else:
-        a, b = _floor(teacher), _floor(student)
-        m = torch.logaddexp(a + math.log(beta), b + math.log1p(-beta))
-        values = beta * _kl(a, m, valid) + (1.0 - beta) * _kl(b, m, valid)
-    return _reduce(values, student_logits.shape[:-1], mask, reduction)
+        return _kl(teacher, student, valid)
+    if kind == "reverse":
+        return _kl(student, teacher, valid)
+    a, b = _floor(teacher), _floor(student)
+    m = torch.logaddexp(a + math.log(beta), b + math.log1p(-beta))
+    return beta * _kl(a, m, valid) + (1.0 - beta) * _kl(b, m, valid)
+
+
+def divergence_kind(sparse: object, beta: float = 0.5) -> str:
+    """The :func:`bucket_divergence` kind of a sparse divergence function (``sparse_jsd`` at beta 0 or 1 is KL)."""
+    if sparse is sparse_jsd:
+        return "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "jsd"
+    return {sparse_forward_kl: "forward", sparse_reverse_kl: "reverse"}[sparse]
 
 
 # ------------------------------------------------------------------------------------------------ divergences
