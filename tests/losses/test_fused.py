@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distil.errors import DistilError
-from distil.losses import DIVERGENCES, fused_linear_cross_entropy, fused_linear_divergence
+from distil.losses import DIVERGENCES, fused, fused_linear_cross_entropy, fused_linear_divergence
 from distil.losses.fused import _KERNELS, _divergence_value_and_grad
 
 CASES = [
@@ -305,3 +305,11 @@ def test_fused_parameters_default_to_the_plain_functions(name):
     fused = fused_linear_divergence(h_s, w_s, h_t, w_t, divergence=name)
     plain = DIVERGENCES[name](h_s @ w_s.T, h_t @ w_t.T)
     assert torch.allclose(fused, plain, atol=1e-6)
+
+
+def test_row_blocks_cover_the_chunk_in_order_and_one_block_on_an_accelerator(monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 80)
+    cpu = list(fused._row_blocks(7, 37, torch.device("cpu")))
+    assert [(s.start, s.stop) for s in cpu] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert [(s.start, s.stop) for s in fused._row_blocks(7, 37, torch.device("cuda"))] == [(0, 7)]
+    assert [(s.start, s.stop) for s in fused._row_blocks(3, 1000, torch.device("cpu"))] == [(0, 1), (1, 2), (2, 3)]

@@ -99,9 +99,11 @@ class _ChunkLogits:
         return out
 
 
-def _row_blocks(rows: int, vocab: int) -> Iterator[slice]:
-    """Slices of at most ``BLOCK_ELEMENTS // vocab`` rows (at least one) covering ``range(rows)``."""
-    step = max(1, BLOCK_ELEMENTS // max(vocab, 1))
+def _row_blocks(rows: int, vocab: int, device: torch.device) -> Iterator[slice]:
+    """Slices of at most ``BLOCK_ELEMENTS // vocab`` rows (at least one) covering ``range(rows)``; on an accelerator
+    one slice (the whole chunk): a GPU has no cache to keep a block in, and thousands of tiny kernels a step would
+    cost more in launches than the elementwise work itself."""
+    step = max(1, BLOCK_ELEMENTS // max(vocab, 1)) if device.type == "cpu" else max(rows, 1)
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
 
@@ -110,7 +112,7 @@ def _blockwise(block: Callable, z_s: torch.Tensor, *others: torch.Tensor, **stat
     """The sum of ``block(z_s, *others, **static)`` over the blocks of rows of a chunk. A block leaves its gradient
     in its rows of ``z_s`` and returns its summed value(s)."""
     total = None
-    for rows in _row_blocks(z_s.shape[0], z_s.shape[1]):
+    for rows in _row_blocks(z_s.shape[0], z_s.shape[1], z_s.device):
         value = block(z_s[rows], *(t[rows] for t in others), **static)
         total = value if total is None else total + value
     return total

@@ -190,7 +190,7 @@ def _row_sums(z: torch.Tensor, t: _Targets, y: torch.Tensor, vocab: int, tempera
     outside, stored = (z.new_empty(c), z.new_empty(c)) if t.tail is not None else (None, None)
     shared = _shares_ce(z, vocab, temperature)
     ce_lse = z.new_empty(c)
-    for rows in fused._row_blocks(c, z.shape[1]):
+    for rows in fused._row_blocks(c, z.shape[1], z.device):
         zb, ids = z[rows], t.ids[rows]
         zk = _soft(zb, vocab, temperature)
         m = zk.amax(-1, keepdim=True)
@@ -248,7 +248,7 @@ def _write_gradient(z, t: _Targets, y, r: _RowSums, g, g_tail, vocab: int, tempe
         at_ids = torch.where(t.in_set, at_ids, at_ids[:, :1])  # padding repeats the first id: the same value
         scatter = torch.Tensor.scatter_
     shared = _shares_ce(z, vocab, temperature)
-    for rows in fused._row_blocks(z.shape[0], z.shape[1]):
+    for rows in fused._row_blocks(z.shape[0], z.shape[1], z.device):
         zb, ids, yb = z[rows], t.ids[rows], y[rows]
         top, coef_b, total = r.top[rows].unsqueeze(-1), coef[rows].unsqueeze(-1), r.total[rows].unsqueeze(-1)
         if shared:  # one softmax serves both terms: q = e / total
