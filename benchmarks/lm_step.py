@@ -5,6 +5,8 @@ train), batches of 8 x 64 tokens of Shakespeare, fp32, fused AdamW. Measured in 
 round so that machine noise hits every kind alike; medians and ratios are reported:
 - `ce`: the student trained alone (fused cross-entropy), forward + backward + optimizer step;
 - `teacher_forward`: the teacher's forward to its final hidden states, no grad (what the KD step adds at least);
+- `teacher_forward_logits`: the teacher's whole forward, LM head included (a teacher's forward pass as a user times
+  it);
 - `kd_two_passes`: the KD step as it was: fused CE and fused divergence as two passes over the LM head;
 - `kd_one_pass`: the KD step with `fused_linear_kd_and_ce` (one pass over each chunk for both terms).
 
@@ -78,7 +80,12 @@ def main() -> None:
         with torch.no_grad():
             final_hidden(teacher, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
 
+    def teacher_forward_logits(batch) -> None:
+        with torch.no_grad():
+            teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+
     kinds = {"ce": lambda b: step(alone.loss, b), "teacher_forward": teacher_forward,
+             "teacher_forward_logits": teacher_forward_logits,
              "kd_two_passes": lambda b: step(two_passes, b), "kd_one_pass": lambda b: step(one_pass.loss, b)}
     times: dict[str, list[float]] = {name: [] for name in kinds}
     for r in range(args.rounds + 1):
@@ -95,6 +102,7 @@ def main() -> None:
         "median_s": med, "ratio_to_ce": {k: v / med["ce"] for k, v in med.items()},
         "kd_one_pass_over_ce_plus_teacher_forward": med["kd_one_pass"] / ideal,
         "kd_two_passes_over_ce_plus_teacher_forward": med["kd_two_passes"] / ideal,
+        "kd_one_pass_over_ce_plus_teacher_forward_logits": med["kd_one_pass"] / (med["ce"] + med["teacher_forward_logits"]),
         "tokens_per_s": {k: 512 / v for k, v in med.items()},
     }, indent=1))
 

@@ -150,15 +150,20 @@ def case_trl(work: Path, steps: int) -> dict:
 
 
 def table(path: Path) -> str:
+    """Per trainer, the median over runs of each run's median step, its peak memory and its first step."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lines = ["| trainer | step s (median) | tokens/s | vs TRL GKD | peak RSS MiB | above models MiB | first loss | "
-             "first grad norm |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    trl = next((r for r in rows if r["case"] == "trl_gkd"), None)
+    cases: dict[str, list[dict]] = {}
     for r in rows:
-        speed = "" if trl is None else f"{trl['median_step_s'] / r['median_step_s']:.2f}x"
-        lines.append(f"| {r['case']} | {r['median_step_s']:.3f} | {BATCH * (SEQ - 1) / r['median_step_s']:.0f} | "
-                     f"{speed} | {r['peak_rss_mib']:,.0f} | {r['peak_above_models_mib']:,.0f} | "
-                     f"{r['first_loss']:.6f} | {r['first_grad_norm']:.6f} |")
+        cases.setdefault(r["case"], []).append(r)
+    step = {case: statistics.median(r["median_step_s"] for r in runs) for case, runs in cases.items()}
+    lines = ["| trainer | runs | step s (median) | tokens/s | speed vs TRL GKD | peak RSS MiB | above models MiB | "
+             "first loss | first grad norm |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for case, runs in cases.items():
+        speed = f"{step['trl_gkd'] / step[case]:.2f}x" if "trl_gkd" in step else ""
+        peak = statistics.median(r["peak_rss_mib"] for r in runs)
+        above = statistics.median(r["peak_above_models_mib"] for r in runs)
+        lines.append(f"| {case} | {len(runs)} | {step[case]:.3f} | {BATCH * (SEQ - 1) / step[case]:.0f} | {speed} | "
+                     f"{peak:,.0f} | {above:,.0f} | {runs[0]['first_loss']:.6f} | {runs[0]['first_grad_norm']:.6f} |")
     return "\n".join(lines)
 
 
