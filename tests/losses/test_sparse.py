@@ -319,3 +319,52 @@ def test_float32_student_tail_is_accurate():
     sparse_forward_kl(x64, ids, vals, tail_logmass=tail).backward()
     sparse_forward_kl(x32, ids, vals.float(), tail_logmass=tail.float()).backward()
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_targets_from_logits_equal_those_of_the_log_softmax():
+    """The build's form (from logits, cheap tail where float16 keeps its precision) equals topk_targets of the
+    log-softmax: ids exactly, log-probabilities and tails to float32 rounding, on flat, peaked and k = V rows."""
+    from distil.cache.writer import _CHEAP_TAIL_FROM, topk_targets_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 300, generator=g) * 3
+    z[1, 7] = 40.0  # a peaked row: tail below _CHEAP_TAIL_FROM, summed exactly
+    z[2] = 0.0  # a flat row
+    for k in (5, 64, 300):
+        ids, lp, tail = topk_targets(torch.log_softmax(z.double(), -1), k)
+        ids2, lp2, tail2 = topk_targets_from_logits(z.clone(), k)
+        same = ids2.sort(-1).values == ids.sort(-1).values
+        assert same[[0, 1, 3, 4, 5]].all()  # the flat row's ties may pick other ids of equal probability
+        torch.testing.assert_close(lp2.double(), lp, rtol=0, atol=2e-5)
+        finite = tail.isfinite()
+        assert torch.equal(finite, tail2.isfinite()) and (k == 300) == (not finite.any())
+        # 1 - sum(k float32 probabilities): at most k roundings of 1.2e-7 each, relative to a tail >= _CHEAP_TAIL_FROM
+        rtol = k * torch.finfo(torch.float32).eps / _CHEAP_TAIL_FROM + 1e-6
+        torch.testing.assert_close(tail2.double()[finite], tail[finite], rtol=rtol, atol=0)
+    assert float(topk_targets_from_logits(z.clone(), 5)[2][1].exp()) < _CHEAP_TAIL_FROM  # the peaked row took the exact path
+
+
+def test_sample_targets_from_logits_draw_from_the_same_distribution():
+    """The build's form: the entropy equals the log-softmax's (with a -inf logit too), and with one shared seed
+    the draws are those of sample_targets (multinomial of the same distribution, unnormalised)."""
+    from distil.cache.writer import sample_targets_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 200, generator=g) * 3
+    z[3, 11] = -math.inf
+    lp = torch.log_softmax(z.double(), -1)
+    ref = sample_targets(lp.float(), 64, torch.Generator().manual_seed(7))
+    ours = sample_targets_from_logits(z.clone(), 64, torch.Generator().manual_seed(7))
+    exact_entropy = -(lp.exp() * lp.clamp_min(-1e300)).sum(-1)
+    # float32 sums over 200 terms of size up to ~10: a few ulps of 10 * 200
+    torch.testing.assert_close(ours[3].double(), exact_entropy, rtol=0, atol=200 * 10 * 1.2e-7)
+    assert float(ours[1][ours[1] >= 0].eq(11).logical_and(torch.repeat_interleave(
+        torch.arange(5), ours[0]) == 3).sum()) == 0  # the -inf token is never drawn
+    # The same uniforms through cumulative sums that round differently: a draw may land in the next bin only where
+    # the two sums straddle it (about 1e-7 of the time); allow two such draws over the 320, each moving 2 counts.
+    def counts(row_counts, ids, n):
+        rows = torch.repeat_interleave(torch.arange(5), row_counts)
+        return torch.zeros(5, 200, dtype=torch.long).index_put_((rows, ids), n, accumulate=True)
+
+    moved = (counts(*ours[:3]) - counts(*ref[:3])).abs().sum()
+    assert int(moved) <= 4 and int(counts(*ours[:3]).sum()) == 5 * 64

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from distil.cache import format as fmt
-from distil.cache.writer import ShardBuffer, atomic_write, draw_seed, sample_targets, topk_targets, write_shard
+from distil.cache.writer import (
+    ShardBuffer, atomic_write, draw_seed, sample_targets_from_logits, topk_targets_from_logits, write_shard,
+)
 from distil.errors import DistilError
 
 Sample = Mapping[str, Any]
@@ -180,7 +182,7 @@ def _teacher_rows(logits: torch.Tensor, row: int, sample: dict[str, Any], keep: 
     else:
         rows = logits[row : row + 1]
     rows = rows.float()
-    return F.log_softmax(rows if temperature == 1.0 else rows / temperature, dim=-1)
+    return rows if temperature == 1.0 else rows / temperature
 
 
 def _compute_shard(samples: list[dict[str, Any]], keeps: list[np.ndarray], fn: TeacherFn, collate: Callable,
@@ -205,19 +207,28 @@ def _compute_shard(samples: list[dict[str, Any]], keeps: list[np.ndarray], fn: T
         elif vocab != buffer.vocab_size:
             raise DistilError(f"the teacher's vocabulary changed from {buffer.vocab_size} to {vocab} between batches")
         for row, (sample, keep) in enumerate(zip(group, group_keeps)):
-            lp = _teacher_rows(logits, row, sample, keep, settings.temperature)
-            if settings.mode == "topk":
-                ids, vals, tail = topk_targets(lp, settings.k or 1)
-                buffer.add(sample["id"], keep, ids=ids, logprobs=vals, tail_logmass=tail)
-            elif settings.mode == "sample":
-                gen = torch.Generator(device=lp.device).manual_seed(draw_seed(settings.seed, sample["id"]))
-                row_counts, ids, counts, entropy = sample_targets(lp, settings.num_draws or 1, gen)
-                buffer.add(sample["id"], keep, row_counts=row_counts, ids=ids, counts=counts, entropy=entropy)
-            else:
-                buffer.add(sample["id"], keep, logprobs=lp)
+            with torch.inference_mode():  # in-place work on the (inference-mode) logits is allowed here
+                _add_targets(buffer, logits, row, sample, keep, settings)
         on_batch(int(sum(k.sum() for k in group_keeps)))
     assert buffer is not None
     return buffer
+
+
+def _add_targets(buffer: ShardBuffer, logits: torch.Tensor, row: int, sample: dict[str, Any], keep: np.ndarray,
+                 settings: fmt.BuildSettings) -> None:
+    """One sample's targets into the shard buffer."""
+    # The softened logits of the sample's kept positions: a view of `logits` where no copy was needed, which the
+    # top-k targets overwrite (each sample's rows are read once).
+    z = _teacher_rows(logits, row, sample, keep, settings.temperature)
+    if settings.mode == "topk":
+        ids, vals, tail = topk_targets_from_logits(z, settings.k or 1)
+        buffer.add(sample["id"], keep, ids=ids, logprobs=vals, tail_logmass=tail)
+    elif settings.mode == "sample":
+        gen = torch.Generator(device=z.device).manual_seed(draw_seed(settings.seed, sample["id"]))
+        row_counts, ids, counts, entropy = sample_targets_from_logits(z, settings.num_draws or 1, gen)
+        buffer.add(sample["id"], keep, row_counts=row_counts, ids=ids, counts=counts, entropy=entropy)
+    else:
+        buffer.add(sample["id"], keep, logprobs=F.log_softmax(z, dim=-1))
 
 
 # ------------------------------------------------------------------------------------------------ the loop
