@@ -96,14 +96,14 @@ def fused_linear_cached_kd_and_ce(
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = logits("student", h, weight)
         chunk = rows.slice(start, end)
-        labels_ = y[start:end].unsqueeze(-1)
-        sums_ = _row_sums(z, chunk, labels_, vocab, T)
-        kd, g, g_tail = _bucket_value_and_grad(kind, params.get("beta", 0.5), chunk, sums_.lq, sums_.tail,
+        y_chunk = y[start:end].unsqueeze(-1)
+        row_sums = _row_sums(z, chunk, y_chunk, vocab, T)
+        kd, g, g_tail = _bucket_value_and_grad(kind, params.get("beta", 0.5), chunk, row_sums.lq, row_sums.tail,
                                                want_grad and kd_weight > 0)
-        sums.append(torch.stack((kd, sums_.ce)))
+        sums.append(torch.stack((kd, row_sums.ce)))
         if want_grad:
-            _write_gradient(z, chunk, labels_, sums_, g, g_tail, vocab, T, kd_w, ce_w)
-        return kd_w * kd + ce_w * sums_.ce, z if want_grad else None
+            _write_gradient(z, chunk, y_chunk, row_sums, g, g_tail, vocab, T, kd_w, ce_w)
+        return kd_w * kd + ce_w * row_sums.ce, z if want_grad else None
 
     loss = _apply(_flat_rows(hidden, keep), weight, _chunk_tokens(chunk_size, weight.shape[0]), step, "sum")
     kd, ce = torch.stack(sums).sum(0) if sums else loss.new_zeros(2)
