@@ -185,9 +185,9 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     if distributed.is_main():
         cached.describe(result, Console())
     if result.complete and distributed.is_main() and not (Path(recipe.teacher.cache.path) / cached.TEACHER_EVAL).exists():
-        row, _ = measure_lm(teacher, hf.resolve_model_path(source), corpus.eval_batches(),
-                            teacher.config.vocab_size, None, tokenizer)
-        cached.write_teacher_eval(Path(recipe.teacher.cache.path), row)
+        row, predictions = measure_lm(teacher, hf.resolve_model_path(source), corpus.eval_batches(),
+                                      teacher.config.vocab_size, None, tokenizer)
+        cached.write_teacher_eval(Path(recipe.teacher.cache.path), row, predictions)
     distributed.shutdown()
     return 0
 

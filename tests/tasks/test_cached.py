@@ -125,3 +125,26 @@ def test_the_fused_cached_loss_equals_the_plain_one(tiny_lm, tmp_path, mode):
     assert len(fused_grads) == len(plain_grads)
     for a, b in zip(fused_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_a_sampled_cache_run_measures_agreement_from_the_kept_predictions(tiny_lm, tmp_path):
+    """A sampled cache has no top-1 ids: held-out agreement reads the teacher's predictions kept at build time,
+    which equal a top-k cache's first ids for the same teacher and text."""
+    import yaml
+
+    from distil.cache import TeacherCache
+
+    sampled = cache_recipe(tiny_lm, tmp_path, mode="sample", num_draws=16)
+    summary = run_recipe(validate_recipe(sampled), show_progress=False)
+    assert 0 <= summary["arms"]["distilled"]["agreement"] <= 1
+    topk = cache_recipe(tiny_lm, tmp_path / "topk")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(topk))
+    assert main(["cache", "build", str(tmp_path / "r.yaml"), "-q"]) == 0
+    recipe = validate_recipe(topk)
+    kept = cached.eval_predictions(TeacherCache(tmp_path / "topk" / "cache"), 4, 32)  # from teacher_top1.json
+    (tmp_path / "topk" / "cache" / cached.TEACHER_TOP1).unlink()
+    first_ids = cached.eval_predictions(TeacherCache(tmp_path / "topk" / "cache"), 4, 32)
+    assert recipe.data.eval_tokens == 128 and torch.equal(kept, first_ids)
+    (tmp_path / "cache" / cached.TEACHER_TOP1).unlink()  # a sampled cache from before the predictions were kept
+    with pytest.raises(DistilError, match="delete .*teacher_eval.json and run again"):
+        cached.eval_predictions(TeacherCache(tmp_path / "cache"), 4, 32)

@@ -247,8 +247,9 @@ class CausalLMRun:
                 built_by = teacher
 
                 def teacher_eval() -> None:
-                    row, _ = measure_lm(built_by, self.teacher_path, self.eval_batches, vocab, None, tokenizer)
-                    cached.write_teacher_eval(Path(cache_spec.path), row)
+                    row, predictions = measure_lm(built_by, self.teacher_path, self.eval_batches, vocab, None,
+                                                  tokenizer)
+                    cached.write_teacher_eval(Path(cache_spec.path), row, predictions)
 
                 distributed.on_main(teacher_eval)
             teacher = None  # training and evaluation read the cache, not the teacher
@@ -350,7 +351,7 @@ class CausalLMRun:
         else:
             rows["teacher"] = {**cached.read_teacher_eval(Path(recipe.teacher.cache.path)),  # type: ignore[union-attr]
                                "from_cache": True}
-            teacher_predictions = cached.eval_predictions(self.cache, len(corpus.eval), recipe.data.seq_len).flatten()
+            teacher_predictions = cached.eval_predictions(self.cache, len(corpus.eval), recipe.data.seq_len)
         speeds: dict[tuple, dict[str, Any]] = {}  # the students of a run differ only in their weights
         for arm, folder in [("student_init", self.init)] + [(a, arm_folder(self.ctx.run_dir, a)) for a in recipe.arms]:
             model = load_student_folder(folder, device)

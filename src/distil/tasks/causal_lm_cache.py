@@ -1,8 +1,8 @@
 """Causal-LM distillation from an offline teacher cache: build it once, then train students without the teacher.
 
 The cache holds every training block (sample id = block index) and every held-out block (id EVAL_ID_OFFSET + j),
-so held-out top-1 agreement needs no teacher either. The teacher's own evaluation (perplexity, speed, size) is
-measured when the cache is built and kept beside it in `teacher_eval.json`.
+so held-out agreement needs no teacher either. The teacher's own evaluation (perplexity, speed, size) and its held-out
+top-1 predictions are measured when the cache is built and kept beside it (`teacher_eval.json`, `teacher_top1.json`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from distil.train.checkpoint import write_json
 
 EVAL_ID_OFFSET = 1_000_000_000
 TEACHER_EVAL = "teacher_eval.json"
+TEACHER_TOP1 = "teacher_top1.json"  # the teacher's held-out top-1 predictions (a sampled cache cannot give them)
 MANIFEST = "manifest.json"
 
 
@@ -84,7 +85,9 @@ def _build(recipe: Recipe, teacher: nn.Module, tokenizer: Any, corpus: TextCorpu
     )
 
 
-def write_teacher_eval(path: Path, row: dict[str, Any]) -> None:
+def write_teacher_eval(path: Path, row: dict[str, Any], predictions: torch.Tensor) -> None:
+    """The teacher's summary row and held-out top-1 predictions; the row last, as it marks the cache complete."""
+    write_json(Path(path) / TEACHER_TOP1, {"top1": predictions.flatten().tolist()})
     write_json(Path(path) / TEACHER_EVAL, row)
 
 
@@ -106,11 +109,17 @@ def open_cache(recipe: Recipe, tokenizer: Any, corpus: TextCorpus) -> TeacherCac
 
 
 def eval_predictions(cache: TeacherCache, num_blocks: int, seq_len: int) -> torch.Tensor:
-    """The teacher's top-1 next token at every held-out position [N, L-1], read from the cache."""
+    """The teacher's top-1 next token at every held-out position (flat), as measured when the cache was built, or
+    read from a top-k cache's first ids (caches built before the predictions were kept)."""
+    kept = cache.root / TEACHER_TOP1
+    if kept.is_file():
+        return torch.tensor(json.loads(kept.read_text())["top1"], dtype=torch.long)
     if cache.mode != "topk":
-        raise DistilError("held-out agreement needs a top-k cache (its first id is the teacher's top-1)")
+        raise DistilError(f"the sampled cache {cache.root} predates the teacher's held-out predictions that held-out "
+                          f"agreement needs: delete {cache.root / TEACHER_EVAL} and run again (the shards are kept; "
+                          "the teacher is measured once more)")
     ids = torch.arange(EVAL_ID_OFFSET, EVAL_ID_OFFSET + num_blocks)
-    return cache.targets(ids, seq_len)["ids"][:, :-1, 0]
+    return cache.targets(ids, seq_len)["ids"][:, :-1, 0].flatten()
 
 
 def describe(result: BuildResult, console: Console) -> None:
