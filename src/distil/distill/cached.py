@@ -7,16 +7,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 
 from distil.cache import TeacherCache
 from distil.data.formats import IGNORE
-from distil.distill.lm import final_hidden, fused_problem, next_token_targets
+from distil.distill.lm import final_hidden, fused_or_note, fused_problem, next_token_targets
 from distil.distill.objectives import LogitLoss, divergence_params
 from distil.losses import cached_divergence
 from distil.losses.fused_sparse import FUSED_CACHE_MODES, cache_mode, fused_linear_cached_kd_and_ce
-from distil.train import distributed
 from distil.train.objective import Objective
 
 
@@ -39,11 +37,7 @@ class CachedLMObjective(Objective):
             problem = fused_problem(self.student, "student", inputs)
             if cache_mode(cached) not in FUSED_CACHE_MODES:
                 problem = "the cache holds full distributions"
-            self.fused = problem is None
-            if problem and distributed.is_main():
-                Console(stderr=True, highlight=False).print(
-                    f"note: {problem}; the cached loss takes the plain path (full logits) instead of the fused one",
-                    soft_wrap=True)
+            self.fused = fused_or_note(problem, "the cached losses")
         return self.fused
 
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -86,6 +86,15 @@ def fused_problem(model: nn.Module, who: str, inputs: dict[str, torch.Tensor]) -
     return None
 
 
+def fused_or_note(problem: str | None, losses: str) -> bool:
+    """Whether the fused path applies (no problem); otherwise says, on the main process, why `losses` take the plain
+    path instead."""
+    if problem and distributed.is_main():
+        Console(stderr=True, highlight=False).print(
+            f"note: {problem}; {losses} take the plain path (full logits) instead of the fused one", soft_wrap=True)
+    return problem is None
+
+
 def final_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Hidden states after the final norm, i.e. what the LM head multiplies (no logits are computed); `inputs`:
     input_ids with attention_mask, or packed input_ids with position_ids (distil.data.packing.model_inputs)."""
@@ -141,11 +150,7 @@ class CausalLMObjective(Objective):
         if self.fused is None:
             models = [("student", self.student)] + ([("teacher", self.teacher.model)] if self.teacher else [])
             problem = next((p for who, m in models if (p := fused_problem(m, who, inputs))), None)
-            self.fused = problem is None
-            if problem and distributed.is_main():
-                Console(stderr=True, highlight=False).print(
-                    f"note: {problem}; the LM losses take the plain path (full logits) instead of the fused one",
-                    soft_wrap=True)
+            self.fused = fused_or_note(problem, "the LM losses")
         return self.fused
 
     def teachers(self) -> dict[str, nn.Module]:
