@@ -118,10 +118,15 @@ def test_info_of_a_complete_cache(tmp_path, samples, teacher_fn):
     assert info["teacher"] == {"name": "tiny-llama", "weights_hash": "ab" * 32, "tokenizer_hash": "cd" * 32}
     assert info["settings"]["k"] == 8 and info["settings"]["vocab_size"] == 300
     assert info["notes"] == {"recipe": "unit-test"}
+    targets = TeacherCache(tmp_path).targets([s["id"] for s in samples], normalize=False)  # as stored
+    mass = targets["tail_logmass"][targets["mask"]].double().exp()
+    assert info["tail_mass"]["mean"] == pytest.approx(float(mass.mean()), rel=1e-6)
+    assert info["tail_mass"]["median"] == pytest.approx(float(np.median(mass.numpy())), rel=1e-6)
     console = Console(record=True, width=120)
     console.print(render_cache_info(info))
     text = console.export_text()
-    for expected in ("complete", "bytes per token", "tiny-llama", "23 of 23", "topk (k=8)", "ids=uint16"):
+    for expected in ("complete", "bytes per token", "tiny-llama", "23 of 23", "topk (k=8)", "ids=uint16",
+                     "teacher mass outside top k"):
         assert expected in text
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from distil.cache import format as fmt
@@ -71,7 +72,20 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         },
         "notes": dict(f.notes),
         "temporary_files": sum(".tmp-" in p.name for p in files),
+        "tail_mass": _tail_mass(root, records) if settings.mode == "topk" else None,
     }
+
+
+def _tail_mass(root: Path, records: list[fmt.ShardRecord]) -> dict[str, float] | None:
+    """Mean and median of the teacher's probability outside the stored top k, over every cached position: how much of
+    the teacher's distribution a top-k cache keeps as one bucket (its shape is lost)."""
+    from safetensors.numpy import load_file
+
+    tails = [load_file(str(root / r.file))["tail_logmass"].astype(np.float64) for r in records]
+    if not tails or not sum(len(t) for t in tails):
+        return None
+    mass = np.exp(np.concatenate(tails))
+    return {"mean": float(mass.mean()), "median": float(np.median(mass))}
 
 
 def _size(n: float) -> str:
@@ -110,6 +124,11 @@ def render_cache_info(info: dict[str, Any]) -> Table:
     if s["dtypes"]:
         shown = {k: v for k, v in s["dtypes"].items() if k not in ("sample_ids", "lengths", "keep")}
         t.add_row("dtypes", ", ".join(f"{k}={v}" for k, v in shown.items()))
+    tail = info.get("tail_mass")
+    if tail is not None:
+        advice = ("; much of it: a top-k cache keeps only its total, a sampled cache (mode: sample) keeps its shape "
+                  "in expectation" if tail["mean"] >= 0.1 else "")
+        t.add_row("teacher mass outside top k", f"mean {tail['mean']:.1%}, median {tail['median']:.1%}{advice}")
     if info["temporary_files"]:
         t.add_row("temporary files", f"{info['temporary_files']} left by interrupted writes (safe to delete)")
     return t
