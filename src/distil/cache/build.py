@@ -206,8 +206,8 @@ def _compute_shard(samples: list[dict[str, Any]], keeps: list[np.ndarray], fn: T
             buffer = ShardBuffer(settings.mode, vocab, settings.num_draws, layout)
         elif vocab != buffer.vocab_size:
             raise DistilError(f"the teacher's vocabulary changed from {buffer.vocab_size} to {vocab} between batches")
-        for row, (sample, keep) in enumerate(zip(group, group_keeps)):
-            with torch.inference_mode():  # in-place work on the (inference-mode) logits is allowed here
+        with torch.inference_mode():  # in-place work on the (inference-mode) logits is allowed here
+            for row, (sample, keep) in enumerate(zip(group, group_keeps)):
                 _add_targets(buffer, logits, row, sample, keep, settings)
         on_batch(int(sum(k.sum() for k in group_keeps)))
     assert buffer is not None
