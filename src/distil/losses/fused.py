@@ -266,6 +266,26 @@ def _check_mask(mask: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | N
     return mask.reshape(-1)
 
 
+def _kept_labels(labels: torch.Tensor, lead: torch.Size, vocab: int, ignore_index: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check hard labels against the hidden states' leading shape and a head of ``vocab`` rows; return the flat mask
+    of the labelled positions and their labels."""
+    if labels.shape != lead or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise DistilError(
+            f"labels must be integer class indices of shape {tuple(lead)} (the hidden states without the last "
+            f"dimension), got {labels.dtype} {tuple(labels.shape)}"
+        )
+    flat = labels.reshape(-1)
+    keep = flat != ignore_index
+    targets = flat[keep]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise DistilError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found "
+            f"{int(targets.min())}..{int(targets.max())}"
+        )
+    return keep, targets
+
+
 def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor) -> None:
     if hidden.dtype != weight.dtype:
         raise DistilError(
@@ -394,21 +414,8 @@ def fused_linear_cross_entropy(
     fp32 (fp64 stays fp64); the gradient ``softmax - onehot`` is formed per chunk.
     """
     _check_head("student", hidden, weight)
-    lead = hidden.shape[:-1]
-    if labels.shape != lead or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise DistilError(
-            f"labels must be integer class indices of shape {tuple(lead)} (the hidden states without the last "
-            f"dimension), got {labels.dtype} {tuple(labels.shape)}"
-        )
-    flat = labels.reshape(-1)
-    keep = flat != ignore_index
-    targets = flat[keep]
+    keep, targets = _kept_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index)
     vocab = weight.shape[0]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise DistilError(
-            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found "
-            f"{int(targets.min())}..{int(targets.max())}"
-        )
     logits = _ChunkLogits(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
     def step(h: torch.Tensor, start: int, end: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from distil.errors import DistilError
 from distil.losses.fused import (
     _apply, _blockwise, _chunk_tokens, _ChunkLogits, _divergence_value_and_grad, _floor_, _head_pair,
-    _log_softmax_and_softmax_,
+    _kept_labels, _log_softmax_and_softmax_,
 )
 
 __all__ = ["fused_linear_kd_and_ce"]
@@ -46,18 +46,11 @@ def fused_linear_kd_and_ce(
     the student's vocabulary, and the divergence runs over the first ``vocab_size`` rows of both heads.
     """
     lead = student_hidden.shape[:-1]
-    if labels.shape != lead or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise DistilError(f"labels must be integer class indices of shape {tuple(lead)} (the hidden states without "
-                          f"the last dimension), got {labels.dtype} {tuple(labels.shape)}")
+    keep, targets = _kept_labels(labels, lead, student_weight.shape[0], ignore_index)
     if kd_weight < 0 or ce_weight < 0:
         raise DistilError(f"kd_weight and ce_weight must be >= 0, got {kd_weight} and {ce_weight}")
-    keep = labels != ignore_index
-    pair = _head_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature, keep,
-                      vocab_size, divergence_params)
-    targets = labels.reshape(-1)[keep.reshape(-1)]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= student_weight.shape[0]):
-        raise DistilError(f"labels must lie in [0, {student_weight.shape[0]}) or equal ignore_index={ignore_index}; "
-                          f"found {int(targets.min())}..{int(targets.max())}")
+    pair = _head_pair(student_hidden, student_weight, teacher_hidden, teacher_weight, divergence, temperature,
+                      keep.reshape(lead), vocab_size, divergence_params)
     # The CE runs over the student's whole head; the divergence over the shared vocabulary.
     full_head = student_weight.shape[0] != pair.vocab_size
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32

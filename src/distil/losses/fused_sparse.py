@@ -26,7 +26,7 @@ import torch
 from distil.errors import DistilError
 from distil.losses import fused
 from distil.losses.cached import resolve_cached
-from distil.losses.fused import _apply, _check_head, _chunk_tokens, _ChunkLogits, _flat_rows
+from distil.losses.fused import _apply, _check_head, _chunk_tokens, _ChunkLogits, _flat_rows, _kept_labels
 from distil.losses.sparse import _floor, bucket_divergence, divergence_kind
 
 __all__ = ["FUSED_CACHE_MODES", "cache_mode", "fused_linear_cached_kd_and_ce"]
@@ -64,9 +64,7 @@ def fused_linear_cached_kd_and_ce(
     """
     lead = hidden.shape[:-1]
     _check_head("student", hidden, weight)
-    if labels.shape != lead or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise DistilError(f"labels must be integer class indices of shape {tuple(lead)} (the hidden states without "
-                          f"the last dimension), got {labels.dtype} {tuple(labels.shape)}")
+    keep, y = _kept_labels(labels, lead, weight.shape[0], ignore_index)
     if kd_weight < 0 or ce_weight < 0:
         raise DistilError(f"kd_weight and ce_weight must be >= 0, got {kd_weight} and {ce_weight}")
     mode = cache_mode(targets)
@@ -76,11 +74,6 @@ def fused_linear_cached_kd_and_ce(
     vocab = weight.shape[0] if vocab_size is None else vocab_size
     if not 0 < vocab <= weight.shape[0]:
         raise DistilError(f"vocab_size={vocab} must be in 1..{weight.shape[0]} (the student head's rows)")
-    keep = (labels != ignore_index).reshape(-1)
-    y = labels.reshape(-1)[keep]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
-        raise DistilError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}; "
-                          f"found {int(y.min())}..{int(y.max())}")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = _flat_targets(t, mode, lead, keep, vocab, acc)
     kind = divergence_kind(spec.sparse, params.get("beta", 0.5))
