@@ -231,7 +231,7 @@ def _write_gradient(z, t: _Targets, y, r: _RowSums, g, g_tail, vocab: int, tempe
         g = torch.zeros_like(r.lq)
     q_ids = r.lq.exp()
     if g_tail is None:  # q_v * coef for every token, plus g at the ids (padding entries have g = 0)
-        at_ids, coef, scatter = g, -g.sum(-1), torch.Tensor.scatter_add_
+        at_ids, coef = g, -g.sum(-1)
     else:
         # q_v * (g_tail / Q - G) outside the stored set, overwritten by g_v - q_v * G at the stored ids. The first
         # coefficient is written as g_tail * stored / outside - sum(g): the form g_tail / Q - G would cancel when
@@ -239,14 +239,13 @@ def _write_gradient(z, t: _Targets, y, r: _RowSums, g, g_tail, vocab: int, tempe
         coef = torch.where(r.outside > 0, g_tail * r.stored / r.outside, 0.0) - g.sum(-1)
         at_ids = g - q_ids * (g.sum(-1) + g_tail).unsqueeze(-1)
         at_ids = torch.where(t.in_set, at_ids, at_ids[:, :1])  # padding repeats the first id: the same value
-        scatter = torch.Tensor.scatter_
     shared = _shares_ce(z, vocab, temperature)
     for rows in fused._row_blocks(z.shape[0], z.shape[1], z.device):
         zb, ids, yb = z[rows], t.ids[rows], y[rows]
         top, coef_b, total = r.top[rows].unsqueeze(-1), coef[rows].unsqueeze(-1), r.total[rows].unsqueeze(-1)
         if shared:  # one softmax serves both terms: q = e / total
             e = zb.sub_(top).exp_()
-            if scatter is torch.Tensor.scatter_add_:
+            if g_tail is None:
                 e.mul_((coef_b * kd_w + ce_w) / total).scatter_add_(-1, ids, at_ids[rows] * kd_w)
             else:  # the stored ids' entries are overwritten: their CE part goes with them
                 e.mul_((coef_b * kd_w + ce_w) / total).scatter_(-1, ids, at_ids[rows] * kd_w + q_ids[rows] * ce_w)
@@ -254,7 +253,8 @@ def _write_gradient(z, t: _Targets, y, r: _RowSums, g, g_tail, vocab: int, tempe
             continue
         # Separate softmaxes: the KD's over the first `vocab` columns at temperature T, the CE's over all at 1.
         zk = _soft(zb, vocab, temperature)
-        kd = scatter((zk - top).exp_().mul_(coef_b / total), -1, ids, at_ids[rows])
+        kd = (zk - top).exp_().mul_(coef_b / total)
+        kd = kd.scatter_add_(-1, ids, at_ids[rows]) if g_tail is None else kd.scatter_(-1, ids, at_ids[rows])
         kd.mul_(kd_w / temperature)
         zb.sub_(r.ce_lse[rows].unsqueeze(-1)).exp_().mul_(ce_w)
         zb.scatter_add_(-1, yb, torch.full_like(yb, -ce_w, dtype=zb.dtype))
