@@ -9,7 +9,7 @@ and the cache's bytes per token. Runs already done (a ``summary.json`` in place)
 resumes.
 
     python benchmarks/cache_curve.py --out /tmp/curve --steps 64,256 \\
-        --caches topk:64,topk:32,topk:16,topk:8,sample:64,sample:32,sample:16
+        --caches topk:64,topk:32,topk:16,topk:8,sample:64,sample:32,sample:16,systematic:64,systematic:32
     python benchmarks/cache_curve.py --out /tmp/curve --table      # the markdown table of what is there
 """
 
@@ -30,19 +30,28 @@ from distil.cache.info import cache_info  # noqa: E402
 DISTIL = [sys.executable, "-m", "distil"]
 
 
-def overrides(steps: int) -> list[str]:
+def overrides(steps: int, seed: int) -> list[str]:
     return [f"data.max_train_tokens={steps * 4 * 64}", f"train.steps={steps}", "train.precision=fp32",
-            "arms=[distilled]"]
+            "arms=[distilled]", f"seed={seed}"]
 
 
 def cache_overrides(setting: str, path: Path) -> list[str]:
-    mode, n = setting.split(":")
-    size = f"teacher.cache.k={n}" if mode == "topk" else f"teacher.cache.num_draws={n}"
-    return [f"teacher.cache.mode={mode}", size, f"teacher.cache.path={path}"]
+    """``topk:K``, ``sample:N`` (independent draws) or ``systematic:N``."""
+    kind, n = setting.split(":")
+    if kind == "topk":
+        chosen = ["teacher.cache.mode=topk", f"teacher.cache.k={n}"]
+    else:
+        sampling = "systematic" if kind == "systematic" else "multinomial"
+        chosen = ["teacher.cache.mode=sample", f"teacher.cache.num_draws={n}", f"teacher.cache.sampling={sampling}"]
+    return [*chosen, f"teacher.cache.path={path}"]
 
 
 def name(setting: str) -> str:
     return setting.replace(":", "")
+
+
+def folder_of(out: Path, steps: int, seed: int) -> Path:
+    return out / (f"s{steps}" if seed == 0 else f"s{steps}-seed{seed}")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -53,45 +62,60 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(out: Path, steps: int, caches: list[str]) -> None:
-    folder = out / f"s{steps}"
+def measure(out: Path, steps: int, caches: list[str], seed: int) -> None:
+    folder = folder_of(out, steps, seed)
     folder.mkdir(parents=True, exist_ok=True)
+    common = ["run", "-q", "smollm2-distil", *overrides(steps, seed)]
     if not (folder / "live" / "summary.json").exists():
-        run(DISTIL + ["run", "-q", "smollm2-distil", *overrides(steps), f"output_dir={folder / 'live'}"],
-            folder / "live.log")
+        run(DISTIL + [*common, f"output_dir={folder / 'live'}"], folder / "live.log")
     for setting in caches:
         n = name(setting)
         if (folder / n / "summary.json").exists():
             continue
         c = cache_overrides(setting, folder / f"cache-{n}")
-        run(DISTIL + ["cache", "build", "-q", "smollm2-distil", *overrides(steps), *c], folder / f"{n}.build.log")
-        run(DISTIL + ["run", "-q", "smollm2-distil", *overrides(steps), *c, f"output_dir={folder / n}"],
-            folder / f"{n}.log")
+        run(DISTIL + ["cache", "build", "-q", "smollm2-distil", *overrides(steps, seed), *c], folder / f"{n}.build.log")
+        run(DISTIL + [*common, *c, f"output_dir={folder / n}"], folder / f"{n}.log")
+
+
+def _label(settings: dict) -> str:
+    if settings["mode"] == "topk":
+        return f"top-{settings['k']} + tail"
+    return f"sampled, {settings['num_draws']} {settings.get('sampling') or 'multinomial'} draws"
 
 
 def table(out: Path) -> str:
-    lines = ["| budget | teacher signal | bytes/token | held-out perplexity | vs live | top-1 agreement |",
-             "|---|---|---:|---:|---:|---:|"]
-    for folder in sorted(out.glob("s*"), key=lambda p: int(p.name[1:])):
+    """One row per budget and teacher signal: perplexity per seed, and the mean over seeds of each run's perplexity
+    over the live run's of the same seed (same data order, same held-out text)."""
+    lines = ["| budget | teacher signal | bytes/token | held-out perplexity (seeds) | vs live, mean (range) | "
+             "top-1 agreement |", "|---|---|---:|---:|---:|---:|"]
+    runs: dict[int, dict[str, list]] = {}  # steps -> label -> [(seed, bytes/token, arm, live arm)]
+    for summary in out.glob("s*/*/summary.json"):
+        folder, kind = summary.parent.parent, summary.parent.name
+        steps, _, seed = folder.name[1:].partition("-seed")
         live_file = folder / "live" / "summary.json"
         if not live_file.exists():
             continue
         live = json.loads(live_file.read_text())["arms"]["distilled"]
-        rows = [("live teacher, full distributions", None, live)]
-        for summary in sorted(folder.glob("*/summary.json")):
-            if summary.parent.name == "live":
-                continue
-            cache = folder / f"cache-{summary.parent.name}"
-            info = cache_info(cache)
-            s = info["settings"]
-            label = f"top-{s['k']} + tail" if s["mode"] == "topk" else f"sampled, {s['num_draws']} draws"
-            rows.append((label, info["bytes_per_token"], json.loads(summary.read_text())["arms"]["distilled"]))
-        rows[1:] = sorted(rows[1:], key=lambda r: -r[1])
-        steps = int(folder.name[1:])
-        for label, bpt, arm in rows:
-            ratio = "" if bpt is None else f"{(arm['perplexity'] / live['perplexity'] - 1) * 100:+.1f}%"
-            lines.append(f"| {steps} steps ({steps * 4} blocks) | {label} | {'' if bpt is None else f'{bpt:.1f}'} | "
-                         f"{arm['perplexity']:.2f} | {ratio} | {arm['agreement']:.3f} |")
+        arm = json.loads(summary.read_text())["arms"]["distilled"]
+        if kind == "live":
+            label, bpt = "live teacher, full distributions", None
+        else:
+            info = cache_info(folder / f"cache-{kind}")
+            label, bpt = _label(info["settings"]), info["bytes_per_token"]
+        runs.setdefault(int(steps), {}).setdefault(label, []).append((int(seed or 0), bpt, arm, live))
+    for steps in sorted(runs):
+        rows = sorted(runs[steps].items(), key=lambda kv: -(kv[1][0][1] or 1e9))
+        for label, found in rows:
+            found.sort(key=lambda r: r[0])
+            ppl = " / ".join(f"{arm['perplexity']:.2f}" for _, _, arm, _ in found)
+            seeds = ",".join(str(seed) for seed, *_ in found)
+            ratios = [arm["perplexity"] / live["perplexity"] - 1 for _, _, arm, live in found]
+            vs = "" if found[0][1] is None else (f"{sum(ratios) / len(ratios) * 100:+.1f}%" + (
+                f" ({min(ratios) * 100:+.1f} .. {max(ratios) * 100:+.1f})" if len(ratios) > 1 else ""))
+            bpt = "" if found[0][1] is None else f"{sum(r[1] for r in found) / len(found):.1f}"
+            agreement = sum(arm["agreement"] for _, _, arm, _ in found) / len(found)
+            lines.append(f"| {steps} steps ({steps * 4} blocks) | {label} | {bpt} | {ppl} (seeds {seeds}) | {vs} | "
+                         f"{agreement:.3f} |")
     return "\n".join(lines)
 
 
@@ -100,12 +124,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", default="64,256")
     ap.add_argument("--caches", default="topk:64,topk:32,topk:16,topk:8,sample:64,sample:32,sample:16")
+    ap.add_argument("--seeds", default="0", help="recipe seeds (data order, draws); each cache run is compared "
+                                                     "with the live run of its seed")
     ap.add_argument("--table", action="store_true", help="print the table of the runs in --out and exit")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.table:
-        for steps in (int(s) for s in args.steps.split(",")):
-            measure(out, steps, args.caches.split(","))
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for steps in (int(s) for s in args.steps.split(",")):
+                measure(out, steps, args.caches.split(","), seed)
     print(table(out))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from distil.cache import format as fmt
 from distil.cache.build import build_cache
 from distil.cache.info import cache_info, render_cache_info
 from distil.cache.reader import TeacherCache
+from distil.errors import DistilError
 
 
 @pytest.mark.parametrize(
@@ -140,3 +143,41 @@ def test_info_of_a_build_in_progress(tmp_path, samples, teacher_fn):
     console.print(render_cache_info(info))
     text = console.export_text()
     assert "incomplete" in text and "13 of 23" in text
+
+
+def test_sampled_caches_record_their_sampling(tmp_path, samples, teacher_fn):
+    build_cache(tmp_path / "s", samples, teacher_fn, mode="sample", num_draws=16, shard_size=8, progress=False)
+    build_cache(tmp_path / "m", samples, teacher_fn, mode="sample", num_draws=16, sampling="multinomial",
+                shard_size=8, progress=False)
+    assert TeacherCache(tmp_path / "s").manifest.sampling == "systematic"
+    assert TeacherCache(tmp_path / "m").manifest.sampling == "multinomial"
+    assert cache_info(tmp_path / "s")["settings"]["sampling"] == "systematic"
+    with pytest.raises(DistilError, match="sampling: cache has 'systematic', this build asks 'multinomial'"):
+        build_cache(tmp_path / "s", samples, teacher_fn, mode="sample", num_draws=16, sampling="multinomial",
+                    shard_size=8, progress=False)
+    with pytest.raises(DistilError, match="invalid cache settings"):
+        build_cache(tmp_path / "x", samples, teacher_fn, mode="sample", sampling="stratified", progress=False)
+
+
+def test_sampled_caches_from_before_sampling_was_recorded_read_as_multinomial(tmp_path, samples, teacher_fn):
+    build_cache(tmp_path, samples, teacher_fn, mode="sample", num_draws=16, sampling="multinomial", shard_size=8,
+                progress=False)
+    for name in (fmt.MANIFEST, fmt.BUILD):
+        data = json.loads((tmp_path / name).read_text())
+        del data["sampling"]
+        (tmp_path / name).write_text(json.dumps(data))
+    assert TeacherCache(tmp_path).manifest.sampling == "multinomial"
+    build_cache(tmp_path, samples, teacher_fn, mode="sample", num_draws=16, sampling="multinomial", shard_size=8,
+                progress=False)  # resuming it with the sampling it used is accepted
+    with pytest.raises(ValidationError, match="sampling is for mode 'sample'"):
+        fmt.BuildSettings(mode="topk", k=4, temperature=1.0, shard_size=8, sampling="systematic")
+
+
+def test_a_cache_of_another_format_version_is_refused_in_one_line(tmp_path, samples, teacher_fn):
+    build_cache(tmp_path, samples, teacher_fn, k=4, shard_size=8, progress=False)
+    data = json.loads((tmp_path / fmt.MANIFEST).read_text())
+    (tmp_path / fmt.MANIFEST).write_text(json.dumps({**data, "version": fmt.VERSION + 1}))
+    with pytest.raises(DistilError, match=r"format version 2, this distil reads version 1: rebuild it with "
+                                          r"`distil cache build`") as e:
+        TeacherCache(tmp_path)
+    assert "\n" not in str(e.value)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distil.cache.writer import sample_targets, topk_targets
+from distil.cache.writer import draw_tokens, sample_targets, topk_targets
 from distil.errors import DistilError
 from distil.losses.cached import cached_divergence
 from distil.losses.sparse import (
@@ -199,13 +199,13 @@ def test_forward_gradient_equals_dense_gradient_when_k_is_vocab():
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _estimates(draws: int, replicates: int, seed: int, distinct_only: bool = False):
+def _estimates(draws: int, replicates: int, seed: int, distinct_only: bool = False, sampling: str = "systematic"):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(V, generator=g, dtype=torch.float64) * 1.5
     s = torch.randn(V, generator=g, dtype=torch.float64)
     lp = torch.log_softmax(t, -1)
     # The cache's own sampler, on many independent rows of the same teacher distribution.
-    row_counts, ids, counts, entropy = sample_targets(lp.expand(replicates, V), draws, g)
+    row_counts, ids, counts, entropy = sample_targets(lp.expand(replicates, V), draws, g, sampling)
     width = int(row_counts.max())
     pid = torch.zeros(replicates, width, dtype=torch.long)
     pw = torch.zeros(replicates, width, dtype=torch.float64)
@@ -220,26 +220,29 @@ def _estimates(draws: int, replicates: int, seed: int, distinct_only: bool = Fal
     return est.detach(), grad, kl(P, Q), torch.tensor(Q, dtype=torch.float64) - torch.tensor(P, dtype=torch.float64)
 
 
-def test_sampled_estimator_is_unbiased():
-    est, grad, exact, exact_grad = _estimates(draws=8, replicates=20000, seed=0)
+@pytest.mark.parametrize("sampling", ["systematic", "multinomial"])
+def test_sampled_estimator_is_unbiased(sampling):
+    est, grad, exact, exact_grad = _estimates(draws=8, replicates=20000, seed=0, sampling=sampling)
     se = est.std() / math.sqrt(len(est))
     assert abs(est.mean().item() - exact) < 4 * se.item()
     gse = grad.std(0) / math.sqrt(len(grad))
     assert ((grad.mean(0) - exact_grad).abs() < 4 * gse + 1e-12).all()
 
 
-def test_the_unbiasedness_test_detects_a_biased_estimator():
+@pytest.mark.parametrize("sampling", ["systematic", "multinomial"])
+def test_the_unbiasedness_test_detects_a_biased_estimator(sampling):
     # Weighting each distinct drawn token equally (ignoring counts) is a known biased variant: the same test rejects it.
-    est, _, exact, _ = _estimates(draws=8, replicates=20000, seed=0, distinct_only=True)
+    est, _, exact, _ = _estimates(draws=8, replicates=20000, seed=0, distinct_only=True, sampling=sampling)
     se = est.std() / math.sqrt(len(est))
     assert abs(est.mean().item() - exact) > 4 * se.item()
 
 
-def test_sampled_weights_have_the_teacher_probabilities_as_mean():
+@pytest.mark.parametrize("sampling", ["systematic", "multinomial"])
+def test_sampled_weights_have_the_teacher_probabilities_as_mean(sampling):
     g = torch.Generator().manual_seed(3)
     lp = torch.log_softmax(torch.randn(V, generator=g) * 2, -1)
     reps, draws = 5000, 4
-    row_counts, ids, counts, entropy = sample_targets(lp.expand(reps, V), draws, g)
+    row_counts, ids, counts, entropy = sample_targets(lp.expand(reps, V), draws, g, sampling)
     assert int(row_counts.sum()) == len(ids) and int(counts.sum()) == reps * draws
     row = torch.repeat_interleave(torch.arange(reps), row_counts)
     dense = torch.zeros(reps, V, dtype=torch.float64)
@@ -247,6 +250,57 @@ def test_sampled_weights_have_the_teacher_probabilities_as_mean():
     z = (dense.mean(0) - lp.exp().double()) / (dense.std(0) / math.sqrt(reps) + 1e-12)
     assert z.abs().max() < 4.5
     assert entropy[0].item() == pytest.approx(-(lp.exp() * lp).sum().item(), rel=1e-5)
+
+
+def _dense_counts(row_counts, ids, counts, vocab):
+    row = torch.repeat_interleave(torch.arange(len(row_counts)), row_counts)
+    dense = torch.zeros(len(row_counts), vocab, dtype=torch.long)
+    dense[row, ids] = counts
+    return dense
+
+
+@pytest.mark.parametrize("sampling, within_one", [("systematic", True), ("multinomial", False)])
+def test_systematic_draws_stay_within_one_of_n_times_the_probability(sampling, within_one):
+    """Systematic sampling draws every token floor(n p) or ceil(n p) times, on every row: the property that lowers its
+    variance. Independent draws do not (the same check fails for them)."""
+    g = torch.Generator().manual_seed(5)
+    rows, vocab, n = 400, 1000, 64
+    lp = torch.log_softmax(torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    dense = _dense_counts(*sample_targets(lp, n, g, sampling)[:3], vocab)
+    assert (dense.sum(-1) == n).all()
+    expected = lp.exp() * n
+    # n p in float64 is off by ~1e-13 at most: a count exactly at an integer boundary may go either way.
+    inside = (dense >= torch.floor(expected - 1e-9)) & (dense <= torch.ceil(expected + 1e-9))
+    assert bool(inside.all()) == within_one
+
+
+def test_systematic_draws_never_take_a_zero_probability_token():
+    # Zero-probability tokens first, in the middle and last (a point rounded up to the total must not reach them),
+    # with one token of nearly all the mass, so that many points sit close to the total.
+    z = torch.full((2000, 50), -math.inf)
+    z[:, 3:40] = torch.randn(2000, 37, generator=torch.Generator().manual_seed(1))
+    z[:, 39] = 30.0
+    z[:, 20] = -math.inf
+    row_counts, ids, counts, _ = sample_targets(torch.log_softmax(z, -1), 64, torch.Generator().manual_seed(2))
+    allowed = torch.zeros(50, dtype=torch.bool)
+    allowed[3:40] = True
+    allowed[20] = False
+    assert allowed[ids].all() and int(counts.sum()) == 2000 * 64
+
+
+def test_systematic_point_rounded_to_the_total_stays_on_the_last_drawable_token(monkeypatch):
+    # An offset just below 1: (u + 63) rounds to 64 in float32, so the last point equals the total.
+    below_one = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, below_one, dtype=kw.get("dtype")))
+    z = torch.zeros(3, 10)
+    z[:, 7:] = -math.inf
+    draws = draw_tokens(z.exp(), 64, torch.Generator(), "systematic")
+    assert int(draws.max()) == 6 and int((draws == 6).sum(-1).min()) >= 6
+
+
+def test_unknown_sampling_is_refused():
+    with pytest.raises(ValueError, match="unknown sampling"):
+        sample_targets(torch.zeros(2, 4), 8, torch.Generator(), "stratified")
 
 
 # -------------------------------------------------------------------------------------------- errors, dispatch

@@ -156,3 +156,33 @@ def test_a_student_whose_chat_template_renders_other_tokens_is_refused_before_tr
     assert "chat templates render a conversation differently" in problem
     same = recipe(chat_lm, tmp_path, data, student={"model": {"arch": "hf", "source": str(chat_lm)}})
     assert task_of("causal_lm").deep_problems(same) == []
+
+
+def test_verified_response_keeps_passing_teacher_answers_and_references_elsewhere(tiny_lm, tmp_path):
+    from rich.console import Console
+
+    from distil.tasks.response import verified_answers
+
+    def problem(name: str, body: str) -> dict:
+        return {"prompt": f"def {name}(x):\n    \"\"\"Return x plus one.\"\"\"\n", "canonical_solution": body,
+                "test": "def check(f):\n    assert f(1) == 2\n    assert f(-3) == -2\n", "entry_point": name}
+
+    rows = [problem("inc", "    return x + 1\n"), problem("succ", "    return 1 + x\n")]
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"path": str(path), "eval_path": str(path), "format": "prompt_completion", "packing": False,
+            "columns": {"prompt": "prompt", "completion": "canonical_solution"}}
+    spec = recipe(tiny_lm, tmp_path, data, method="response", generate={"verify": True})
+    answers = [
+        # right, then a new top-level statement that the stop sequences cut off (it would fail if kept)
+        {"prompt": rows[0]["prompt"], "response": "    return x + 1\n\ndef broken(:\n"},
+        {"prompt": rows[1]["prompt"], "response": "    return x * 2\n"},  # wrong: f(-3) == -6
+        {"prompt": "def other():\n", "response": "    pass\n"},  # no row with tests, no reference: dropped
+    ]
+    pairs = [(r["prompt"], r["canonical_solution"]) for r in rows] + [("def other():\n", None)]
+    kept = verified_answers(spec, answers, pairs, tmp_path / "verified.jsonl", Console(quiet=True))
+    assert [(k["source"], k["response"]) for k in kept] == [("teacher", "    return x + 1\n"),
+                                                            ("reference", "    return 1 + x\n")]
+    outcomes = [json.loads(line) for line in (tmp_path / "verified.jsonl").read_text().splitlines()]
+    assert [(o["tested"], o["passed"], o["kept"]) for o in outcomes] == [
+        (True, True, "teacher"), (True, False, "reference"), (False, False, "dropped")]

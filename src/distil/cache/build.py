@@ -123,7 +123,7 @@ def _chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ settings
-def _settings(mode: str, k: int, num_draws: int, temperature: float, seed: int, shard_size: int,
+def _settings(mode: str, k: int, num_draws: int, sampling: str, temperature: float, seed: int, shard_size: int,
               manifest_fields: Mapping[str, Any] | None) -> fmt.BuildSettings:
     if mode not in fmt.MODES:
         raise DistilError(f"cache mode must be one of {', '.join(fmt.MODES)}, got {mode!r}")
@@ -131,7 +131,7 @@ def _settings(mode: str, k: int, num_draws: int, temperature: float, seed: int, 
         fields = fmt.ManifestFields(**dict(manifest_fields or {}))
         return fmt.BuildSettings(
             mode=mode, k=k if mode == "topk" else None, num_draws=num_draws if mode == "sample" else None,
-            temperature=temperature, seed=seed, shard_size=shard_size, fields=fields,
+            sampling=sampling if mode == "sample" else None, temperature=temperature, seed=seed, shard_size=shard_size, fields=fields,
         )
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
@@ -225,7 +225,8 @@ def _add_targets(buffer: ShardBuffer, logits: torch.Tensor, row: int, sample: di
         buffer.add(sample["id"], keep, ids=ids, logprobs=vals, tail_logmass=tail)
     elif settings.mode == "sample":
         gen = torch.Generator(device=z.device).manual_seed(draw_seed(settings.seed, sample["id"]))
-        row_counts, ids, counts, entropy = sample_targets_from_logits(z, settings.num_draws or 1, gen)
+        row_counts, ids, counts, entropy = sample_targets_from_logits(
+            z, settings.num_draws or 1, gen, settings.sampling or "systematic")
         buffer.add(sample["id"], keep, row_counts=row_counts, ids=ids, counts=counts, entropy=entropy)
     else:
         buffer.add(sample["id"], keep, logprobs=F.log_softmax(z, dim=-1))
@@ -240,6 +241,7 @@ def build_cache(
     mode: str = "topk",
     k: int = 64,
     num_draws: int = 64,
+    sampling: str = "systematic",
     temperature: float = 1.0,
     manifest_fields: Mapping[str, Any] | None = None,
     shard_size: int = 1024,
@@ -261,7 +263,7 @@ def build_cache(
         raise DistilError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     if batch_size < 1:
         raise DistilError(f"batch_size must be >= 1, got {batch_size}")
-    settings = _settings(mode, k, num_draws, temperature, seed, shard_size, manifest_fields)
+    settings = _settings(mode, k, num_draws, sampling, temperature, seed, shard_size, manifest_fields)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     _claim_settings(root, settings)
@@ -351,7 +353,8 @@ def finalize_cache(path: str | Path) -> fmt.CacheManifest:
         raise DistilError(f"the shards of {root} do not add up to the sample stream; rebuild the cache")
     fields = settings.fields
     manifest = fmt.CacheManifest(
-        mode=settings.mode, k=settings.k, num_draws=settings.num_draws, temperature=settings.temperature,
+        mode=settings.mode, k=settings.k, num_draws=settings.num_draws, sampling=settings.sampling,
+        temperature=settings.temperature,
         seed=settings.seed, layout=records[0].layout if records else "sequence",
         vocab_size=records[0].vocab_size if records else 1, seq_len=fields.seq_len, teacher=fields.teacher,
         teacher_hash=fields.teacher_hash, tokenizer_hash=fields.tokenizer_hash,

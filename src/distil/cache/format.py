@@ -19,8 +19,10 @@ then, per mode:
 - ``topk``: ``ids`` ``[T, k]`` and ``logprobs`` float16 ``[T, k]`` (the teacher's k most likely tokens and their
   log-probabilities at the build temperature) and ``tail_logmass`` float16 ``[T]`` (log of the probability of all
   other tokens, computed exactly from the full distribution; ``-inf`` when k equals the vocabulary).
-- ``sample``: ``num_draws`` tokens drawn with replacement from the teacher's distribution at the build temperature
-  (Anshumann et al., ACL 2025, "Sparse Logit Sampling"); per position the distinct tokens: ``row_counts`` ``[T]``,
+- ``sample``: ``num_draws`` tokens drawn from the teacher's distribution at the build temperature (Anshumann et al.,
+  ACL 2025, "Sparse Logit Sampling"), by the manifest's ``sampling``: ``systematic`` (one uniform offset and evenly
+  spaced points on each position's cumulative distribution) or ``multinomial`` (independent draws with replacement;
+  caches that do not record a sampling were built this way); per position the distinct tokens: ``row_counts`` ``[T]``,
   ``ids`` ``[E]`` and ``counts`` ``[E]`` (how often each was drawn; weight = count / num_draws makes the sparse
   cross-entropy an unbiased estimate of the dense one), and ``entropy`` float32 ``[T]`` (the teacher's exact entropy,
   so that the KL, not only the cross-entropy, is estimated without bias).
@@ -40,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distil.errors import DistilError
 
@@ -51,6 +53,8 @@ BUILD = "build.json"
 STREAM = "stream.json"
 VALUE_DTYPE = "float16"
 MODES = ("topk", "sample", "full")
+SAMPLINGS = ("systematic", "multinomial")
+Sampling = Literal["systematic", "multinomial"]
 
 # safetensors dtype names <-> numpy
 ST_DTYPES: dict[str, np.dtype] = {
@@ -104,6 +108,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Sampled(_Strict):
+    """Settings or manifests with a ``sampling``: recorded for sampled caches only."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_sampling(cls, data: Any) -> Any:
+        # Sampled caches from before the field was recorded drew independently.
+        if isinstance(data, dict) and data.get("mode") == "sample" and data.get("sampling") is None:
+            return {**data, "sampling": "multinomial"}
+        return data
+
+    @model_validator(mode="after")
+    def _sampling_only_when_sampled(self) -> Any:
+        if self.mode != "sample" and self.sampling is not None:  # type: ignore[attr-defined]
+            raise ValueError(f"sampling is for mode 'sample', not {self.mode!r}")  # type: ignore[attr-defined]
+        return self
+
+
 class ManifestFields(_Strict):
     """What the caller states about the teacher and data; compared against the student's run by ``check_compatible``."""
 
@@ -115,7 +137,7 @@ class ManifestFields(_Strict):
     notes: dict[str, str] = Field(default_factory=dict)
 
 
-class BuildSettings(_Strict):
+class BuildSettings(_Sampled):
     """Settings that change the stored targets; a resumed build or another part must use the same ones."""
 
     format: Literal["distil-teacher-cache"] = FORMAT
@@ -123,6 +145,7 @@ class BuildSettings(_Strict):
     mode: Literal["topk", "sample", "full"]
     k: int | None = Field(default=None, gt=0)
     num_draws: int | None = Field(default=None, gt=0, le=65535)
+    sampling: Sampling | None = None
     temperature: float = Field(gt=0)
     seed: int = 0
     shard_size: int = Field(gt=0)
@@ -156,12 +179,13 @@ class StreamInfo(_Strict):
     dataset_fingerprint: str
 
 
-class CacheManifest(_Strict):
+class CacheManifest(_Sampled):
     format: Literal["distil-teacher-cache"] = FORMAT
     version: int = VERSION
     mode: Literal["topk", "sample", "full"]
     k: int | None = None
     num_draws: int | None = None
+    sampling: Sampling | None = None
     temperature: float
     seed: int
     layout: Literal["sequence", "single"]
@@ -180,10 +204,16 @@ class CacheManifest(_Strict):
 
 
 def read_model(path: Path, model: type[_Strict]) -> Any:
+    raw = path.read_bytes()
     try:
-        return model.model_validate_json(path.read_bytes())
-    except FileNotFoundError:
-        raise
+        version = json.loads(raw).get("version", VERSION)
+    except (ValueError, AttributeError):
+        version = VERSION  # not JSON or not an object: the validation below names the problem
+    if version != VERSION:
+        raise DistilError(f"{path} is a teacher cache of format version {version}, this distil reads version "
+                          f"{VERSION}: rebuild it with `distil cache build` (or read it with the distil that built it)")
+    try:
+        return model.model_validate_json(raw)
     except ValueError as e:
         first = str(e).splitlines()[0:3]
         raise DistilError(f"{path} is not a valid {model.__name__} ({' '.join(first)}); the cache is damaged: "

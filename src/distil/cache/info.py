@@ -62,6 +62,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "mode": settings.mode,
             "k": settings.k,
             "num_draws": settings.num_draws,
+            "sampling": settings.sampling,
             "temperature": settings.temperature,
             "seed": settings.seed,
             "shard_size": settings.shard_size,
@@ -120,7 +121,7 @@ def render_cache_info(info: dict[str, Any]) -> Table:
     t.add_row("samples", _of(cov["samples_done"], cov["samples_expected"]))
     t.add_row("tokens", _of(cov["tokens_done"], cov["tokens_expected"]))
     t.add_row("shards", _of(cov["shards_done"], cov["shards_expected"]))
-    size = f"k={s['k']}" if s["mode"] == "topk" else f"{s['num_draws']} draws" if s["mode"] == "sample" else "all"
+    size = f"k={s['k']}" if s["mode"] == "topk" else f"{s['num_draws']} {s['sampling']} draws" if s["mode"] == "sample" else "all"
     t.add_row("targets", f"{s['mode']} ({size}), temperature {s['temperature']:g}")
     t.add_row("vocabulary", f"{s['vocab_size']:,}" if s["vocab_size"] else "-")
     t.add_row("seq_len", str(s["seq_len"] or "-"))

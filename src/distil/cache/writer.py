@@ -83,22 +83,23 @@ def draw_seed(seed: int, sample_id: int) -> int:
 
 
 def sample_targets(
-    logprobs: torch.Tensor, num_draws: int, generator: torch.Generator
+    logprobs: torch.Tensor, num_draws: int, generator: torch.Generator, sampling: str = "systematic"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw ``num_draws`` tokens with replacement from each row's distribution; return the distinct tokens.
+    """Draw ``num_draws`` tokens from each row's distribution; return the distinct tokens.
 
     Returns ``(row_counts [T], ids [E], counts [E], entropy [T])``: row t's distinct ids are the next
     ``row_counts[t]`` entries of ``ids``, drawn ``counts`` times each. ``counts / num_draws`` has expectation equal to
-    the teacher's probability of each token, which makes the sparse cross-entropy unbiased.
+    the teacher's probability of each token, which makes the sparse cross-entropy unbiased. ``sampling`` is
+    ``"systematic"`` or ``"multinomial"`` (see :func:`draw_tokens`).
     """
     probs = logprobs.exp()
     # -inf log-probs (probability 0) are clamped so that they contribute 0, not NaN; faster than special.entr.
     entropy = -(probs * logprobs.clamp_min(torch.finfo(logprobs.dtype).min)).sum(-1)
-    return _distinct_draws(probs, num_draws, generator) + (entropy,)
+    return _distinct(draw_tokens(probs, num_draws, generator, sampling)) + (entropy,)
 
 
 def sample_targets_from_logits(
-    logits: torch.Tensor, num_draws: int, generator: torch.Generator
+    logits: torch.Tensor, num_draws: int, generator: torch.Generator, sampling: str = "systematic"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`sample_targets` of ``log_softmax(logits)``, from the (already softened, float32) logits ``[T, V]``
     without forming the log-softmax; ``logits`` is overwritten (with ``logits - max``). The draws come from the
@@ -109,16 +110,39 @@ def sample_targets_from_logits(
     # sum(e * y) without a [T, V] temporary; a -inf logit (e = 0) would make it NaN, so then the product is formed.
     ey = torch.linalg.vecdot(e, y) if y.numel() == 0 or bool(y.min() > -math.inf) else (e * y).nansum(-1)
     entropy = total.log() - ey / total
-    return _distinct_draws(e, num_draws, generator) + (entropy,)
+    return _distinct(draw_tokens(e, num_draws, generator, sampling)) + (entropy,)
 
 
-def _distinct_draws(weights: torch.Tensor, num_draws: int, generator: torch.Generator
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_counts, ids, counts) of ``num_draws`` draws per row, with replacement, in proportion to ``weights``."""
+def draw_tokens(weights: torch.Tensor, num_draws: int, generator: torch.Generator, sampling: str) -> torch.Tensor:
+    """``num_draws`` token ids per row ``[T, num_draws]``, sorted, drawn in proportion to ``weights`` ``[T, V]``
+    (unnormalised; overwritten by the systematic sampler).
+
+    ``multinomial``: independent draws with replacement. ``systematic``: one uniform offset per row and the points
+    ``(u + i) / num_draws`` of the row's cumulative distribution, so that a token of probability p is drawn
+    ``floor(n p)`` or ``ceil(n p)`` times and never further from ``n p``: the counts are as unbiased as the
+    independent draws' (each point is uniform over its stratum), with much less variance on the likely tokens.
+    """
     if weights.shape[0] == 0:
-        z = torch.zeros(0, dtype=torch.long, device=weights.device)
+        return torch.zeros(0, num_draws, dtype=torch.long, device=weights.device)
+    if sampling == "multinomial":
+        return torch.multinomial(weights, num_draws, replacement=True, generator=generator).sort(-1).values
+    if sampling != "systematic":
+        raise ValueError(f"unknown sampling {sampling!r}")
+    # CPU cumsum accumulates float32 in double, so the bins keep the weights' precision.
+    cdf = weights.cumsum_(-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    points = (u + torch.arange(num_draws, device=cdf.device, dtype=cdf.dtype)) / num_draws * total
+    ids = torch.searchsorted(cdf, points, right=True)
+    # A point rounded up to the total would land past the last token of nonzero weight: keep it on that token.
+    return torch.minimum(ids, torch.searchsorted(cdf, total))
+
+
+def _distinct(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_counts, ids, counts) of the sorted draws ``[T, n]``: each row's distinct ids and how often each occurs."""
+    if draws.shape[0] == 0:
+        z = torch.zeros(0, dtype=torch.long, device=draws.device)
         return z, z, z
-    draws = torch.multinomial(weights, num_draws, replacement=True, generator=generator).sort(-1).values
     new = torch.ones_like(draws, dtype=torch.bool)
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     row_counts = new.sum(-1)

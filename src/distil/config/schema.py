@@ -211,6 +211,9 @@ class GenerateSpec(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     batch_size: int = Field(8, gt=0)
     chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template when it has one")
+    verify: bool = Field(False, description="keep a teacher answer only where it passes its prompt's tests (data "
+                                            "rows with HumanEval's prompt, test and entry_point); a failing one is "
+                                            "replaced by the prompt's reference answer")
 
 
 class BenchmarkSpec(Strict):
@@ -250,6 +253,9 @@ class CacheSpec(Strict):
     mode: Literal["topk", "sample"] = Field("topk", description="top-k ids + log-probs + tail mass, or sampled ids")
     k: int = Field(64, gt=0, description="topk: ids kept per position")
     num_draws: int = Field(64, gt=0, description="sample: draws per position (Sparse Logit Sampling)")
+    sampling: Literal["systematic", "multinomial"] = Field(
+        "systematic", description="sample: evenly spaced draws from one random offset (each token drawn within one "
+                                  "of n times its probability), or independent draws")
     shard_size: int = Field(1024, gt=0, description="samples per shard file")
     batch_size: int = Field(8, gt=0, description="teacher batch size while building")
 

@@ -62,6 +62,9 @@ class CausalLMTask:
             found.append("method response needs a generate section (prompts, max_new_tokens, ...)")
         if response and recipe.onpolicy is not None:
             found.append("onpolicy applies to method logits, not response")
+        if response and recipe.generate and recipe.generate.verify and not own_data:
+            found.append("generate.verify runs each answer against its row's tests: use data.kind dataset with "
+                         "HumanEval's columns (prompt, test, entry_point)")
         if response and own_data and recipe.generate and recipe.generate.prompts != "corpus":
             found.append("with data.kind dataset the prompts are the dataset's own: leave generate.prompts out")
         if recipe.benchmark is not None and not own_data:

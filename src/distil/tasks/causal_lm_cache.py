@@ -80,6 +80,7 @@ def _build(recipe: Recipe, teacher: nn.Module, tokenizer: Any, corpus: TextCorpu
     }
     return build_cache(
         spec.path, samples, teacher_logits, mode=spec.mode, k=spec.k, num_draws=spec.num_draws,
+        sampling=spec.sampling,
         temperature=recipe.loss.temperature, manifest_fields=fields, shard_size=spec.shard_size, shard=shard,
         batch_size=spec.batch_size, seed=recipe.seed, progress=show_progress,
     )

@@ -5,6 +5,7 @@ really follow the passage), so the two arms differ only in whose answers they le
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +21,7 @@ from distil.data.sources.dataset import DatasetCorpus
 from distil.data.sources.text import corpus_passages, read_prompts_file
 from distil.errors import DistilError
 from distil.generate import format_prompt, generate_responses, read_generations
+from distil.measure.benchmark import HUMANEVAL_COLUMNS, STOP_SEQUENCES, truncate
 from distil.measure.lm import perplexity_and_predictions
 from distil.train.distributed import on_main
 
@@ -73,12 +75,16 @@ def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any
                           "add them or set arms=[distilled]")
     console.print(f"[bold]generate[/bold]: the teacher answers {len(pairs)} prompts (+{spec.eval_prompts} held out)")
     # Under torchrun rank 0 generates and writes the answers; every rank gets them.
-    settings = replace(sampling(spec), chat_template=wraps_prompts(recipe))
+    # Verified answers are programs: their generation may end where a new top-level statement starts.
+    stop = STOP_SEQUENCES if spec.verify else ()
+    settings = replace(sampling(spec), chat_template=wraps_prompts(recipe), stop=stop)
     answers = on_main(generate_responses, teacher, tokenizer, [p for p, _ in pairs], run_dir / "generations.jsonl",
                       spec=settings, teacher_id=teacher_id, seed=recipe.seed, show_progress=show_progress)
     held_out = prompt_pairs(recipe, corpus, held_out=True)
     on_main(generate_responses, teacher, tokenizer, [p for p, _ in held_out], run_dir / "eval_generations.jsonl",
             spec=settings, teacher_id=teacher_id, seed=recipe.seed + 1, show_progress=show_progress)
+    if spec.verify:
+        answers = on_main(verified_answers, recipe, answers, pairs, run_dir / "verified.jsonl", console)
     max_len, chat = recipe.data.seq_len, wraps_prompts(recipe)
     teacher_examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], max_len, chat) for r in answers]
     result = {"distilled": (collate_pairs(teacher_examples, tokenizer.pad_token_id), len(teacher_examples))}
@@ -90,6 +96,44 @@ def response_batches(recipe: Recipe, run_dir: Path, teacher: Any, tokenizer: Any
             raise DistilError(f"{arm}: {size} examples, fewer than train.batch_size={recipe.train.batch_size}; "
                               "raise generate.num_prompts or lower train.batch_size")
     return result
+
+
+def verified_answers(recipe: Recipe, answers: list[dict[str, Any]], pairs: list[tuple[str, str | None]],
+                     output: Path, console: Console) -> list[dict[str, Any]]:
+    """The teacher's answers that pass their problem's tests, the references elsewhere (rejection sampling).
+
+    Each answer is cut where a new top-level statement starts (HumanEval's stop sequences) and run against its
+    training row's tests in the sandbox; an answer that fails, or whose prompt has no row with tests, is replaced by
+    the prompt's reference answer (dropped when there is none). The outcome of each is written to `output` (JSONL)."""
+    from distil.data.sources.dataset import dataset_rows
+    from distil.measure.code_execution import pass_at_1
+
+    rows, _ = dataset_rows(recipe.data, recipe.seed)  # type: ignore[arg-type]
+    missing = [c for c in HUMANEVAL_COLUMNS if rows and c not in rows[0]]
+    if missing or not rows:
+        raise DistilError(f"generate.verify runs each training row's tests, but the rows have no "
+                          f"{', '.join(missing or HUMANEVAL_COLUMNS)} column; use rows with the columns "
+                          f"{', '.join(HUMANEVAL_COLUMNS)} (HumanEval's) or set generate.verify: false")
+    # The prompts are decoded from tokens: compared without the whitespace at their ends.
+    rows_by_prompt = {row["prompt"].strip(): row for row in rows}
+    references = {prompt: ref for prompt, ref in pairs}
+    tested = [(n, rows_by_prompt[a["prompt"].strip()], truncate(a["response"])) for n, a in enumerate(answers)
+              if a["prompt"].strip() in rows_by_prompt]
+    _, outcomes = pass_at_1([row for _, row, _ in tested], [c for _, _, c in tested])
+    passed = {n: completion for (n, _, completion), outcome in zip(tested, outcomes) if outcome.passed}
+    tested_ids = {n for n, _, _ in tested}
+    kept, lines = [], []
+    for n, answer in enumerate(answers):
+        reference = references.get(answer["prompt"])
+        source = "teacher" if n in passed else "reference" if reference else "dropped"
+        if source != "dropped":
+            kept.append({**answer, "response": passed.get(n, reference), "source": source})
+        lines.append(json.dumps({"prompt": answer["prompt"], "tested": n in tested_ids, "passed": n in passed,
+                                 "kept": source}))
+    output.write_text("\n".join(lines) + "\n")
+    console.print(f"[bold]verify[/bold]: {len(passed)} of {len(answers)} teacher answers pass their tests "
+                  f"({len(answers) - len(tested)} had none); the others are replaced by their reference answers")
+    return kept
 
 
 def _response_perplexity(model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, vocab: int) -> float:
