@@ -5,11 +5,14 @@ For each budget (optimizer steps of 4 blocks of 64 tokens, each training block r
 ``data.max_train_tokens = steps * 256``) and each cache setting (top-k with k ids, or sampled with n draws), it
 builds the cache with ``distil cache build``, trains the flagship's ``distilled`` arm from it with ``distil run``
 (fp32, so that the curve does not depend on the CPU's bf16 support) and reads held-out perplexity, top-1 agreement
-and the cache's bytes per token. Runs already done (a ``summary.json`` in place) are kept, so an interrupted curve
-resumes.
+and the cache's bytes per token. ``--seeds`` repeats it with other recipe seeds (data order, the student's
+adapters, the draws): at these budgets two live runs of different seeds differ by several percent, so a cache is
+judged by its perplexity over the live run's of the same seed, averaged over seeds. Runs already done (a
+``summary.json`` in place) are kept, so an interrupted curve resumes.
 
     python benchmarks/cache_curve.py --out /tmp/curve --steps 64,256 \\
         --caches topk:64,topk:32,topk:16,topk:8,sample:64,sample:32,sample:16,systematic:64,systematic:32
+    python benchmarks/cache_curve.py --out /tmp/curve --steps 64 --seeds 0,1,2 --caches sample:64,systematic:48
     python benchmarks/cache_curve.py --out /tmp/curve --table      # the markdown table of what is there
 """
 

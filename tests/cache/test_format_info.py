@@ -146,9 +146,9 @@ def test_info_of_a_build_in_progress(tmp_path, samples, teacher_fn):
 
 
 def test_sampled_caches_record_their_sampling(tmp_path, samples, teacher_fn):
-    build_cache(tmp_path / "s", samples, teacher_fn, mode="sample", num_draws=16, shard_size=8, progress=False)
-    build_cache(tmp_path / "m", samples, teacher_fn, mode="sample", num_draws=16, sampling="multinomial",
+    build_cache(tmp_path / "s", samples, teacher_fn, mode="sample", num_draws=16, sampling="systematic",
                 shard_size=8, progress=False)
+    build_cache(tmp_path / "m", samples, teacher_fn, mode="sample", num_draws=16, shard_size=8, progress=False)
     assert TeacherCache(tmp_path / "s").manifest.sampling == "systematic"
     assert TeacherCache(tmp_path / "m").manifest.sampling == "multinomial"
     assert cache_info(tmp_path / "s")["settings"]["sampling"] == "systematic"

@@ -199,7 +199,7 @@ def test_forward_gradient_equals_dense_gradient_when_k_is_vocab():
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _estimates(draws: int, replicates: int, seed: int, distinct_only: bool = False, sampling: str = "systematic"):
+def _estimates(draws: int, replicates: int, seed: int, distinct_only: bool = False, sampling: str = "multinomial"):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(V, generator=g, dtype=torch.float64) * 1.5
     s = torch.randn(V, generator=g, dtype=torch.float64)

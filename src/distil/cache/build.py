@@ -226,7 +226,7 @@ def _add_targets(buffer: ShardBuffer, logits: torch.Tensor, row: int, sample: di
     elif settings.mode == "sample":
         gen = torch.Generator(device=z.device).manual_seed(draw_seed(settings.seed, sample["id"]))
         row_counts, ids, counts, entropy = sample_targets_from_logits(
-            z, settings.num_draws or 1, gen, settings.sampling or "systematic")
+            z, settings.num_draws or 1, gen, settings.sampling or "multinomial")
         buffer.add(sample["id"], keep, row_counts=row_counts, ids=ids, counts=counts, entropy=entropy)
     else:
         buffer.add(sample["id"], keep, logprobs=F.log_softmax(z, dim=-1))
@@ -241,7 +241,7 @@ def build_cache(
     mode: str = "topk",
     k: int = 64,
     num_draws: int = 64,
-    sampling: str = "systematic",
+    sampling: str = "multinomial",
     temperature: float = 1.0,
     manifest_fields: Mapping[str, Any] | None = None,
     shard_size: int = 1024,

@@ -53,7 +53,6 @@ BUILD = "build.json"
 STREAM = "stream.json"
 VALUE_DTYPE = "float16"
 MODES = ("topk", "sample", "full")
-SAMPLINGS = ("systematic", "multinomial")
 Sampling = Literal["systematic", "multinomial"]
 
 # safetensors dtype names <-> numpy

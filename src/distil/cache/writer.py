@@ -83,7 +83,7 @@ def draw_seed(seed: int, sample_id: int) -> int:
 
 
 def sample_targets(
-    logprobs: torch.Tensor, num_draws: int, generator: torch.Generator, sampling: str = "systematic"
+    logprobs: torch.Tensor, num_draws: int, generator: torch.Generator, sampling: str = "multinomial"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``num_draws`` tokens from each row's distribution; return the distinct tokens.
 
@@ -99,7 +99,7 @@ def sample_targets(
 
 
 def sample_targets_from_logits(
-    logits: torch.Tensor, num_draws: int, generator: torch.Generator, sampling: str = "systematic"
+    logits: torch.Tensor, num_draws: int, generator: torch.Generator, sampling: str = "multinomial"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`sample_targets` of ``log_softmax(logits)``, from the (already softened, float32) logits ``[T, V]``
     without forming the log-softmax; ``logits`` is overwritten (with ``logits - max``). The draws come from the

@@ -253,9 +253,9 @@ class CacheSpec(Strict):
     mode: Literal["topk", "sample"] = Field("topk", description="top-k ids + log-probs + tail mass, or sampled ids")
     k: int = Field(64, gt=0, description="topk: ids kept per position")
     num_draws: int = Field(64, gt=0, description="sample: draws per position (Sparse Logit Sampling)")
-    sampling: Literal["systematic", "multinomial"] = Field(
-        "systematic", description="sample: evenly spaced draws from one random offset (each token drawn within one "
-                                  "of n times its probability), or independent draws")
+    sampling: Literal["multinomial", "systematic"] = Field(
+        "multinomial", description="sample: independent draws, or evenly spaced ones from one random offset (each "
+                                   "token drawn within one of n times its probability: less variance, more ids)")
     shard_size: int = Field(1024, gt=0, description="samples per shard file")
     batch_size: int = Field(8, gt=0, description="teacher batch size while building")
 
