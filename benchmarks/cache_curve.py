@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,9 +34,10 @@ from distil.cache.info import cache_info  # noqa: E402
 DISTIL = [sys.executable, "-m", "distil"]
 
 
-def overrides(steps: int, seed: int) -> list[str]:
-    return [f"data.max_train_tokens={steps * 4 * 64}", f"train.steps={steps}", "train.precision=fp32",
-            "arms=[distilled]", f"seed={seed}"]
+def overrides(steps: int, seed: int, lr: float | None = None) -> list[str]:
+    chosen = [f"data.max_train_tokens={steps * 4 * 64}", f"train.steps={steps}", "train.precision=fp32",
+              "arms=[distilled]", f"seed={seed}"]
+    return chosen + ([f"train.lr={lr}"] if lr else [])
 
 
 def cache_overrides(setting: str, path: Path) -> list[str]:
@@ -53,8 +55,11 @@ def name(setting: str) -> str:
     return setting.replace(":", "")
 
 
-def folder_of(out: Path, steps: int, seed: int) -> Path:
-    return out / (f"s{steps}" if seed == 0 else f"s{steps}-seed{seed}")
+def folder_of(out: Path, steps: int, seed: int, lr: float | None = None) -> Path:
+    return out / (f"s{steps}" + (f"-lr{lr:g}" if lr else "") + (f"-seed{seed}" if seed else ""))
+
+
+FOLDER = re.compile(r"s(?P<steps>\d+)(?:-lr(?P<lr>[^-]+(?:-\d+)?))?(?:-seed(?P<seed>\d+))?")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -65,17 +70,18 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(out: Path, steps: int, caches: list[str], seed: int) -> None:
-    folder = folder_of(out, steps, seed)
+def measure(out: Path, steps: int, caches: list[str], seed: int, lr: float | None) -> None:
+    folder = folder_of(out, steps, seed, lr)
+    caches_folder = folder_of(out, steps, seed)  # a cache does not depend on the learning rate: built once
     folder.mkdir(parents=True, exist_ok=True)
-    common = ["run", "-q", "smollm2-distil", *overrides(steps, seed)]
+    common = ["run", "-q", "smollm2-distil", *overrides(steps, seed, lr)]
     if not (folder / "live" / "summary.json").exists():
         run(DISTIL + [*common, f"output_dir={folder / 'live'}"], folder / "live.log")
     for setting in caches:
         n = name(setting)
         if (folder / n / "summary.json").exists():
             continue
-        c = cache_overrides(setting, folder / f"cache-{n}")
+        c = cache_overrides(setting, caches_folder / f"cache-{n}")
         run(DISTIL + ["cache", "build", "-q", "smollm2-distil", *overrides(steps, seed), *c], folder / f"{n}.build.log")
         run(DISTIL + [*common, *c, f"output_dir={folder / n}"], folder / f"{n}.log")
 
@@ -91,10 +97,14 @@ def table(out: Path) -> str:
     over the live run's of the same seed (same data order, same held-out text)."""
     lines = ["| budget | teacher signal | bytes/token | held-out perplexity (seeds) | vs live, mean (range) | "
              "top-1 agreement |", "|---|---|---:|---:|---:|---:|"]
-    runs: dict[int, dict[str, list]] = {}  # steps -> label -> [(seed, bytes/token, arm, live arm)]
+    runs: dict[str, dict[str, list]] = {}  # budget -> label -> [(seed, bytes/token, arm, live arm)]
     for summary in out.glob("s*/*/summary.json"):
         folder, kind = summary.parent.parent, summary.parent.name
-        steps, _, seed = folder.name[1:].partition("-seed")
+        found = FOLDER.fullmatch(folder.name)
+        if not found:
+            continue
+        steps, seed = int(found["steps"]), int(found["seed"] or 0)
+        budget = f"{steps} steps ({steps * 4} blocks)" + (f", lr {found['lr']}" if found["lr"] else "")
         live_file = folder / "live" / "summary.json"
         if not live_file.exists():
             continue
@@ -103,11 +113,11 @@ def table(out: Path) -> str:
         if kind == "live":
             label, bpt = "live teacher, full distributions", None
         else:
-            info = cache_info(folder / f"cache-{kind}")
+            info = cache_info(folder_of(out, steps, seed) / f"cache-{kind}")
             label, bpt = _label(info["settings"]), info["bytes_per_token"]
-        runs.setdefault(int(steps), {}).setdefault(label, []).append((int(seed or 0), bpt, arm, live))
-    for steps in sorted(runs):
-        rows = sorted(runs[steps].items(), key=lambda kv: -(kv[1][0][1] or 1e9))
+        runs.setdefault(budget, {}).setdefault(label, []).append((seed, bpt, arm, live))
+    for budget in sorted(runs):
+        rows = sorted(runs[budget].items(), key=lambda kv: -(kv[1][0][1] or 1e9))
         for label, found in rows:
             found.sort(key=lambda r: r[0])
             ppl = " / ".join(f"{arm['perplexity']:.2f}" for _, _, arm, _ in found)
@@ -117,7 +127,7 @@ def table(out: Path) -> str:
                 f" ({min(ratios) * 100:+.1f} .. {max(ratios) * 100:+.1f})" if len(ratios) > 1 else ""))
             bpt = "" if found[0][1] is None else f"{sum(r[1] for r in found) / len(found):.1f}"
             agreement = sum(arm["agreement"] for _, _, arm, _ in found) / len(found)
-            lines.append(f"| {steps} steps ({steps * 4} blocks) | {label} | {bpt} | {ppl} (seeds {seeds}) | {vs} | "
+            lines.append(f"| {budget} | {label} | {bpt} | {ppl} (seeds {seeds}) | {vs} | "
                          f"{agreement:.3f} |")
     return "\n".join(lines)
 
@@ -129,13 +139,14 @@ def main() -> None:
     ap.add_argument("--caches", default="topk:64,topk:32,topk:16,topk:8,sample:64,sample:32,sample:16")
     ap.add_argument("--seeds", default="0", help="recipe seeds (data order, draws); each cache run is compared "
                                                      "with the live run of its seed")
+    ap.add_argument("--lr", type=float, default=None, help="train.lr of every run (default: the recipe's)")
     ap.add_argument("--table", action="store_true", help="print the table of the runs in --out and exit")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.table:
         for seed in (int(s) for s in args.seeds.split(",")):
             for steps in (int(s) for s in args.steps.split(",")):
-                measure(out, steps, args.caches.split(","), seed)
+                measure(out, steps, args.caches.split(","), seed, args.lr)
     print(table(out))
 
 
