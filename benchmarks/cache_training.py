@@ -24,18 +24,12 @@ from distil.config.load import load_recipe
 from distil.data.sources.text import lm_batch, load_corpus
 from distil.distill.lm import CausalLMObjective
 from distil.distill.pair import Teacher
+from distil.measure.machine import cpu_model
 from distil.models import hf
 from distil.distill.cached import CachedLMObjective
 from distil.tasks import causal_lm_cache as cached
 from distil.students import make_student
 from distil.train.optim import build_optimizer
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:

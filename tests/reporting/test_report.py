@@ -46,6 +46,8 @@ def test_a_real_run_leaves_a_report_with_every_section(digits_run):
     assert "name: digits-kd" in page and "steps: 20" in page
     for library, version in summary["versions"].items():
         assert f">{library}<" in page and f">{version}<" in page
+    # ... and what it ran on: speed differs between CPU kinds.
+    assert summary["cpu"] and f"cpu {summary['cpu']}" in page
     assert_offline(page)
 
 

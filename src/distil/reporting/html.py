@@ -140,7 +140,7 @@ def render(summary: dict[str, Any], *, curves: Path | None, compare: Path | None
     arms = summary.get("arms", {})
     reference = "teacher" if "teacher" in arms else None
     keys = comparison_keys(summary)
-    meta = ", ".join(f"{k} {summary[k]}" for k in ("task", "device", "torch_threads", "created") if summary.get(k))
+    meta = ", ".join(f"{k} {summary[k]}" for k in ("task", "device", "cpu", "torch_threads", "created") if summary.get(k))
     sections = [
         f"<h1>{esc(summary.get('recipe', 'run'))}: distillation report</h1><p class=\"sub\">{esc(meta)}</p>",
         headline(summary),

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from distil.config.schema import Recipe
 from distil.errors import DistilError
+from distil.measure.machine import cpu_model
 from distil.reporting import build_report
 from distil.reporting.summary import print_summary, write_summary
 from distil.tasks.artifacts import arm_folder, is_model_folder, pick_device
@@ -63,7 +64,7 @@ def run_arms(run: TaskRun, arms: Sequence[str], run_dir: Path, head: dict[str, A
         metrics.close()
     summary = write_summary(run_dir, {
         **head, "metrics": list(run.metrics), "arms": rows, **run.summary_fields(), "device": str(device),
-        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
     })
     summary = run.finish(summary)
     print_summary(summary, console)
