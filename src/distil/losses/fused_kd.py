@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from distil.errors import DistilError
 from distil.losses.fused import (
-    _apply, _blockwise, _chunk_tokens, _ChunkLogits, _divergence_value_and_grad, _floor_, _head_pair,
-    _kept_labels, _log_softmax_and_softmax_,
+    _apply, _blockwise, _chunk_tokens, _ChunkLogits, _divergence_value_and_grad, _floor_, _log_softmax_and_softmax_,
 )
+from distil.losses.fused_inputs import _head_pair, _kept_labels
 
 __all__ = ["fused_linear_kd_and_ce"]
 

@@ -26,7 +26,8 @@ import torch
 from distil.errors import DistilError
 from distil.losses import fused
 from distil.losses.cached import resolve_cached
-from distil.losses.fused import _apply, _check_head, _chunk_tokens, _ChunkLogits, _flat_rows, _kept_labels
+from distil.losses.fused import _apply, _chunk_tokens, _ChunkLogits
+from distil.losses.fused_inputs import _check_head, _flat_rows, _kept_labels
 from distil.losses.sparse import _floor, bucket_divergence, divergence_kind
 
 __all__ = ["FUSED_CACHE_MODES", "cache_mode", "fused_linear_cached_kd_and_ce"]
