@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -95,7 +97,7 @@ def _label(settings: dict) -> str:
 def table(out: Path) -> str:
     """One row per budget and teacher signal: perplexity per seed, and the mean over seeds of each run's perplexity
     over the live run's of the same seed (same data order, same held-out text)."""
-    lines = ["| budget | teacher signal | bytes/token | held-out perplexity (seeds) | vs live, mean (range) | "
+    lines = ["| budget | teacher signal | bytes/token | held-out perplexity (seeds) | vs live: mean ± s.e. (range) | "
              "top-1 agreement |", "|---|---|---:|---:|---:|---:|"]
     runs: dict[str, dict[str, list]] = {}  # budget -> label -> [(seed, bytes/token, arm, live arm)]
     for summary in out.glob("s*/*/summary.json"):
@@ -123,8 +125,9 @@ def table(out: Path) -> str:
             ppl = " / ".join(f"{arm['perplexity']:.2f}" for _, _, arm, _ in found)
             seeds = ",".join(str(seed) for seed, *_ in found)
             ratios = [arm["perplexity"] / live["perplexity"] - 1 for _, _, arm, live in found]
-            vs = "" if found[0][1] is None else (f"{sum(ratios) / len(ratios) * 100:+.1f}%" + (
-                f" ({min(ratios) * 100:+.1f} .. {max(ratios) * 100:+.1f})" if len(ratios) > 1 else ""))
+            vs = "" if found[0][1] is None else (f"{statistics.mean(ratios) * 100:+.1f}%" + (
+                f" ± {statistics.stdev(ratios) / math.sqrt(len(ratios)) * 100:.1f} "
+                f"({min(ratios) * 100:+.1f} .. {max(ratios) * 100:+.1f})" if len(ratios) > 1 else ""))
             bpt = "" if found[0][1] is None else f"{sum(r[1] for r in found) / len(found):.1f}"
             agreement = sum(arm["agreement"] for _, _, arm, _ in found) / len(found)
             lines.append(f"| {budget} | {label} | {bpt} | {ppl} (seeds {seeds}) | {vs} | "
