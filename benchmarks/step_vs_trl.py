@@ -1,13 +1,15 @@
-"""One whole off-policy distillation training step: distil's loop against TRL's GKD trainer, each in a fresh process.
+"""One whole off-policy distillation training step: distil's loop against TRL's GKD and Distillation trainers, each
+in a fresh process.
 
 Same models (SmolLM2-135M-Instruct teacher, the flagship's 10-layer student built from it, embeddings and tied head
 frozen), same batches (8 blocks of 64 Shakespeare tokens, in the same order), same optimizer (fused AdamW, constant
-lr, gradient clipping at 1), same loss (forward KL at temperature 1, no hard-label CE: distil ``alpha = 1``, TRL
-``lmbda = 0`` (never on-policy) and ``beta = 0``), fp32, 2 threads. The first step's loss and gradient norm are printed
-for both, so that equal work can be checked. Step time is the median over the steps after ``--warmup``; peak memory is
-the process's peak resident set above what it held once both models were loaded.
+lr, gradient clipping at 1), same loss (forward KL at temperature 1, no hard-label CE: distil ``alpha = 1``; TRL
+``beta = 0``, and for GKD ``lmbda = 0``: never on-policy), fp32, 2 threads. TRL's DistillationTrainer only trains on
+its own generations, so its generation is replaced by the same blocks (``case_trl_distill``). The first step's loss
+and gradient norm are printed for each, so that equal work can be checked. Step time is the median over the steps
+after ``--warmup``; peak memory is the process's peak resident set above what it held once both models were loaded.
 
-    python benchmarks/step_vs_trl.py --peer-python /work/bench-venv/bin/python --steps 12 --out benchmarks/step_vs_trl.jsonl
+    python benchmarks/step_vs_trl.py --peer-python /work/bench-venv/bin/python --steps 10 --out benchmarks/step_vs_trl.jsonl
     python benchmarks/step_vs_trl.py --table benchmarks/step_vs_trl.jsonl
 
 The peers' venv: ``python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install torch==2.13.0 &&
@@ -97,29 +99,29 @@ def case_distil(work: Path, steps: int) -> dict:
             "peak_rss_mib": peak / 1024, "peak_above_models_mib": (peak - base) / 1024}
 
 
-def case_trl(work: Path, steps: int) -> dict:
+def _trl_models(work: Path):
     import torch
-    from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
-    data = torch.load(work / "data.pt")
     teacher = AutoModelForCausalLM.from_pretrained(work / "teacher", dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(work / "student", dtype=torch.float32)
     student.get_input_embeddings().weight.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(work / "student")
-    ordered = data["ordered"]
-    dataset = Dataset.from_dict({"input_ids": ordered.tolist()})
+    return teacher, student, AutoTokenizer.from_pretrained(work / "student"), torch.load(work / "data.pt")["ordered"]
 
-    def collate(rows):
-        ids = torch.tensor([r["input_ids"] for r in rows])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    class InOrder(GKDTrainer):  # distil's batch order, so that the first steps see the same batches
-        def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)
+def _trl_args(work: Path, steps: int) -> dict:
+    """The TrainingArguments both TRL trainers share: distil's optimizer, schedule, clipping and precision."""
+    return dict(output_dir=str(work / "trl-out"), per_device_train_batch_size=BATCH, max_steps=steps,
+                learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                optim="adamw_torch_fused", temperature=1.0, beta=0.0, logging_steps=1, save_strategy="no",
+                report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, seed=0,
+                disable_tqdm=True)
+
+
+def _train_timed(make_trainer) -> dict:
+    """Step times from the end of one optimizer step to the next, the first step's logged loss and grad norm."""
+    from transformers import TrainerCallback
 
     ends: list[float] = []
     logged: list[dict] = []
@@ -131,22 +133,66 @@ def case_trl(work: Path, steps: int) -> dict:
         def on_log(self, args, state, control, logs=None, **kwargs):
             logged.append(dict(logs or {}))
 
-    args = GKDConfig(output_dir=str(work / "trl-out"), per_device_train_batch_size=BATCH, max_steps=steps,
-                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                     max_grad_norm=1.0, optim="adamw_torch_fused", lmbda=0.0, beta=0.0, temperature=1.0,
-                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False,
-                     dataloader_num_workers=0, seed=0, max_length=SEQ, disable_tqdm=True)
-    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=dataset, data_collator=collate,
-                      processing_class=tokenizer, callbacks=[Clock()])
+    trainer = make_trainer([Clock()])
     base = _kib("VmRSS")
     start = time.perf_counter()
     trainer.train()
     peak = _kib("VmHWM")
     marks = [start] + ends
-    step_s = [b - a for a, b in zip(marks, marks[1:])]
     steps_logged = [entry for entry in logged if "loss" in entry]
     return {"first_loss": steps_logged[0]["loss"], "first_grad_norm": steps_logged[0].get("grad_norm"),
-            "step_s": step_s, "peak_rss_mib": peak / 1024, "peak_above_models_mib": (peak - base) / 1024}
+            "step_s": [b - a for a, b in zip(marks, marks[1:])], "peak_rss_mib": peak / 1024,
+            "peak_above_models_mib": (peak - base) / 1024}
+
+
+def case_trl_gkd(work: Path, steps: int) -> dict:
+    """GKDTrainer with lmbda 0 (never on-policy): full logits of both models, its generalized JSD at beta 0."""
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    teacher, student, tokenizer, ordered = _trl_models(work)
+    dataset = Dataset.from_dict({"input_ids": ordered.tolist()})
+
+    def collate(rows):
+        ids = torch.tensor([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    class InOrder(GKDTrainer):  # distil's batch order, so that the first steps see the same batches
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    args = GKDConfig(**_trl_args(work, steps), lmbda=0.0, max_length=SEQ)
+    return _train_timed(lambda callbacks: InOrder(model=student, teacher_model=teacher, args=args,
+                                                  train_dataset=dataset, data_collator=collate,
+                                                  processing_class=tokenizer, callbacks=callbacks))
+
+
+def case_trl_distill(work: Path, steps: int, gradient_checkpointing: bool = False) -> dict:
+    """DistillationTrainer (TRL's chunked loss: both heads projected tile by tile, never the full logits). It is
+    on-policy only, so its generation is replaced by the fixed blocks: row i's prompt is block i's first token and
+    its completion the other 63, the tokens distil scores. Its default gradient checkpointing is a separate case."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    teacher, student, tokenizer, ordered = _trl_models(work)
+    dataset = Dataset.from_dict({"prompt": [str(i) for i in range(len(ordered))]})
+
+    class FixedCompletions(DistillationTrainer):
+        def _generate(self, prompts):
+            rows = [ordered[int(p)] for p in prompts]
+            return [r[:1].tolist() for r in rows], [r[1:].tolist() for r in rows], None, None, []
+
+    args = DistillationConfig(**_trl_args(work, steps), shuffle_dataset=False, max_completion_length=SEQ - 1,
+                              gradient_checkpointing=gradient_checkpointing)
+    return _train_timed(lambda callbacks: FixedCompletions(model=student, teacher_model=teacher, args=args,
+                                                           train_dataset=dataset, processing_class=tokenizer,
+                                                           callbacks=callbacks))
+
+
+CASES = {"distil": case_distil, "trl_gkd": case_trl_gkd, "trl_distill": case_trl_distill,
+         "trl_distill_ckpt": lambda work, steps: case_trl_distill(work, steps, gradient_checkpointing=True)}
 
 
 def table(path: Path) -> str:
@@ -156,25 +202,27 @@ def table(path: Path) -> str:
     for r in rows:
         cases.setdefault(r["case"], []).append(r)
     step = {case: statistics.median(r["median_step_s"] for r in runs) for case, runs in cases.items()}
-    lines = ["| trainer | runs | step s (median) | tokens/s | speed vs TRL GKD | peak RSS MiB | above models MiB | "
-             "first loss | first grad norm |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    peers = [case for case in ("trl_gkd", "trl_distill") if case in step]
+    lines = ["| trainer | runs | step s (median) | tokens/s | " + "".join(f"speed vs {p} | " for p in peers)
+             + "peak RSS MiB | above models MiB | first loss | first grad norm |",
+             "|---|---:|---:|---:|" + "---:|" * len(peers) + "---:|---:|---:|---:|"]
     for case, runs in cases.items():
-        speed = f"{step['trl_gkd'] / step[case]:.2f}x" if "trl_gkd" in step else ""
+        speed = "".join(f"{step[p] / step[case]:.2f}x | " for p in peers)
         peak = statistics.median(r["peak_rss_mib"] for r in runs)
         above = statistics.median(r["peak_above_models_mib"] for r in runs)
-        lines.append(f"| {case} | {len(runs)} | {step[case]:.3f} | {BATCH * (SEQ - 1) / step[case]:.0f} | {speed} | "
+        lines.append(f"| {case} | {len(runs)} | {step[case]:.3f} | {BATCH * (SEQ - 1) / step[case]:.0f} | {speed}"
                      f"{peak:,.0f} | {above:,.0f} | {runs[0]['first_loss']:.6f} | {runs[0]['first_grad_norm']:.6f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", choices=["distil", "trl_gkd"], help="internal: run one case here, print JSON")
+    ap.add_argument("--case", choices=sorted(CASES), help="internal: run one case here, print JSON")
     ap.add_argument("--work", default="/tmp/step-vs-trl")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     ap.add_argument("--peer-python", default=None, help="the interpreter of the venv that holds TRL")
-    ap.add_argument("--cases", default="distil,trl_gkd")
+    ap.add_argument("--cases", default="distil,trl_gkd,trl_distill,trl_distill_ckpt")
     ap.add_argument("--out", default=None, help="append results as JSON lines")
     ap.add_argument("--table", default=None, help="print the markdown table of a results file and exit")
     args = ap.parse_args()
@@ -183,7 +231,7 @@ def main() -> None:
         return
     work = Path(args.work)
     if args.case:
-        result = (case_distil if args.case == "distil" else case_trl)(work, args.steps)
+        result = CASES[args.case](work, args.steps)
         print("RESULT " + json.dumps(result))
         return
     work.mkdir(parents=True, exist_ok=True)
