@@ -97,7 +97,8 @@ PATHS = {
         ("run/generations.jsonl", "run/eval_generations.jsonl"),
         landed=lambda root: len((root / "run" / "generations.jsonl").read_text().splitlines()) == 3),  # batch 0
     "cache build and cache-fed training": LMPath(
-        {"teacher": {"cache": {"path": "{root}/teacher-cache", "k": 8, "shard_size": 16, "batch_size": 4}}},
+        {"teacher": {"cache": {"path": "{root}/teacher-cache", "mode": "topk", "k": 8, "shard_size": 16,
+                               "batch_size": 4}}},
         lambda events: {"kill_on": ["replace", "/shard-", 2]}, (["step", "", 3],),
         ("teacher-cache/manifest.json", "teacher-cache/shard-*"),
         landed=lambda root: not (root / "teacher-cache/shard-000000.json").exists() and sorted(

@@ -24,7 +24,8 @@ def cache_recipe(tiny_lm, tmp_path, student_source=None, **cache):
         "data": {"kind": "text", "train": ["sonnets_gut"], "eval": ["phoenix_and_the_turtle_gut"], "seq_len": 32,
                  "max_train_tokens": 2500, "eval_tokens": 128},
         "teacher": {"model": {"arch": "hf", "source": str(tiny_lm)},
-                    "cache": {"path": str(tmp_path / "cache"), "k": 16, "shard_size": 16, **cache}},
+                    "cache": {"path": str(tmp_path / "cache"), "mode": "topk", "k": 16, "shard_size": 16,
+                              **cache}},
         "student": {"model": student},
         "loss": {"alpha": 0.5, "temperature": 1.0},
         "train": {"steps": 3, "batch_size": 4, "log_every": 1},
@@ -148,3 +149,19 @@ def test_a_sampled_cache_run_measures_agreement_from_the_kept_predictions(tiny_l
     (tmp_path / "cache" / cached.TEACHER_TOP1).unlink()  # a sampled cache from before the predictions were kept
     with pytest.raises(DistilError, match="delete .*teacher_eval.json and run again"):
         cached.eval_predictions(TeacherCache(tmp_path / "cache"), 4, 32)
+
+
+def test_the_default_cache_is_32_systematic_draws_and_other_divergences_are_sent_to_topk(tiny_lm, tmp_path):
+    """The default follows the size-quality curve (benchmarks/cache.md); sampled targets are for forward KL only,
+    and a recipe with another divergence is told to choose top-k before anything is built."""
+    from distil.errors import ConfigError
+
+    recipe = cache_recipe(tiny_lm, tmp_path)
+    del recipe["teacher"]["cache"]["mode"], recipe["teacher"]["cache"]["k"]
+    spec = validate_recipe(recipe).teacher.cache
+    assert (spec.mode, spec.num_draws, spec.sampling) == ("sample", 32, "systematic")
+    recipe["loss"]["divergence"] = "reverse_kl"
+    with pytest.raises(ConfigError, match="for reverse_kl set teacher.cache.mode=topk"):
+        validate_recipe(recipe)
+    recipe["teacher"]["cache"]["mode"] = "topk"
+    assert validate_recipe(recipe).teacher.cache.mode == "topk"

@@ -120,6 +120,27 @@ def test_response_and_onpolicy_take_their_prompts_from_the_dataset(tiny_lm, tmp_
     assert math.isfinite(summary["arms"]["distilled"]["perplexity"])
 
 
+def test_response_logits_trains_on_the_teachers_answers_with_its_logits_as_the_soft_term(tiny_lm, tmp_path):
+    """Both kinds of distillation at once: the distilled arm reads the teacher's answers (as method response) and
+    its loss is alpha x the teacher's soft term on them + (1 - alpha) x their CE; method response has no soft term."""
+    write_pairs(tmp_path / "pairs.jsonl")
+    data = {"path": str(tmp_path / "pairs.jsonl"), "format": "prompt_completion", "eval_fraction": 0.1,
+            "columns": {"prompt": "question", "completion": "answer"}, "packing": False}
+    generate = {"num_prompts": 8, "eval_prompts": 2, "max_new_tokens": 6}
+    logged = {}
+    for method in ("response", "response_logits"):
+        run_recipe(recipe(tiny_lm, tmp_path / method, data, method=method, arms=["distilled"], generate=generate),
+                   show_progress=False)
+        answers = (tmp_path / method / "run/generations.jsonl").read_text().splitlines()
+        assert len(answers) == 8
+        metrics = (tmp_path / method / "run/metrics.jsonl").read_text().splitlines()
+        logged[method] = [r for r in map(json.loads, metrics) if r.get("arm") == "distilled" and "loss" in r]
+    assert logged["response"] and not any("loss/kd" in r for r in logged["response"])
+    both = logged["response_logits"]
+    assert both and all(r["loss/kd"] > 0 for r in both)
+    assert all(r["loss"] == pytest.approx(0.5 * r["loss/kd"] + 0.5 * r["loss/ce"], rel=1e-5) for r in both)
+
+
 def refused(*args, **changes) -> str:
     with pytest.raises(ConfigError) as caught:
         recipe(*args, **changes)

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from distil.config.adapt import logit_loss, lora, onpolicy, train_config
-from distil.config.schema import DatasetData, FromTeacherSpec, HFModelSpec, Recipe, TextData
+from distil.config.schema import RESPONSE_METHODS, DatasetData, FromTeacherSpec, HFModelSpec, Recipe, TextData
 from distil.data.formats import IGNORE
 from distil.data.packing import model_inputs, token_mask
 from distil.data.sources import LoadedData, data_problems, load_data
@@ -55,11 +55,11 @@ class CausalLMTask:
     def rules(self, recipe: Recipe) -> list[str]:
         found = data_and_model_rules(recipe, ("text", "dataset"), ("hf", "from_teacher")) + language_model_rules(recipe)
         own_data = isinstance(recipe.data, DatasetData)
-        response = recipe.method == "response"
+        response = recipe.method in RESPONSE_METHODS
         if response and "logit_kd" in recipe.arms:
-            found.append("method response has arms student_alone and distilled")
+            found.append(f"method {recipe.method} has arms student_alone and distilled")
         if response and recipe.generate is None:
-            found.append("method response needs a generate section (prompts, max_new_tokens, ...)")
+            found.append(f"method {recipe.method} needs a generate section (prompts, max_new_tokens, ...)")
         if response and recipe.onpolicy is not None:
             found.append("onpolicy applies to method logits, not response")
         if response and recipe.generate and recipe.generate.verify and not own_data:
@@ -82,7 +82,8 @@ class CausalLMTask:
                 found.append(f"loss.divergence {recipe.loss.divergence} has no sparse form for cached targets; use "
                              f"{', '.join(SPARSE_DIVERGENCES)}")
             if recipe.teacher.cache.mode == "sample" and recipe.loss.divergence != "forward_kl":
-                found.append("teacher.cache.mode sample supports loss.divergence forward_kl only")
+                found.append(f"teacher.cache.mode sample (the default) supports loss.divergence forward_kl only; "
+                             f"for {recipe.loss.divergence} set teacher.cache.mode=topk")
             if recipe.loss.features:
                 found.append("loss.features read the live teacher's layers; remove teacher.cache to use them")
         if recipe.student.lora is not None and recipe.distributed.strategy == "fsdp":
@@ -102,7 +103,7 @@ class CausalLMTask:
     def problems(self, recipe: Recipe) -> list[str]:
         """Checks that load nothing: data files and model sources exist."""
         found = data_problems(recipe.data) + source_problems(recipe)
-        if recipe.method == "response" and recipe.generate and recipe.generate.prompts != "corpus":
+        if recipe.method in RESPONSE_METHODS and recipe.generate and recipe.generate.prompts != "corpus":
             if not Path(recipe.generate.prompts).expanduser().is_file():
                 found.append(f"generate.prompts: {recipe.generate.prompts} not found (a JSONL file, or 'corpus')")
         return found
@@ -266,7 +267,7 @@ class CausalLMRun:
             self.vocab = min(teacher.config.vocab_size, student_vocab)
         self.teacher = teacher
 
-        if recipe.method == "response":
+        if recipe.method in RESPONSE_METHODS:
             self.arm_data = response_batches(recipe, run_dir, teacher, tokenizer, corpus, console, ctx.show_progress)
         else:
             self.arm_data = {arm: (loaded.collate, loaded.size) for arm in recipe.arms}
@@ -275,8 +276,9 @@ class CausalLMRun:
     # ------------------------------------------------------------------------------------------------- training
     def train_arm(self, arm: str, folder: Path) -> None:
         recipe, device = self.ctx.recipe, self.ctx.device
-        # Response distillation is supervised fine-tuning on the teacher's answers: no live teacher in the loss.
-        live = Teacher(self.teacher) if self.teacher is not None and recipe.method == "logits" else None
+        # Response distillation is supervised fine-tuning on the teacher's answers: no live teacher in the loss
+        # (response_logits adds the teacher's distribution on those answers as the soft term).
+        live = Teacher(self.teacher) if self.teacher is not None and recipe.method != "response" else None
         batches, size = self.arm_data[arm]
         seed_everything(recipe.seed)
         student = load_student_folder(self.init, device)
@@ -376,7 +378,7 @@ class CausalLMRun:
                 "teacher_source": "cache" if self.cache is not None else "live"}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        if self.ctx.recipe.method != "response":
+        if self.ctx.recipe.method not in RESPONSE_METHODS:
             return summary
         summary["arms"] = response_perplexities(summary["arms"], self.ctx.run_dir, self.ctx.recipe, self.tokenizer,
                                                 self.vocab, self.ctx.device)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from distil.config import adapt
-from distil.config.schema import FromTeacherSpec, HFModelSpec, Recipe
+from distil.config.schema import RESPONSE_METHODS, FromTeacherSpec, HFModelSpec, Recipe
 from distil.errors import DistilError
 from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes,
                                     parameter_bytes, trace_saved)
@@ -103,7 +103,7 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     t_dtype = teacher_dtype(t_spec.dtype, recipe.train.precision, device_kind(recipe.train.device))
     t_bytes = getattr(torch, t_dtype).itemsize if t_dtype else 4
     batch, length = recipe.train.batch_size, recipe.data.seq_len
-    if recipe.method == "response" and recipe.generate is not None:
+    if recipe.method in RESPONSE_METHODS and recipe.generate is not None:
         length = min(length, 4 * recipe.generate.max_new_tokens + 256)  # prompt + answer, at most seq_len
     tokens = batch * length
     vocab = s_config.vocab_size
@@ -121,7 +121,7 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     cached = recipe.teacher.cache is not None
     stages = []
     for arm in recipe.arms:
-        with_teacher = arm == "distilled" and recipe.method == "logits"
+        with_teacher = arm == "distilled" and recipe.method != "response"
         items = [
             MemoryItem("student weights", parameter_bytes(student), "fp32"),
             MemoryItem("gradients", trainable, "trainable parameters"),

@@ -112,6 +112,9 @@ def _text_problems(recipe: Recipe, train_texts: list[Example]) -> list[str]:
     if len(train_texts) < recipe.train.batch_size:
         found.append(f"train.batch_size={recipe.train.batch_size} exceeds the {len(train_texts)} training rows; lower "
                      "train.batch_size or give more rows")
+    if recipe.method == "response_logits":
+        found.append("method response_logits needs one tokenizer for both models; this pair has two: use method "
+                     "response (the teacher's answers) or logits (its distributions, aligned across the tokenizers)")
     if recipe.method == "response":
         if recipe.generate is None:
             found.append("method response needs a generate section (max_new_tokens, batch_size, ...)")
