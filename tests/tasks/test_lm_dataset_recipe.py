@@ -139,6 +139,8 @@ def test_response_logits_trains_on_the_teachers_answers_with_its_logits_as_the_s
     both = logged["response_logits"]
     assert both and all(r["loss/kd"] > 0 for r in both)
     assert all(r["loss"] == pytest.approx(0.5 * r["loss/kd"] + 0.5 * r["loss/ce"], rel=1e-5) for r in both)
+    assert "use distributed.teacher: replicate" in refused(tiny_lm, tmp_path, data, method="response_logits",
+                                                           generate=generate, distributed={"teacher": "shard"})
 
 
 def refused(*args, **changes) -> str:

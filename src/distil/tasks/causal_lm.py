@@ -61,7 +61,10 @@ class CausalLMTask:
         if response and recipe.generate is None:
             found.append(f"method {recipe.method} needs a generate section (prompts, max_new_tokens, ...)")
         if response and recipe.onpolicy is not None:
-            found.append("onpolicy applies to method logits, not response")
+            found.append(f"onpolicy applies to method logits, not {recipe.method}")
+        if recipe.method == "response_logits" and recipe.distributed.teacher != "replicate":
+            found.append("method response_logits: the whole teacher writes the answers before training, so it is not "
+                         "sharded; use distributed.teacher: replicate")
         if response and recipe.generate and recipe.generate.verify and not own_data:
             found.append("generate.verify runs each answer against its row's tests: use data.kind dataset with "
                          "HumanEval's columns (prompt, test, entry_point)")
