@@ -96,6 +96,9 @@ def test_mismatch_is_refused_naming_field_and_values(cache_dir):
     assert f"dataset_fingerprint: the cache has '{cache.manifest.dataset_fingerprint}', this run has 'ff00'" in msg
     with pytest.raises(DistilError, match="temperature: the cache has 1.0, this run has 2.0"):
         cache.check_compatible(temperature=2.0)
+    as_it_is = r"settings \(to read it as it is: teacher.cache.mode=topk teacher.cache.k=8\)"
+    with pytest.raises(DistilError, match=as_it_is):  # e.g. a top-k cache built before the sampled default
+        cache.check_compatible(mode="sample", k=16)
     with pytest.raises(DistilError, match="unknown field 'tokeniser_hash'"):
         cache.check_compatible(tokeniser_hash="bb22")
 

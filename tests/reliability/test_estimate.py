@@ -134,3 +134,24 @@ def test_a_task_without_an_estimator_says_so(capsys):
     assert TASKS["embedding"].estimate is None
     assert main(["estimate", "minilm-embed-distil"]) == 2
     assert "no memory estimate for task 'embedding' yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, arms, with_teacher", [
+    ("logits", ["student_alone", "distilled", "logit_kd"], {"distilled", "logit_kd"}),
+    ("response", ["student_alone", "distilled"], set()),  # the teacher only writes answers before training
+    ("response_logits", ["student_alone", "distilled"], {"distilled"}),
+])
+def test_the_teacher_is_counted_in_the_arms_that_train_beside_it(tiny_lm, tmp_path, method, arms, with_teacher):
+    from distil.config.load import validate_recipe
+
+    recipe = validate_recipe({
+        "name": "tiny", "task": "causal_lm", "method": method, "arms": arms,
+        "data": {"kind": "text", "train": ["sonnets_gut"], "eval": ["phoenix_and_the_turtle_gut"], "seq_len": 32},
+        "teacher": {"model": {"arch": "hf", "source": str(tiny_lm)}},
+        "student": {"model": {"arch": "from_teacher", "num_layers": 2}},
+        "train": {"steps": 2, "batch_size": 2, "precision": "fp32"},
+        **({"generate": {"num_prompts": 4}} if method != "logits" else {}),
+        "output_dir": str(tmp_path / "run"),
+    })
+    stages = estimate_memory(recipe).stages
+    assert {s.name for s in stages if any(i.name == "teacher weights" for i in s.items)} == with_teacher

@@ -129,8 +129,9 @@ def test_response_logits_trains_on_the_teachers_answers_with_its_logits_as_the_s
     generate = {"num_prompts": 8, "eval_prompts": 2, "max_new_tokens": 6}
     logged = {}
     for method in ("response", "response_logits"):
-        run_recipe(recipe(tiny_lm, tmp_path / method, data, method=method, arms=["distilled"], generate=generate),
-                   show_progress=False)
+        summary = run_recipe(recipe(tiny_lm, tmp_path / method, data, method=method, arms=["distilled"],
+                                    generate=generate), show_progress=False)
+        assert "response_perplexity" in summary["metrics"]  # scored on the teacher's held-out answers, as response
         answers = (tmp_path / method / "run/generations.jsonl").read_text().splitlines()
         assert len(answers) == 8
         metrics = (tmp_path / method / "run/metrics.jsonl").read_text().splitlines()

@@ -166,7 +166,7 @@ def test_fsdp_causal_lm_recipe_equals_one_process(tmp_path, tiny_lm):
 
 def test_cache_build_splits_shards_by_rank(tmp_path, tiny_lm):
     recipe = lm_recipe(tmp_path, tiny_lm)
-    settings = ["teacher.cache.shard_size=16", "teacher.cache.k=8"]
+    settings = ["teacher.cache.shard_size=16", "teacher.cache.mode=topk", "teacher.cache.k=8"]
     proc = distil(["cache", "build", str(recipe), f"teacher.cache.path={tmp_path / 'two'}", *settings])
     assert proc.returncode == 0, explain(proc)
     assert cli_main(["cache", "build", str(recipe), f"teacher.cache.path={tmp_path / 'one'}", *settings, "-q"]) == 0

@@ -153,13 +153,14 @@ class TeacherCache:
 
     def check_compatible(self, **expected: Any) -> None:
         """Refuse a run whose settings differ from the cache's: pass any of ``teacher_hash``, ``tokenizer_hash``,
-        ``dataset_fingerprint``, ``seq_len``, ``temperature``, ``vocab_size``, ``mode``, ``k`` (None = not checked).
+        ``dataset_fingerprint``, ``seq_len``, ``temperature``, ``vocab_size``, ``mode``, ``k``, ``num_draws``,
+        ``sampling`` (None = not checked). A run whose cache settings differ is told the ones that read it as it is.
 
         A field the cache did not record cannot be confirmed, and counts as a mismatch.
         """
         known = ("teacher_hash", "tokenizer_hash", "dataset_fingerprint", "seq_len", "temperature", "vocab_size",
-                 "mode", "k")
-        problems = []
+                 "mode", "k", "num_draws", "sampling")
+        problems, settings = [], []
         for field, want in expected.items():
             if field not in known:
                 raise DistilError(f"check_compatible got unknown field {field!r}; known: {', '.join(known)}")
@@ -173,9 +174,12 @@ class TeacherCache:
             if not same:
                 shown = "(not recorded)" if have is None else repr(have)
                 problems.append(f"{field}: the cache has {shown}, this run has {want!r}")
+                if field in ("mode", "k", "num_draws", "sampling") and have is not None:
+                    settings.append(f"teacher.cache.{field}={have}")
         if problems:
+            fix = f" (to read it as it is: {' '.join(settings)})" if len(settings) == len(problems) else ""
             raise DistilError(f"the teacher cache at {self.root} does not match this run: {'; '.join(problems)}; "
-                              "rebuild the cache for this run (distil cache build) or fix the run's settings")
+                              f"rebuild the cache for this run (distil cache build) or fix the run's settings{fix}")
 
     # ------------------------------------------------------------------------------------------- reading
     def _open(self, s: int) -> _Shard:

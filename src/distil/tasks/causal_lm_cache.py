@@ -104,7 +104,8 @@ def open_cache(recipe: Recipe, tokenizer: Any, corpus: TextCorpus) -> TeacherCac
     cache.check_compatible(
         tokenizer_hash=tokenizer_hash(tokenizer), dataset_fingerprint=dataset_fingerprint(cache_samples(corpus)),
         seq_len=recipe.data.seq_len, temperature=recipe.loss.temperature, mode=spec.mode,
-        k=spec.k if spec.mode == "topk" else None,
+        k=spec.k if spec.mode == "topk" else None, num_draws=spec.num_draws if spec.mode == "sample" else None,
+        sampling=spec.sampling if spec.mode == "sample" else None,
     )
     return cache
 

@@ -121,7 +121,7 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     cached = recipe.teacher.cache is not None
     stages = []
     for arm in recipe.arms:
-        with_teacher = arm == "distilled" and recipe.method != "response"
+        with_teacher = arm in ("distilled", "logit_kd") and recipe.method != "response"
         items = [
             MemoryItem("student weights", parameter_bytes(student), "fp32"),
             MemoryItem("gradients", trainable, "trainable parameters"),
