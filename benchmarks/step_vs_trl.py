@@ -219,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", choices=sorted(CASES), help="internal: run one case here, print JSON")
     ap.add_argument("--work", default="/tmp/step-vs-trl")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     ap.add_argument("--peer-python", default=None, help="the interpreter of the venv that holds TRL")
     ap.add_argument("--cases", default="distil,trl_gkd,trl_distill,trl_distill_ckpt")
