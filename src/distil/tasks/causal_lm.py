@@ -15,7 +15,8 @@ import torch
 from rich.console import Console
 
 from distil.config.adapt import logit_loss, lora, onpolicy, train_config
-from distil.config.schema import RESPONSE_METHODS, DatasetData, FromTeacherSpec, HFModelSpec, Recipe, TextData
+from distil.config.schema import (RESPONSE_METHODS, TEACHER_ARMS, DatasetData, FromTeacherSpec, HFModelSpec, Recipe,
+                                  TextData)
 from distil.data.formats import IGNORE
 from distil.data.packing import model_inputs, token_mask
 from distil.data.sources import LoadedData, data_problems, load_data
@@ -295,7 +296,7 @@ class CausalLMRun:
             for head in (student.get_input_embeddings(), student.get_output_embeddings()):
                 head.weight.requires_grad_(False)
         distilled = arm == "distilled"  # logit_kd: plain off-policy logit KD, the baseline of the recipe's variant
-        kd = arm in ("distilled", "logit_kd")
+        kd = arm in TEACHER_ARMS
         objective: Any
         if kd and self.cache is not None:
             objective = CachedLMObjective(student, self.cache, logit_loss(recipe.loss), device=device)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from distil.config import adapt
-from distil.config.schema import RESPONSE_METHODS, FromTeacherSpec, HFModelSpec, Recipe
+from distil.config.schema import RESPONSE_METHODS, TEACHER_ARMS, FromTeacherSpec, HFModelSpec, Recipe
 from distil.errors import DistilError
 from distil.estimate.memory import (EstimateUnavailable, MemoryEstimate, MemoryItem, StageEstimate, optimizer_bytes,
                                     parameter_bytes, trace_saved)
@@ -121,7 +121,7 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     cached = recipe.teacher.cache is not None
     stages = []
     for arm in recipe.arms:
-        with_teacher = arm in ("distilled", "logit_kd") and recipe.method != "response"
+        with_teacher = arm in TEACHER_ARMS and recipe.method != "response"
         items = [
             MemoryItem("student weights", parameter_bytes(student), "fp32"),
             MemoryItem("gradients", trainable, "trainable parameters"),
