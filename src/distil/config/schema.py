@@ -264,13 +264,27 @@ class CacheSpec(Strict):
     batch_size: int = Field(8, gt=0, description="teacher batch size while building")
 
 
+class LoraSpec(Strict):
+    """LoRA (task causal_lm, the peft library): only low-rank adapters on the linear layers of a student (or of the
+    teacher in its teacher stage) train and are checkpointed; the saved model has them merged into a plain one."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scale: the update is B A * alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="module names (suffixes) that get adapters; all-linear: every linear but the head")
+    save_adapter: bool = Field(False, description="also save the adapter alone (peft format) in the arm's adapter/")
+
+
 class TeacherSpec(Strict):
     model: ModelSpec
     cache: CacheSpec | None = Field(None, description="causal_lm: train from an offline cache of this teacher's outputs")
     checkpoint: str | None = Field(
         None, description="teacher weights (.safetensors); trained by the recipe's teacher stage when missing"
     )
-    train: TrainSpec | None = Field(None, description="budget of the teacher stage (needed when no checkpoint exists)")
+    train: TrainSpec | None = Field(None, description="budget of the teacher stage (needed when no checkpoint exists); "
+                                    "causal_lm: the teacher is first fine-tuned on the training data (CE)")
+    lora: LoraSpec | None = Field(None, description="causal_lm teacher stage: train adapters only (merged after)")
     seed: int | None = Field(None, description="seed of the teacher stage; None = the recipe's seed")
 
 
@@ -316,18 +330,6 @@ class SelfDistillSpec(Strict):
     born_again: BornAgainSpec = BornAgainSpec()
     deep_supervision: DeepSupervisionSpec = DeepSupervisionSpec()
     ema: EMASpec = EMASpec()
-
-
-class LoraSpec(Strict):
-    """A LoRA student (task causal_lm, the peft library): only low-rank adapters on its linear layers train and are
-    checkpointed; the saved student has them merged into a plain model."""
-
-    r: int = Field(16, gt=0, description="adapter rank")
-    alpha: float = Field(32.0, gt=0, description="scale: the update is B A * alpha / r")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Literal["all-linear"] | list[str] = Field(
-        "all-linear", description="module names (suffixes) that get adapters; all-linear: every linear but the head")
-    save_adapter: bool = Field(False, description="also save the adapter alone (peft format) in the arm's adapter/")
 
 
 class StudentSpec(Strict):

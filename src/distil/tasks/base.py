@@ -82,6 +82,8 @@ def not_causal_lm_rules(recipe: Recipe) -> list[str]:
     found = []
     if recipe.method != "logits" or recipe.onpolicy or recipe.generate:
         found.append("method, onpolicy and generate apply to task causal_lm only")
+    if recipe.teacher.lora is not None:
+        found.append("teacher.lora applies to task causal_lm (its teacher stage)")
     if recipe.teacher.cache is not None:
         found.append("teacher.cache applies to off-policy logit distillation of causal LMs (task causal_lm, method "
                      "logits, no onpolicy section)")

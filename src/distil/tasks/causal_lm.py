@@ -36,6 +36,7 @@ from distil.precision import teacher_dtype
 from distil.remembered import Measurement, model_files_key, remembered
 from distil.reporting.summary import write_summary
 from distil.tasks import causal_lm_cache as cached
+from distil.tasks import causal_lm_teacher as tuned
 from distil.tasks import cross_lm
 from distil.tasks.artifacts import INIT_FOLDER, arm_folder, is_model_folder
 from distil.tasks.base import RunContext, data_and_model_rules, language_model_rules
@@ -54,7 +55,8 @@ class CausalLMTask:
     estimate = staticmethod(estimate_causal_lm)
 
     def rules(self, recipe: Recipe) -> list[str]:
-        found = data_and_model_rules(recipe, ("text", "dataset"), ("hf", "from_teacher")) + language_model_rules(recipe)
+        found = (data_and_model_rules(recipe, ("text", "dataset"), ("hf", "from_teacher")) + language_model_rules(recipe)
+                 + tuned.teacher_rules(recipe))
         own_data = isinstance(recipe.data, DatasetData)
         response = recipe.method in RESPONSE_METHODS
         if response and "logit_kd" in recipe.arms:
@@ -179,10 +181,11 @@ def load_student_folder(folder: Path, device: torch.device) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
 
 
-def load_teacher(recipe: Recipe) -> Any:
+def load_teacher(recipe: Recipe, path: Path | None = None) -> Any:
+    """The teacher in fp32 on the CPU: from `path` (the tuned teacher's folder), else from its source."""
     t_spec = recipe.teacher.model
     assert isinstance(t_spec, HFModelSpec)
-    model, _ = hf.load_causal_lm(t_spec.source, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
+    model, _ = hf.load_causal_lm(path or t_spec.source, dtype="float32", trust_remote_code=t_spec.trust_remote_code)
     return model
 
 
@@ -230,6 +233,9 @@ class CausalLMRun:
         _check_sizes(recipe, loaded.size)
         console.print(corpus.describe())
         self.eval_batches = corpus.eval_batches()
+        if recipe.teacher.train is not None:  # the teacher stage: from here on, the teacher is the tuned one
+            self.teacher_path = tuned.reuse_or_tune(ctx, self.teacher_path, lambda: load_teacher(recipe), tokenizer,
+                                                    loaded, self.eval_batches)
         self.init = init = run_dir / INIT_FOLDER
         cache_spec = recipe.teacher.cache
         # With a complete cache and an initial student, the teacher's weights are never loaded.
@@ -238,7 +244,7 @@ class CausalLMRun:
         teacher = None
         if need_teacher:
             console.print(f"[bold]teacher[/bold]: {t_spec.source} ({self.teacher_path})")
-            teacher = load_teacher(recipe)
+            teacher = load_teacher(recipe, self.teacher_path)
         if not is_model_folder(init):
             seed_everything(recipe.seed)
             teacher_vocab = json.loads((self.teacher_path / "config.json").read_text())["vocab_size"]
@@ -334,7 +340,7 @@ class CausalLMRun:
         recipe, device, corpus, tokenizer = self.ctx.recipe, self.ctx.device, self.corpus, self.tokenizer
         teacher = self.teacher
         if teacher is not None and distributed.is_sharded(teacher):
-            teacher = as_teacher(load_teacher(recipe), recipe, device)
+            teacher = as_teacher(load_teacher(recipe, self.teacher_path), recipe, device)
         self.ctx.console.print("evaluating teacher and students on held-out text ...")
         repeats = min(2, recipe.latency_runs)  # timed generations per speed (each is 32 new tokens)
         rows: dict[str, Any] = {}

@@ -76,6 +76,9 @@ def cross_rules(recipe: Recipe) -> list[str]:
     elif data.format == "chat" and recipe.onpolicy is not None:
         found.append("on-policy steps across tokenizers continue plain prompts: use format prompt_completion or "
                      "text, or remove onpolicy")
+    if recipe.teacher.train is not None:
+        found.append("teacher.train (a teacher stage) is not yet supported across tokenizers: fine-tune the teacher in "
+                     "a recipe of its own tokenizer and point teacher.model.source at that folder")
     if recipe.teacher.cache is not None:
         found.append("teacher.cache stores the teacher's distributions over its own tokens: remove it when the "
                      "tokenizers differ")

@@ -53,6 +53,8 @@ class EmbeddingTask:
     def rules(self, recipe: Recipe) -> list[str]:
         found = data_and_model_rules(recipe, "sentences", ("hf", "from_teacher")) + not_causal_lm_rules(recipe)
         found += language_model_rules(recipe)
+        if recipe.teacher.train is not None or recipe.teacher.checkpoint is not None:
+            found.append("task embedding uses the teacher as given: remove teacher.train and teacher.checkpoint")
         if isinstance(recipe.data, SentenceData) and recipe.data.source != "wordnet" and "student_alone" in recipe.arms:
             found.append("task embedding: arm student_alone trains on WordNet (word, definition) pairs; use "
                          "data.source: wordnet or drop the arm")
