@@ -70,3 +70,19 @@ def test_a_lora_student_counts_gradients_and_optimizer_state_of_its_adapters_onl
     adapters = with_lora(student, Lora(r=4, alpha=8))
     trained = sum(p.numel() * 4 for p in adapters.parameters() if p.requires_grad)
     assert items["gradients"] == trained and items["optimizer state"] == 2 * trained
+
+
+def test_a_teacher_stage_is_a_stage_of_its_own_training_the_teacher(tiny_lm):
+    from distil.models.lora import Lora, with_lora
+
+    raw = lm_recipe(tiny_lm).model_dump()
+    raw["teacher"]["train"] = {"steps": 2, "batch_size": 3}
+    raw["teacher"]["lora"] = {"r": 4, "alpha": 8}
+    stages = estimate_memory(validate_recipe(raw)).stages
+    assert [s.name for s in stages] == ["teacher", "student_alone", "distilled"]
+    items = {i.name: i.bytes for i in stages[0].items}
+    adapters = with_lora(AutoModelForCausalLM.from_pretrained(tiny_lm), Lora(r=4, alpha=8))
+    assert items["weights"] == parameter_bytes(adapters)  # parameters (adapters included) and buffers
+    trained = sum(p.numel() * 4 for p in adapters.parameters() if p.requires_grad)
+    assert items["gradients"] == trained and items["optimizer state"] == 2 * trained
+    assert items["activations"] == _activation_bytes(AutoConfig.from_pretrained(tiny_lm), 3, 32)

@@ -79,6 +79,41 @@ def _activation_bytes(config, batch: int, length: int) -> int:  # type: ignore[n
     return traced[0] - per_layer + config.num_hidden_layers * per_layer
 
 
+def _training_items(config, lora, freeze_embeddings: bool, recipe: Recipe, spec, length: int  # type: ignore[no-untyped-def]
+                    ) -> list[MemoryItem]:
+    """What training one model (a student arm, or the teacher in its stage) holds: fp32 weights, gradients and
+    optimizer state of what trains, saved activations and the loss buffers."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        if lora is not None:  # only the adapters train: their gradients and optimizer state
+            model = with_lora(model, adapt.lora(lora))
+    if freeze_embeddings:
+        for head in (model.get_input_embeddings(), model.get_output_embeddings()):
+            head.weight.requires_grad_(False)
+    batch = spec.batch_size
+    tokens, vocab = batch * length, config.vocab_size
+    try:
+        activations = _activation_bytes(config, batch, length)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        raise DistilError(f"cannot size the student's activations ({exc})") from None
+    trainable = parameter_bytes(model, trainable=True)
+    optimizer, detail = optimizer_bytes(spec, trainable)
+    if recipe.loss.fused:
+        chunk = recipe.loss.chunk_size or max(1, (1 << 25) // vocab)
+        buffers, buffers_detail = FUSED_CHUNK_BUFFERS * min(chunk, tokens) * vocab * 4, f"fused, {chunk} tokens/chunk"
+    else:
+        buffers, buffers_detail = PLAIN_LOGIT_BUFFERS * tokens * vocab * 4, f"{tokens} tokens x {vocab} vocab, fp32"
+    return [
+        MemoryItem("weights", parameter_bytes(model), "fp32"),
+        MemoryItem("gradients", trainable, "trainable parameters"),
+        MemoryItem("optimizer state", optimizer, detail),
+        MemoryItem("activations", activations, f"saved for backward, {batch} x {length} tokens"),
+        MemoryItem("logits and loss buffers", buffers, buffers_detail),
+    ]
+
+
 def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -91,45 +126,25 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
     else:
         assert isinstance(s_spec, HFModelSpec)
         s_config = AutoConfig.from_pretrained(_config_folder(s_spec.source))
-    meta = torch.device("meta")
-    with meta:
+    with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(t_config)
-        student = AutoModelForCausalLM.from_config(s_config)
-        if recipe.student.lora is not None:  # only the adapters train: their gradients and optimizer state
-            student = with_lora(student, adapt.lora(recipe.student.lora))
-    if recipe.student.freeze_embeddings:
-        for head in (student.get_input_embeddings(), student.get_output_embeddings()):
-            head.weight.requires_grad_(False)
     t_dtype = teacher_dtype(t_spec.dtype, recipe.train.precision, device_kind(recipe.train.device))
     t_bytes = getattr(torch, t_dtype).itemsize if t_dtype else 4
-    batch, length = recipe.train.batch_size, recipe.data.seq_len
+    length = recipe.data.seq_len
     if recipe.method in RESPONSE_METHODS and recipe.generate is not None:
         length = min(length, 4 * recipe.generate.max_new_tokens + 256)  # prompt + answer, at most seq_len
-    tokens = batch * length
-    vocab = s_config.vocab_size
-    try:
-        activations = _activation_bytes(s_config, batch, length)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
-        raise DistilError(f"cannot size the student's activations ({exc})") from None
-    trainable = parameter_bytes(student, trainable=True)
-    optimizer, detail = optimizer_bytes(recipe.train, trainable)
-    if recipe.loss.fused:
-        chunk = recipe.loss.chunk_size or max(1, (1 << 25) // vocab)
-        buffers, buffers_detail = FUSED_CHUNK_BUFFERS * min(chunk, tokens) * vocab * 4, f"fused, {chunk} tokens/chunk"
-    else:
-        buffers, buffers_detail = PLAIN_LOGIT_BUFFERS * tokens * vocab * 4, f"{tokens} tokens x {vocab} vocab, fp32"
-    cached = recipe.teacher.cache is not None
+    tokens = recipe.train.batch_size * length
     stages = []
+    if recipe.teacher.train is not None:  # the teacher stage: the teacher trains alone, in fp32
+        stages.append(StageEstimate("teacher", _training_items(t_config, recipe.teacher.lora, False, recipe,
+                                                               recipe.teacher.train, recipe.data.seq_len)))
+    student_items = _training_items(s_config, recipe.student.lora, recipe.student.freeze_embeddings, recipe,
+                                    recipe.train, length)
+    student_items[0] = MemoryItem("student weights", student_items[0].bytes, "fp32")
+    cached = recipe.teacher.cache is not None
     for arm in recipe.arms:
-        with_teacher = arm in TEACHER_ARMS and recipe.method != "response"
-        items = [
-            MemoryItem("student weights", parameter_bytes(student), "fp32"),
-            MemoryItem("gradients", trainable, "trainable parameters"),
-            MemoryItem("optimizer state", optimizer, detail),
-            MemoryItem("activations", activations, f"saved for backward, {batch} x {length} tokens"),
-            MemoryItem("logits and loss buffers", buffers, buffers_detail),
-        ]
-        if with_teacher and not cached:
+        items = list(student_items)
+        if arm in TEACHER_ARMS and recipe.method != "response" and not cached:
             teacher_weights = sum(p.numel() for p in teacher.parameters()) * t_bytes
             width = max(t_config.hidden_size, getattr(t_config, "intermediate_size", 0))
             items.insert(0, MemoryItem("teacher weights", teacher_weights, t_dtype or "float32"))
