@@ -127,6 +127,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if recipe.task != "causal_lm" or recipe.generate is None:
             raise DistilError(f"recipe {recipe.name} has no generate section; use a response-distillation recipe")
         source, seed = recipe.teacher.model.source, recipe.seed  # type: ignore[union-attr]
+        if recipe.teacher.train is not None:  # the teacher answers as the run would have it: tuned first
+            from distil.tasks.artifacts import is_model_folder
+            from distil.tasks.causal_lm_teacher import tuned_teacher_folder
+
+            tuned = tuned_teacher_folder(recipe, hf.resolve_model_path(source))
+            if not is_model_folder(tuned):
+                raise DistilError(f"recipe {recipe.name} fine-tunes its teacher first (teacher.train), and no run has "
+                                  f"yet: `distil run {recipe_name} ...` tunes it into {tuned}; or drop teacher.train")
+            source = str(tuned)
         spec = sampling(recipe.generate)
         model, tokenizer = hf.load_causal_lm(source, dtype=recipe.teacher.model.dtype)  # type: ignore[union-attr]
         prompts = [p for p, _ in prompt_pairs(recipe, load_corpus(recipe.data, tokenizer), held_out=False)]

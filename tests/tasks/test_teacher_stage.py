@@ -74,3 +74,18 @@ def test_teacher_stage_is_refused_where_it_does_not_apply(tiny_lm, tmp_path):
         recipe(tiny_lm, tmp_path, distributed={"strategy": "fsdp"})
     with pytest.raises(ConfigError, match="build the cache from the tuned teacher"):
         recipe(tiny_lm, tmp_path, teacher={**teacher, "train": TRAIN, "cache": {"path": str(tmp_path / "c")}})
+
+
+def test_generate_from_a_recipe_with_a_teacher_stage_waits_for_the_tuned_teacher(tiny_lm, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from distil.cli import main
+
+    monkeypatch.setenv("DISTIL_CACHE", str(tmp_path / "cache"))
+    raw = recipe(tiny_lm, tmp_path / "run", method="response",
+                 generate={"num_prompts": 2, "eval_prompts": 1, "max_new_tokens": 4, "batch_size": 2}).model_dump(
+        mode="json", exclude_unset=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["generate", str(path), "-o", str(tmp_path / "answers.jsonl")]) != 0
+    assert "fine-tunes its teacher first" in capsys.readouterr().err
