@@ -9,6 +9,7 @@ runs (other students, other arms) reuse it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from pathlib import Path
@@ -87,10 +88,15 @@ def tune_teacher(ctx: RunContext, teacher: Any, tokenizer: Any, loaded: LoadedDa
                   evaluate=lambda: {"perplexity": perplexity_and_predictions(model, quick_eval,
                                                                              vocab_size=model.config.vocab_size)[0]})
     train(stage, show_progress=ctx.show_progress)
+    seconds = stage.elapsed_s
+    del stage, objective
+    gc.collect()  # a teacher is the largest model of the run: nothing of its training should outlive it
     model.config.use_cache = True
     tuned = merged(wrapper) if wrapper is not None else model
+    # Shards of at most 1 GB: safetensors builds a file's bytes in memory before writing it.
     save_hf_folder(folder, tuned.to(torch.device("cpu")), tokenizer,
-                   {"train_time_s": stage.elapsed_s, "steps": spec.train.steps, "tuned_from": str(_source(recipe))})
+                   {"train_time_s": seconds, "steps": spec.train.steps, "tuned_from": str(_source(recipe))},
+                   max_shard_size="1GB")
 
 
 def _source(recipe: Recipe) -> str:

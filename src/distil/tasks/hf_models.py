@@ -57,9 +57,10 @@ def student_from_teacher(spec: FromTeacherSpec, teacher: nn.Module,
 
 
 def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any] | None = None,
-                   extra: Callable[[Path], None] | None = None) -> None:
+                   extra: Callable[[Path], None] | None = None, max_shard_size: str | None = None) -> None:
     """save_pretrained (weights + config), the tokenizer, train.json and `extra(tmp)`'s files, written whole by rank 0
-    (under FSDP every process first helps gather the weights)."""
+    (under FSDP every process first helps gather the weights); `max_shard_size` splits the weights into files of at
+    most that size (safetensors builds each file in memory first)."""
     weights = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
     if weights is not None:  # gathered copies no longer share storage: name each tied weight once, as HF does
         seen: set[int] = set()
@@ -69,7 +70,8 @@ def save_hf_folder(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any
             seen.add(id(param))
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        shards = {"max_shard_size": max_shard_size} if max_shard_size else {}  # safetensors holds a shard's bytes
+        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}), **shards)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
