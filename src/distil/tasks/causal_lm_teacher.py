@@ -64,8 +64,9 @@ def tuned_teacher_folder(recipe: Recipe, source: Path) -> Path:
 
 def tune_teacher(ctx: RunContext, teacher: Any, tokenizer: Any, loaded: LoadedData, eval_batches: list,
                  folder: Path) -> None:
-    """Fine-tune `teacher` (fp32, on the CPU until placed) on the training data with cross-entropy and save it
-    (adapters merged) into `folder`; an interrupted stage resumes from its checkpoints in the run directory."""
+    """Fine-tune `teacher` (fp32 weights, on the run's device, in the stage's precision) on the training data with
+    cross-entropy and save it (adapters merged) into `folder`; an interrupted stage resumes from its checkpoints in
+    the run directory."""
     recipe = ctx.recipe
     spec = recipe.teacher
     assert spec.train is not None
