@@ -79,8 +79,8 @@ def _activation_bytes(config, batch: int, length: int) -> int:  # type: ignore[n
     return traced[0] - per_layer + config.num_hidden_layers * per_layer
 
 
-def _training_items(config, lora, freeze_embeddings: bool, recipe: Recipe, spec, length: int  # type: ignore[no-untyped-def]
-                    ) -> list[MemoryItem]:
+def _training_items(config, lora, freeze_embeddings: bool, recipe: Recipe, spec, length: int,  # type: ignore[no-untyped-def]
+                    weights_name: str = "weights") -> list[MemoryItem]:
     """What training one model (a student arm, or the teacher in its stage) holds: fp32 weights, gradients and
     optimizer state of what trains, saved activations and the loss buffers."""
     from transformers import AutoModelForCausalLM
@@ -106,7 +106,7 @@ def _training_items(config, lora, freeze_embeddings: bool, recipe: Recipe, spec,
     else:
         buffers, buffers_detail = PLAIN_LOGIT_BUFFERS * tokens * vocab * 4, f"{tokens} tokens x {vocab} vocab, fp32"
     return [
-        MemoryItem("weights", parameter_bytes(model), "fp32"),
+        MemoryItem(weights_name, parameter_bytes(model), "fp32"),
         MemoryItem("gradients", trainable, "trainable parameters"),
         MemoryItem("optimizer state", optimizer, detail),
         MemoryItem("activations", activations, f"saved for backward, {batch} x {length} tokens"),
@@ -139,8 +139,7 @@ def estimate_causal_lm(recipe: Recipe) -> MemoryEstimate:
         stages.append(StageEstimate("teacher", _training_items(t_config, recipe.teacher.lora, False, recipe,
                                                                recipe.teacher.train, recipe.data.seq_len)))
     student_items = _training_items(s_config, recipe.student.lora, recipe.student.freeze_embeddings, recipe,
-                                    recipe.train, length)
-    student_items[0] = MemoryItem("student weights", student_items[0].bytes, "fp32")
+                                    recipe.train, length, weights_name="student weights")
     cached = recipe.teacher.cache is not None
     for arm in recipe.arms:
         items = list(student_items)
